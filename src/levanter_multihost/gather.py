@@ -8,6 +8,7 @@ tears the job down while the leader still reads. No collective is used: a host t
 the others past the timeout. Encoding lives in :mod:`levanter_multihost.payload`.
 """
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -45,16 +46,6 @@ class KeyValueClient(Protocol):
     def key_value_delete(self, key: str) -> None: ...
 
 
-def jax_kv_client() -> KeyValueClient:
-    """The key-value client of the running ``jax.distributed`` job."""
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    if client is None:
-        raise RuntimeError("jax.distributed is not initialized: the gather needs its key-value store.")
-    return client
-
-
 @dataclass(frozen=True)
 class SendStats:
     bytes_sent: int
@@ -63,6 +54,16 @@ class SendStats:
     """Chunks written."""
     seconds: float
     """Time to encode and write."""
+
+
+@dataclass(frozen=True)
+class Received:
+    body: dict[str, Any]
+    """The decoded payload."""
+    bytes: int
+    """Compressed payload size."""
+    at: float
+    """``time.time()`` on the leader when the payload was complete."""
 
 
 class KvGather:
@@ -98,7 +99,7 @@ class KvGather:
         """Tell the leader this host failed, so it reports the error instead of waiting for rows."""
         self.client.key_value_set_bytes(self._key(host, "manifest"), failure_manifest(host, error).to_bytes())
 
-    def collect(self, timeout_s: float, hosts: list[int] | None = None) -> dict[int, dict[str, Any]]:
+    def collect(self, timeout_s: float, hosts: list[int] | None = None) -> dict[int, Received]:
         """Leader: wait for every host's payload (or a reason it cannot come) and return them by host.
 
         Raises :class:`GatherError` naming failed, dead and missing hosts once every host is accounted for or
@@ -106,7 +107,7 @@ class KvGather:
         """
         deadline = time.monotonic() + timeout_s
         pending = list(range(self.num_hosts)) if hosts is None else list(hosts)
-        bodies: dict[int, dict[str, Any]] = {}
+        bodies: dict[int, Received] = {}
         failed: dict[int, str] = {}
         dead: set[int] = set()
         while pending:
@@ -119,7 +120,7 @@ class KvGather:
                 if manifest.status != "ok":
                     failed[host] = manifest.error or "unknown error"
                     continue
-                bodies[host] = self._read(manifest, deadline)
+                bodies[host] = Received(self._read(manifest, deadline), manifest.total_bytes, time.time())
             if pending and self.live_hosts is not None:
                 alive = self.live_hosts(pending)
                 newly_dead = [h for h in pending if h not in alive]
@@ -157,21 +158,22 @@ class KvGather:
                 return None
             raise
 
-    def publish_done(self, ok: bool, message: str = "") -> None:
-        """Leader: tell the other hosts the run is finished (or failed) so they may exit."""
-        self.client.key_value_set_bytes(f"{self.prefix}/done", (("ok:" if ok else "failed:") + message).encode())
+    def publish(self, name: str, ok: bool, message: str = "") -> None:
+        """Leader: announce a milestone (``ready``, ``done``) or a failure to the other hosts."""
+        self.client.key_value_set_bytes(f"{self.prefix}/{name}", (("ok:" if ok else "failed:") + message).encode())
 
-    def wait_done(self, timeout_s: float) -> tuple[bool, str]:
-        """Non-leader: wait for the leader's verdict; raise :class:`GatherError` if it never comes."""
+    def wait_for(self, name: str, timeout_s: float) -> None:
+        """Non-leader: wait for the leader's announcement; raise :class:`GatherError` if it failed or never came."""
         try:
-            raw = bytes(self.client.blocking_key_value_get_bytes(f"{self.prefix}/done", int(timeout_s * 1000)))
+            raw = bytes(self.client.blocking_key_value_get_bytes(f"{self.prefix}/{name}", int(timeout_s * 1000)))
         except Exception as e:
             raise GatherError(
-                f"The leader (host 0) did not finish within {timeout_s:.0f}s ({type(e).__name__}). "
-                "It may have died; this host's shard file is kept."
+                f"The leader (host 0) did not announce '{name}' within {timeout_s:.0f}s ({type(e).__name__}). "
+                "It may have died; this host's shard file (if written) is kept."
             ) from None
         status, _, message = raw.decode().partition(":")
-        return status == "ok", message
+        if status != "ok":
+            raise GatherError(f"The leader (host 0) failed: {message}")
 
 
 def _describe(failed: dict[int, str], dead: set[int], pending: list[int], timeout_s: float) -> str:
@@ -185,4 +187,63 @@ def _describe(failed: dict[int, str], dead: set[int], pending: list[int], timeou
     return "Gather incomplete: " + "; ".join(parts) + ". No merged output was written."
 
 
-__all__ = ["GatherError", "KvGather", "PayloadError", "SendStats", "jax_kv_client"]
+
+class InMemoryKeyValue:
+    """A single-process stand-in for the JAX key-value store (one host, no ``jax.distributed``)."""
+
+    def __init__(self):
+        self.store: dict[str, bytes] = {}
+
+    def key_value_set_bytes(self, key: str, value: bytes) -> None:
+        if key in self.store:
+            raise RuntimeError(f"ALREADY_EXISTS: key {key} already set")
+        self.store[key] = bytes(value)
+
+    def key_value_try_get_bytes(self, key: str) -> bytes:
+        if key not in self.store:
+            raise RuntimeError(f"NOT_FOUND: key {key}")
+        return self.store[key]
+
+    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes:
+        return self.key_value_try_get_bytes(key)
+
+    def key_value_delete(self, key: str) -> None:
+        self.store.pop(key, None)
+
+
+def for_this_job(num_hosts: int, chunk_bytes: int, prefix: str = "levanter_multihost/gather") -> KvGather:
+    """The gather of the running job: JAX's store when distributed, an in-memory one for a single process."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        if num_hosts != 1:
+            raise RuntimeError("jax.distributed is not initialized but there are several hosts.")
+        return KvGather(InMemoryKeyValue(), prefix, 1, chunk_bytes)
+
+    def live(hosts: list[int]) -> set[int]:
+        try:
+            return set(client.get_live_nodes(hosts).keys())
+        except Exception:  # a dead peer makes the query itself fail; treat the set as unknown
+            return set(hosts)
+
+    return KvGather(client, prefix, num_hosts, chunk_bytes, live_hosts=live)
+
+
+@contextlib.contextmanager
+def failures_reported(kv: KvGather, host: int):
+    """Tell the other hosts when this one fails, so nobody waits for it until the timeout."""
+    try:
+        yield
+    except BaseException as e:
+        message = f"{type(e).__name__}: {e}"
+        try:
+            if host == 0:
+                for name in ("ready", "done"):
+                    with contextlib.suppress(Exception):  # already announced: the other one still tells them
+                        kv.publish(name, False, message)
+            else:
+                kv.send_failure(host, message)
+        except Exception:
+            logger.exception("host %d: could not report its failure to the other hosts", host)
+        raise

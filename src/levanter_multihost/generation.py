@@ -9,7 +9,7 @@ the host: no cross-host communication and no tracker call happens while generati
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import haliax as hax
 import jax
@@ -35,7 +35,6 @@ class WorkItem:
 
 @dataclass
 class GenerationStats:
-    engine_build_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     tokens_generated: int = 0
@@ -44,7 +43,6 @@ class GenerationStats:
     pages_free_after_decode: int = 0
     pages_peak: int = 0
     max_pages: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -132,11 +130,11 @@ def pages_in_use(engine: InferenceEngine) -> int:
     return int((np.asarray(counts) > 0).sum())
 
 
-def build_engine(model, tokenizer, engine_config: InferenceEngineConfig) -> tuple[InferenceEngine, float]:
-    start = time.perf_counter()
+def build_engine(model, tokenizer, engine_config: InferenceEngineConfig) -> InferenceEngine:
+    """The host's engine, with its KV cache allocated."""
     engine = InferenceEngine.from_model_with_config(model=model, tokenizer=tokenizer, config=engine_config)
     jax.block_until_ready(engine.gen_state)
-    return engine, time.perf_counter() - start
+    return engine
 
 
 def generate_rows(

@@ -66,7 +66,10 @@ def load_model(config, tokenizer) -> LmHeadModel:
     mapping = trainer.compute_axis_mapping
     dtype = trainer.mp.compute_dtype
     if config.hf_checkpoint is not None:
-        converter: HFCheckpointConverter = config.model.hf_checkpoint_converter()
+        # name the checkpoint up front: the converter's default reference is a hub model it would try to fetch
+        converter: HFCheckpointConverter = config.model.hf_checkpoint_converter(
+            ref_checkpoint=config.hf_checkpoint.model_name_or_path
+        )
         converter = converter.replaced(reference_checkpoint=config.hf_checkpoint, tokenizer=tokenizer)
         model = converter.load_pretrained(
             config.model.model_type, ref=config.hf_checkpoint, axis_mapping=mapping, dtype=dtype

@@ -18,6 +18,7 @@ import fsspec
 
 MERGED_NAME = "merged.jsonl"
 SUMMARY_NAME = "summary.json"
+TIMELINE_NAME = "timeline.png"
 ROW_FIELDS = (
     "global_prompt_index",
     "generation_index",
@@ -90,3 +91,10 @@ def merge_rows(rows: Sequence[dict[str, Any]], num_prompts: int, n_generations: 
             parts.append(f"{len(unexpected)} unexpected, first {unexpected[:10]}")
         raise MergeError("Cannot merge: " + "; ".join(parts) + ".")
     return sorted(rows, key=lambda r: (r["global_prompt_index"], r["generation_index"]))
+
+
+def write_shard(output_dir: str, host: int, num_hosts: int, rows: Sequence[dict[str, Any]]) -> str:
+    """Write this host's rows (sorted) to its shard file; return the path."""
+    path = join(output_dir, shard_name(host, num_hosts))
+    write_atomic(path, jsonl_bytes(rows))
+    return path

@@ -15,6 +15,9 @@ and (optionally) logs to wandb.
 import logging
 from dataclasses import dataclass, field
 
+import draccus
+import jax.numpy as jnp
+
 import levanter
 from levanter.compat.hf_checkpoints import RepoRef
 from levanter.inference.engine import InferenceEngineConfig
@@ -22,11 +25,18 @@ from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost.ragged_attention import RaggedAttentionConfig
+from levanter_multihost import gather, model_loading, outputs, preflight, resume, runtime
+from levanter_multihost.generation import WorkItem, build_engine, generate_rows
+from levanter_multihost.leader import finish_as_leader
+from levanter_multihost.ragged_attention import RaggedAttentionConfig, apply_ragged_attention
+from levanter_multihost.sharding import prompt_cost, shard_for_host
+from levanter_multihost.summary import host_metrics
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_MODES = ("host_data_parallel",)
+# InferenceEngineConfig.compute_dtype is a numpy dtype, which draccus cannot read from YAML on its own
+draccus.decode.register(jnp.dtype, lambda value: jnp.dtype(value))
+draccus.encode.register(jnp.dtype, lambda value: str(value))
 
 
 @dataclass
@@ -93,10 +103,65 @@ class SampleLmMultihostConfig:
         return self.inference_mode == "host_data_parallel"
 
 
-def main(config: SampleLmMultihostConfig):
-    from levanter_multihost import pipeline
+def main(config: SampleLmMultihostConfig) -> None:
+    ctx = runtime.start(config.trainer)
+    apply_ragged_attention(config.ragged_attention)
+    kv = gather.for_this_job(ctx.num_hosts, config.gather_chunk_bytes)
+    with gather.failures_reported(kv, ctx.host):
+        with ctx.phase("prepare"):
+            job = preflight.prepare(config, ctx.host)
+            resume.prepare_output_dir(config, job.fingerprint_fields, ctx.host, kv)
+        shard, kept, todo = host_work(config, ctx, job)
+        rows, stats = sample_shard(config, ctx, job, todo)
+        with ctx.phase("write"):
+            rows = sorted(rows + kept, key=lambda r: (r["global_prompt_index"], r["generation_index"]))
+            outputs.write_shard(config.output_dir, ctx.host, ctx.num_hosts, rows)
+        with ctx.phase("gather"):
+            metrics = host_metrics(ctx.host, ctx.started_at, ctx.phases, len(shard), stats, len(kept))
+            kv.send(ctx.host, {"rows": rows, "metrics": metrics})
+        if ctx.is_leader:
+            finish_as_leader(config, ctx, job, kv)
+    if not ctx.is_leader:
+        kv.wait_for("done", config.gather_timeout_s)
 
-    return pipeline.run(config)
+
+def host_work(config: SampleLmMultihostConfig, ctx, job):
+    """This host's prompts, the rows of them already on disk (resume) and what is left to sample."""
+    costs = [prompt_cost(len(t), config.max_new_tokens, config.n_generations) for t in job.prompts.token_ids]
+    shard = shard_for_host(config.shard_strategy, ctx.num_hosts, ctx.host, costs)
+    have = resume.existing_rows(config.output_dir, set(shard)) if config.resume else {}
+    missing = resume.missing_generations(shard, config.n_generations, have)
+    todo = [
+        WorkItem(p, job.prompts.texts[p], job.prompts.token_ids[p], gens) for p, gens in sorted(missing.items())
+    ]
+    logger.info("host %d: %d prompts, %d rows on disk, %d prompts to sample", ctx.host, len(shard), len(have), len(todo))
+    return shard, list(have.values()), todo
+
+
+def sample_shard(config: SampleLmMultihostConfig, ctx, job, todo: list[WorkItem]):
+    """Load the model onto this host's chips and sample ``todo``; no cross-host communication."""
+    with model_loading.on_local_mesh(config.trainer):
+        with ctx.phase("model_load"):
+            model = model_loading.load_model(config, job.tokenizer)
+        with ctx.phase("engine_build"):
+            engine = build_engine(model, job.tokenizer, config.engine)
+        with ctx.phase("generate"):
+            rows, stats = generate_rows(
+                engine,
+                job.tokenizer,
+                todo,
+                n_generations=config.n_generations,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                seed=config.seed,
+                stop_ids=job.prompts.stop_ids,
+                host=ctx.host,
+                progress_interval_s=config.progress_interval_s,
+            )
+    start, end = ctx.phases["generate"]
+    ctx.phases["prefill"] = (start, start + stats.prefill_s)
+    ctx.phases["decode"] = (start + stats.prefill_s, end)
+    return rows, stats
 
 
 def cli():

@@ -1,0 +1,106 @@
+"""Process start-up on every host: logging, JAX settings, ``jax.distributed``, and this host's place in the job.
+
+Covers joining the distributed job (Levanter's ``DistributedConfig``, filled from the local launcher's
+environment when it set one), the JAX options and compilation cache from ``trainer``, and a per-host phase clock.
+Leaves out everything that touches the model or other hosts' data.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import jax
+
+from levanter.trainer import TrainerConfig
+
+ENV_COORDINATOR = "LEVANTER_MULTIHOST_COORDINATOR"
+ENV_NUM_PROCESSES = "LEVANTER_MULTIHOST_NUM_PROCESSES"
+ENV_PROCESS_ID = "LEVANTER_MULTIHOST_PROCESS_ID"
+NOISY_LOGGERS = ("levanter.inference", "levanter.compat", "jax._src", "absl")
+
+logger = logging.getLogger("levanter_multihost")
+
+
+@dataclass
+class HostContext:
+    """This host's place in the job and its phase clock."""
+
+    host: int
+    """``jax.process_index()``."""
+    num_hosts: int
+    """``jax.process_count()``."""
+    started_at: float
+    """``time.time()`` when the process started its work (before ``jax.distributed``)."""
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Phase name -> (start, end) in seconds since ``started_at``."""
+
+    @property
+    def is_leader(self) -> bool:
+        return self.host == 0
+
+    def phase(self, name: str):
+        return _Phase(self, name)
+
+    def seconds(self, name: str) -> float:
+        start, end = self.phases.get(name, (0.0, 0.0))
+        return end - start
+
+
+class _Phase:
+    def __init__(self, ctx: HostContext, name: str):
+        self.ctx, self.name = ctx, name
+
+    def __enter__(self):
+        self.start = time.time() - self.ctx.started_at
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.phases[self.name] = (self.start, time.time() - self.ctx.started_at)
+        return False
+
+
+def distributed_from_env(trainer: TrainerConfig) -> TrainerConfig:
+    """Fill ``trainer.distributed`` from the local launcher's environment, unless the config already sets it."""
+    dist = trainer.distributed
+    if ENV_COORDINATOR not in os.environ or dist.coordinator_address is not None:
+        return trainer
+    dist = dataclasses.replace(
+        dist,
+        coordinator_address=os.environ[ENV_COORDINATOR],
+        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+        process_id=int(os.environ[ENV_PROCESS_ID]),
+    )
+    return dataclasses.replace(trainer, distributed=dist)
+
+
+def start(trainer: TrainerConfig) -> HostContext:
+    """Set up logging and JAX, join the distributed job, and return this host's context."""
+    started_at = time.time()
+    setup_logging(os.environ.get(ENV_PROCESS_ID, "?"))
+    for key, value in trainer.jax_config.items():
+        jax.config.update(key, value)
+    if trainer.jax_compilation_cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", trainer.jax_compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # Host-data-parallel runs no cross-process collective. Without a CPU collectives backend, one that slipped in
+    # fails loudly instead of running, and each emulated host's devices talk in-process instead of over TCP.
+    jax.config.update("jax_cpu_collectives_implementation", None)
+    ctx = HostContext(host=0, num_hosts=1, started_at=started_at)
+    with ctx.phase("distributed_init"):
+        distributed_from_env(trainer).distributed.initialize()
+        ctx.host, ctx.num_hosts = jax.process_index(), jax.process_count()
+    setup_logging(str(ctx.host))
+    return ctx
+
+
+def setup_logging(host: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s host {host} %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
