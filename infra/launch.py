@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+import tpu
+
 ENV_COORDINATOR = "LEVANTER_MULTIHOST_COORDINATOR"
 ENV_NUM_PROCESSES = "LEVANTER_MULTIHOST_NUM_PROCESSES"
 ENV_PROCESS_ID = "LEVANTER_MULTIHOST_PROCESS_ID"
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     local = parser.add_argument_group("local emulation")
     local.add_argument("--local_hosts", type=int, help="Emulate this many hosts as local processes.")
     local.add_argument("--devices_per_host", type=int, default=4, help="CPU devices per emulated host.")
+    tpu.add_arguments(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="The command to run on every host, after --.")
     return parser
 
@@ -112,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.local_hosts < 1:
             parser.error(f"--local_hosts ({args.local_hosts}) must be >= 1")
         return run_local(command, args.local_hosts, args.devices_per_host)
-    parser.error("choose a backend: --local_hosts N")
+    if args.tpu_name:
+        return tpu.run(args, command)
+    parser.error("choose a backend: --local_hosts N or --tpu_name NAME")
 
 
 if __name__ == "__main__":
