@@ -56,8 +56,14 @@ def _pump(stream, prefix: str, out) -> None:
         out.flush()
 
 
-def run_local(command: list[str], num_hosts: int, devices_per_host: int, poll_s: float = 0.2) -> int:
-    """Run ``command`` as ``num_hosts`` processes of one JAX job; return the first non-zero status, else 0."""
+def run_local(
+    command: list[str], num_hosts: int, devices_per_host: int, keep_going: bool = False, poll_s: float = 0.2
+) -> int:
+    """Run ``command`` as ``num_hosts`` processes of one JAX job; return the first non-zero status, else 0.
+
+    A failed host stops the others at once, unless ``keep_going``: then every host runs to its own end, as on a
+    real slice where nobody stops the survivors (used to test how they cope with a dead peer).
+    """
     port = free_port()
     procs, pumps = [], []
     try:
@@ -72,11 +78,14 @@ def run_local(command: list[str], num_hosts: int, devices_per_host: int, poll_s:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(h, c) for h, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
+            if failed and not keep_going:
                 host, status = failed[0]
                 sys.stdout.write(f"[launch] host {host} exited with status {status}; stopping the others\n")
                 break
-            if all(c == 0 for c in codes):
+            if all(c is not None for c in codes):
+                status = failed[0][1] if failed else 0
+                for host, code in failed:
+                    sys.stdout.write(f"[launch] host {host} exited with status {code}\n")
                 break
             time.sleep(poll_s)
         return status
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     local = parser.add_argument_group("local emulation")
     local.add_argument("--local_hosts", type=int, help="Emulate this many hosts as local processes.")
     local.add_argument("--devices_per_host", type=int, default=4, help="CPU devices per emulated host.")
+    local.add_argument("--keep_going", action="store_true", help="Let the other hosts run on when one fails.")
     tpu.add_arguments(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="The command to run on every host, after --.")
     return parser
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_hosts is not None:
         if args.local_hosts < 1:
             parser.error(f"--local_hosts ({args.local_hosts}) must be >= 1")
-        return run_local(command, args.local_hosts, args.devices_per_host)
+        return run_local(command, args.local_hosts, args.devices_per_host, args.keep_going)
     if args.tpu_name:
         return tpu.run(args, command)
     parser.error("choose a backend: --local_hosts N or --tpu_name NAME")

@@ -15,6 +15,7 @@ import fsspec
 
 from levanter_multihost import outputs, resume
 from levanter_multihost.model_loading import load_tokenizer_from, tokenizer_path
+from levanter_multihost.plan import check_capacity
 from levanter_multihost.prompts import load_prompts
 from levanter_multihost.sharding import STRATEGIES
 
@@ -135,14 +136,16 @@ class Job:
     """What identifies the run's outputs (see :mod:`levanter_multihost.resume`)."""
 
 
-def prepare(config, host: int) -> Job:
-    """Run every check that needs no model: config, prompts, tokenizer, output_dir, earlier outputs."""
+def prepare(config, host: int, num_hosts: int) -> Job:
+    """Run every check that needs no model: config, prompts, tokenizer, capacity, output_dir, earlier outputs."""
     check_config(config)
     texts = load_prompts(config.prompts, config.prompts_file)
     tok_name = tokenizer_path(config.tokenizer, config.hf_checkpoint, config.checkpoint_path)
     tokenizer = load_tokenizer_from(tok_name)
     check_vocab(tokenizer, model_vocab_size(config))
     prompts = tokenize_prompts(config, texts, tokenizer)
+    counts = [len(ids) for ids in prompts.token_ids]
+    check_capacity(config, counts, num_hosts, len(prompts.stop_ids or []))
     check_output_dir(config, host)
     fields = resume.fingerprint_fields(config, texts, tok_name)
     resume.check_earlier_run(config, fields)

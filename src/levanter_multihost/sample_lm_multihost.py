@@ -109,7 +109,7 @@ def main(config: SampleLmMultihostConfig) -> None:
     kv = gather.for_this_job(ctx.num_hosts, config.gather_chunk_bytes)
     with gather.failures_reported(kv, ctx.host):
         with ctx.phase("prepare"):
-            job = preflight.prepare(config, ctx.host)
+            job = preflight.prepare(config, ctx.host, ctx.num_hosts)
             resume.prepare_output_dir(config, job.fingerprint_fields, ctx.host, kv)
         shard, kept, todo = host_work(config, ctx, job)
         rows, stats = sample_shard(config, ctx, job, todo)

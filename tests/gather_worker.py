@@ -1,0 +1,45 @@
+"""One emulated host of the JAX key-value gather test (run by tests/test_gather_jax.py through infra/launch.py).
+
+    python infra/launch.py --local_hosts 3 --devices_per_host 1 -- python tests/gather_worker.py ok|corrupt|silent
+"""
+
+import json
+import os
+import sys
+
+import jax
+
+from levanter_multihost.gather import GatherError, KvGather, for_this_job
+from levanter_multihost.payload import PayloadError, encode_payload
+
+mode = sys.argv[1]
+jax.distributed.initialize(
+    os.environ["LEVANTER_MULTIHOST_COORDINATOR"],
+    int(os.environ["LEVANTER_MULTIHOST_NUM_PROCESSES"]),
+    int(os.environ["LEVANTER_MULTIHOST_PROCESS_ID"]),
+)
+host, n = jax.process_index(), jax.process_count()
+gather: KvGather = for_this_job(n, chunk_bytes=1000, prefix=f"test/{mode}")
+rows = [{"global_prompt_index": host * 1000 + i, "generated_token_ids": list(range(i, i + 300))} for i in range(40)]
+
+if host != 0:
+    if mode == "corrupt" and host == 1:
+        manifest, chunks = encode_payload(host, {"rows": rows}, gather.chunk_bytes)
+        chunks[2] = chunks[2][:-1] + bytes([chunks[2][-1] ^ 0xFF])
+        for i, chunk in enumerate(chunks):
+            gather.client.key_value_set_bytes(f"test/{mode}/host{host:05d}/chunk{i:06d}", chunk)
+        gather.client.key_value_set_bytes(f"test/{mode}/host{host:05d}/manifest", manifest.to_bytes())
+    elif not (mode == "silent" and host == 2):
+        gather.send(host, {"rows": rows})
+    gather.wait_for("done", 60)
+    sys.exit(0)
+
+gather.send(0, {"rows": rows})
+try:
+    got = gather.collect(timeout_s=3 if mode == "silent" else 60)
+    result = {"ok": True, "hosts": sorted(got), "rows": {h: got[h].body["rows"] for h in got},
+              "chunks": {h: got[h].bytes for h in got}}
+except (GatherError, PayloadError) as e:
+    result = {"ok": False, "error": str(e)}
+gather.publish("done", True)
+print("RESULT " + json.dumps(result))

@@ -1,0 +1,88 @@
+"""Run the sampler as N emulated hosts through the real launcher (JAX distributed on loopback) and read results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "config" / "sampler" / "tiny_local.yaml"
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    output_dir: Path
+    wandb_dir: Path | None = None
+
+    def rows(self, name: str = "merged.jsonl") -> list[dict]:
+        path = self.output_dir / name
+        assert path.exists(), f"{path} missing; launcher output:\n{self.tail()}"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def summary(self) -> dict:
+        return json.loads((self.output_dir / "summary.json").read_text())
+
+    def tail(self, n: int = 15000) -> str:
+        return self.output[-n:]
+
+
+def compile_cache_env(cache_dir: Path) -> dict[str, str]:
+    """Environment for a shared persistent compilation cache.
+
+    Equinox's runtime checks (``eqx.error_if``) compile to host callbacks, and JAX never caches a program with
+    host callbacks; ``EQX_ON_ERROR=nan`` turns the checks into NaN poisoning so the engine's programs cache.
+    """
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "EQX_ON_ERROR": "nan",
+    }
+
+
+def host_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def launch(
+    output_dir: Path,
+    *overrides: str,
+    hosts: int = 4,
+    devices_per_host: int = 4,
+    config: Path = TINY_CONFIG,
+    timeout: float = 600,
+    env_extra: dict[str, str] | None = None,
+    check: bool = True,
+) -> Run:
+    """Run the sampler on ``hosts`` emulated hosts; ``overrides`` are draccus flags (``--max_new_tokens=4``)."""
+    command = [
+        sys.executable, str(REPO / "infra" / "launch.py"),
+        "--local_hosts", str(hosts), "--devices_per_host", str(devices_per_host), "--",
+        sys.executable, "-m", "levanter_multihost.sample_lm_multihost",
+        "--config_path", str(config), f"--output_dir={output_dir}", *overrides,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=host_env(**(env_extra or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"launcher timed out after {timeout}s:\n{out.decode(errors='replace')[-15000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    run = Run(proc.returncode, out.decode(errors="replace"), Path(output_dir))
+    if check:
+        assert run.returncode == 0, f"launcher exited {run.returncode}:\n{run.tail()}"
+    return run
