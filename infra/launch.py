@@ -35,7 +35,9 @@ def free_port() -> int:
 def local_host_env(base: dict[str, str], port: int, num_hosts: int, host: int, devices_per_host: int) -> dict:
     """The environment of emulated host ``host``: its coordinator, rank and CPU device count."""
     env = dict(base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     flags.append(f"--xla_force_host_platform_device_count={devices_per_host}")
     env.update(
         {

@@ -102,8 +102,15 @@ def add_arguments(parser) -> None:
     group.add_argument("--foreground", action="store_true", help="Wait for the job and stream worker output.")
     group.add_argument("--retries", type=int, default=2, help="Reruns after a preemption or dropped ssh.")
     group.add_argument("--autodelete", action="store_true", help="Delete the VM when the job ends (--foreground).")
-    group.add_argument("-e", "--env", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                       help="Environment variable for the job (repeatable).")
+    group.add_argument(
+        "-e",
+        "--env",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="Environment variable for the job (repeatable).",
+    )
     group.add_argument("--dry_run", action="store_true", help="Print every command in order; run none.")
     group.add_argument("--poll_s", type=float, default=30.0, help="Seconds between state checks while waiting.")
     group.add_argument("--ready_timeout_s", type=float, default=4 * 3600.0, help="Longest wait for READY.")
@@ -215,10 +222,19 @@ def queued_describe_argv(job: Job) -> list[str]:
 
 def create_argv(job: Job) -> list[str]:
     if job.queued:
-        return _tpus(job, "queued-resources", "create", f"--node-id={job.name}", f"--accelerator-type={job.tpu_type}",
-                     f"--runtime-version={job.runtime_version}", QUEUED_FLAGS[job.capacity_type], "--quiet")
-    return _tpus(job, "tpu-vm", "create", f"--accelerator-type={job.tpu_type}", f"--version={job.runtime_version}",
-                 "--quiet")
+        return _tpus(
+            job,
+            "queued-resources",
+            "create",
+            f"--node-id={job.name}",
+            f"--accelerator-type={job.tpu_type}",
+            f"--runtime-version={job.runtime_version}",
+            QUEUED_FLAGS[job.capacity_type],
+            "--quiet",
+        )
+    return _tpus(
+        job, "tpu-vm", "create", f"--accelerator-type={job.tpu_type}", f"--version={job.runtime_version}", "--quiet"
+    )
 
 
 def delete_argv(job: Job) -> list[str]:
@@ -232,8 +248,18 @@ def archive_argv(job: Job) -> list[str]:
 
 
 def scp_argv(job: Job, bundle: str) -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", bundle, f"{job.name}:{BUNDLE}", f"--zone={job.zone}",
-            "--worker=all", "--quiet"]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "scp",
+        bundle,
+        f"{job.name}:{BUNDLE}",
+        f"--zone={job.zone}",
+        "--worker=all",
+        "--quiet",
+    ]
 
 
 def remote_command(job: Job) -> str:
@@ -241,10 +267,12 @@ def remote_command(job: Job) -> str:
     unpack = f"cd && rm -rf {REMOTE_DIR} && mkdir {REMOTE_DIR} && tar -xzf {BUNDLE} -C {REMOTE_DIR} && rm {BUNDLE}"
     run_sh = f"{REMOTE_DIR}/.launch/run.sh"
     if job.foreground:
-        worker = f'w=$(curl -sf --max-time 5 -H Metadata-Flavor:Google {WORKER_NUMBER_URL} || hostname)'
+        worker = f"w=$(curl -sf --max-time 5 -H Metadata-Flavor:Google {WORKER_NUMBER_URL} || hostname)"
         return f'set -o pipefail; {unpack} && {worker} && bash {run_sh} 2>&1 | sed -u "s/^/[worker $w] /"'
-    return (f"{unpack} && (nohup bash {run_sh} > {JOB_LOG} 2>&1 < /dev/null &) && "
-            f'echo "[worker $(hostname)] started; log: ~/{JOB_LOG}"')
+    return (
+        f"{unpack} && (nohup bash {run_sh} > {JOB_LOG} 2>&1 < /dev/null &) && "
+        f'echo "[worker $(hostname)] started; log: ~/{JOB_LOG}"'
+    )
 
 
 def ssh_argv(job: Job, command: str) -> list[str]:
@@ -283,8 +311,10 @@ def build_bundle(job: Job, path: Path) -> None:
     with tarfile.open(path, "w:gz") as out, tarfile.open(fileobj=io.BytesIO(code)) as src:
         for member in src:
             out.addfile(member, src.extractfile(member) if member.isfile() else None)
-        for name, text, mode in ((".launch/run.sh", run_script(job), 0o755),
-                                 (".launch/env.sh", env_script(job.env), 0o600)):
+        for name, text, mode in (
+            (".launch/run.sh", run_script(job), 0o755),
+            (".launch/env.sh", env_script(job.env), 0o600),
+        ):
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), mode, int(time.time())
@@ -361,16 +391,20 @@ def wait_ready(shell: Shell, job: Job, state: str | None) -> None:
             status, out = shell.run(queued_describe_argv(job), quiet=True)
             queued_state = out.strip() if status == 0 else "MISSING"
             if queued_state in ("FAILED", "SUSPENDED", "MISSING"):
-                raise LaunchError(f"queued resource {job.name} is {queued_state}; "
-                                  f"see `{shlex.join(queued_describe_argv(job))}`")
+                raise LaunchError(
+                    f"queued resource {job.name} is {queued_state}; see `{shlex.join(queued_describe_argv(job))}`"
+                )
         elif state is None:
-            raise LaunchError(f"TPU {job.name} is missing after its creation; "
-                              f"check `{shlex.join(describe_argv(job))}`")
+            raise LaunchError(
+                f"TPU {job.name} is missing after its creation; check `{shlex.join(describe_argv(job))}`"
+            )
         elif state not in WAITING_STATES:
             raise LaunchError(f"TPU {job.name} is {state}, which the launcher does not wait for; fix or delete it")
         if time.monotonic() > deadline:
-            raise LaunchError(f"TPU {job.name} not READY after {job.ready_timeout_s:.0f} s (state {state}); "
-                              "raise --ready_timeout_s or check the capacity in the zone")
+            raise LaunchError(
+                f"TPU {job.name} not READY after {job.ready_timeout_s:.0f} s (state {state}); "
+                "raise --ready_timeout_s or check the capacity in the zone"
+            )
         say(f"waiting for TPU {job.name} (state {state or 'queued'}); next check in {job.poll_s:.0f} s")
         time.sleep(job.poll_s)
         state = vm_state(shell, job)
@@ -380,8 +414,10 @@ def wait_ready(shell: Shell, job: Job, state: str | None) -> None:
 def delete_vm(shell: Shell, job: Job) -> int:
     status, _ = shell.run(delete_argv(job))
     if status != 0:
-        say(f"deleting TPU {job.name} failed (exit {status}); "
-            f"delete it by hand: {shlex.join(delete_argv(job))}", err=True)
+        say(
+            f"deleting TPU {job.name} failed (exit {status}); delete it by hand: {shlex.join(delete_argv(job))}",
+            err=True,
+        )
     return status
 
 
@@ -426,8 +462,10 @@ def print_plan(job: Job) -> None:
         *("#   " + line for line in env_script(job.env, masked=True).splitlines()),
     ]
     if job.foreground:
-        lines.append(f"# on state PREEMPTED/TERMINATED or ssh exit {SSH_DROPPED}: again from describe, "
-                     f"up to {job.retries} more time(s)")
+        lines.append(
+            f"# on state PREEMPTED/TERMINATED or ssh exit {SSH_DROPPED}: again from describe, "
+            f"up to {job.retries} more time(s)"
+        )
     if job.autodelete:
         lines += ["# at the end:", shlex.join(delete_argv(job))]
     print("\n".join(lines), flush=True)
@@ -438,8 +476,10 @@ def run(args, command: list[str]) -> int:
     try:
         job = make_job(args, command)
         if not TPU_NAME.fullmatch(job.name):
-            say(f"warning: GCP TPU names take lowercase letters, digits and hyphens; "
-                f"gcloud may reject {job.name!r}", err=True)
+            say(
+                f"warning: GCP TPU names take lowercase letters, digits and hyphens; gcloud may reject {job.name!r}",
+                err=True,
+            )
         if args.dry_run:
             print_plan(job)
             return 0

@@ -12,9 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import pytest  # noqa: E402
-
-from multihost import compile_cache_env, launch  # noqa: E402
+import pytest
+from multihost import compile_cache_env, launch
 
 GREEDY_FLAGS = ()
 SAMPLED_FLAGS = ("--temperature=0.8", "--seed=7", "--gather_chunk_bytes=512")
@@ -49,7 +48,9 @@ def greedy_1x4(tmp_path_factory):
 
 def _sampled(tmp_path_factory, hosts: int):
     out = tmp_path_factory.mktemp(f"sampled_{hosts}")
-    return launch(out, "--prompts_file=config/prompts/addition_10.txt", *SAMPLED_FLAGS, hosts=hosts, devices_per_host=1)
+    return launch(
+        out, "--prompts_file=config/prompts/addition_10.txt", *SAMPLED_FLAGS, hosts=hosts, devices_per_host=1
+    )
 
 
 @pytest.fixture(scope="session")

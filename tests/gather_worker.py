@@ -1,6 +1,6 @@
 """One emulated host of the JAX key-value gather test (run by tests/test_gather_jax.py through infra/launch.py).
 
-    python infra/launch.py --local_hosts 3 --devices_per_host 1 -- python tests/gather_worker.py ok|corrupt|silent
+python infra/launch.py --local_hosts 3 --devices_per_host 1 -- python tests/gather_worker.py ok|corrupt|silent
 """
 
 import json
@@ -37,8 +37,12 @@ if host != 0:
 gather.send(0, {"rows": rows})
 try:
     got = gather.collect(timeout_s=3 if mode == "silent" else 60)
-    result = {"ok": True, "hosts": sorted(got), "rows": {h: got[h].body["rows"] for h in got},
-              "chunks": {h: got[h].bytes for h in got}}
+    result = {
+        "ok": True,
+        "hosts": sorted(got),
+        "rows": {h: got[h].body["rows"] for h in got},
+        "chunks": {h: got[h].bytes for h in got},
+    }
 except (GatherError, PayloadError) as e:
     result = {"ok": False, "error": str(e)}
 gather.publish("done", True)

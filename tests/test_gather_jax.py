@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from multihost import REPO, host_env
 
 pytestmark = pytest.mark.multihost

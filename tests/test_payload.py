@@ -7,7 +7,10 @@ from levanter_multihost.payload import PayloadError, decode_payload, encode_payl
 
 
 def rows(n, tokens=50):
-    return [{"global_prompt_index": i, "generated_token_ids": list(range(i, i + tokens)), "text": "é" * 5} for i in range(n)]
+    return [
+        {"global_prompt_index": i, "generated_token_ids": list(range(i, i + tokens)), "text": "é" * 5}
+        for i in range(n)
+    ]
 
 
 def test_many_chunk_payload_round_trips_exactly():

@@ -8,8 +8,8 @@ import draccus
 import pytest
 import yaml
 
+from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.plan import CapacityError, check_capacity, main, plan_config, predict_pages_peak
-from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # Sampler configs: the YAMLs under config/ that name prompts (config/train/ holds training configs).

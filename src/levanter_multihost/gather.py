@@ -18,7 +18,6 @@ from typing import Any, Protocol
 from levanter_multihost.payload import (
     DEFAULT_CHUNK_BYTES,
     Manifest,
-    PayloadError,
     decode_payload,
     encode_payload,
     failure_manifest,
@@ -185,7 +184,6 @@ def _describe(failed: dict[int, str], dead: set[int], pending: list[int], timeou
     if pending:
         parts.append(f"host(s) {sorted(pending)} sent nothing within gather_timeout_s={timeout_s:.0f}s")
     return "Gather incomplete: " + "; ".join(parts) + ". No merged output was written."
-
 
 
 class InMemoryKeyValue:

@@ -15,7 +15,6 @@ import haliax as hax
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from levanter.inference.engine import InferenceEngine, InferenceEngineConfig, Request
 from levanter.inference.jit_scheduler import SeqDecodingParams
 from levanter.inference.utils import INVALID
@@ -204,4 +203,3 @@ def finish_reason(ids: Sequence[int], stop_ids: Sequence[int] | None, max_new_to
     if len(ids) >= max_new_tokens:
         return "length"
     return "truncated"
-

@@ -15,7 +15,6 @@ import numpy as np
 from haliax import Axis
 from haliax.partitioning import ResourceAxis, round_axis_for_partitioning
 from jax.sharding import Mesh
-
 from levanter.checkpoint import load_checkpoint
 from levanter.compat.hf_checkpoints import HFCheckpointConverter, load_tokenizer
 from levanter.models.lm_model import LmHeadModel

@@ -74,7 +74,9 @@ def encode_payload(
 
 def failure_manifest(host: int, error: str) -> Manifest:
     """A manifest that carries a host's error instead of rows."""
-    return Manifest(host=host, status="failed", num_chunks=0, chunk_sizes=[], chunk_sha256=[], total_bytes=0, error=error)
+    return Manifest(
+        host=host, status="failed", num_chunks=0, chunk_sizes=[], chunk_sha256=[], total_bytes=0, error=error
+    )
 
 
 def verify_chunk(manifest: Manifest, index: int, chunk: bytes) -> None:
@@ -85,7 +87,9 @@ def verify_chunk(manifest: Manifest, index: int, chunk: bytes) -> None:
             f"expected {manifest.chunk_sizes[index]} (truncated or corrupted)."
         )
     if hashlib.sha256(chunk).hexdigest() != manifest.chunk_sha256[index]:
-        raise PayloadError(f"Host {manifest.host} chunk {index}/{manifest.num_chunks}: checksum mismatch (corrupted).")
+        raise PayloadError(
+            f"Host {manifest.host} chunk {index}/{manifest.num_chunks}: checksum mismatch (corrupted)."
+        )
 
 
 def decode_payload(manifest: Manifest, chunks: list[bytes]) -> dict[str, Any]:

@@ -37,8 +37,8 @@ from levanter_multihost.capacity import (
     parse_tpu_type,
     plan_capacity,
 )
+from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.prompts import load_prompts
-from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig
 
 logger = logging.getLogger(__name__)
 

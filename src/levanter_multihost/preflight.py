@@ -79,7 +79,9 @@ def tokenize_prompts(config, prompts: list[str], tokenizer) -> TokenizedPrompts:
     if config.stop_sequence is not None:
         stop_ids = list(tokenizer(config.stop_sequence, add_special_tokens=False)["input_ids"])
         if not stop_ids:
-            raise ConfigError(f"stop_sequence ({config.stop_sequence!r}) tokenizes to nothing. Remove it or change it.")
+            raise ConfigError(
+                f"stop_sequence ({config.stop_sequence!r}) tokenizes to nothing. Remove it or change it."
+            )
     return TokenizedPrompts(texts=list(prompts), token_ids=token_ids, stop_ids=stop_ids)
 
 
@@ -115,7 +117,9 @@ def check_output_dir(config, host: int) -> None:
             f.write(b"")
         fs.rm(probe)
     except OSError as e:
-        raise ConfigError(f"output_dir ({config.output_dir}) is not writable: {e}. Choose another output_dir.") from None
+        raise ConfigError(
+            f"output_dir ({config.output_dir}) is not writable: {e}. Choose another output_dir."
+        ) from None
     merged = outputs.join(config.output_dir, outputs.MERGED_NAME)
     if outputs.exists(merged) and not (config.resume or config.overwrite):
         raise ConfigError(

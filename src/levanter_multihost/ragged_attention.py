@@ -99,7 +99,7 @@ def pallas_kernel() -> Callable:
 
 def check_levanter_seam():
     """Check everything the seam relies on and return Levanter's attention module; raise LevanterSeamError if not."""
-    import levanter.layers.attention as attention
+    from levanter.layers import attention
 
     if not hasattr(attention, KERNEL_GLOBAL):
         raise _seam_error(f"{LEVANTER_MODULE}.{KERNEL_GLOBAL} is gone")

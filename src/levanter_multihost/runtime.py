@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 import jax
-
 from levanter.trainer import TrainerConfig
 
 ENV_COORDINATOR = "LEVANTER_MULTIHOST_COORDINATOR"

@@ -38,9 +38,7 @@ def balanced_shards(costs: Sequence[float], num_hosts: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
-def shard_for_host(
-    strategy: str, num_hosts: int, host: int, prompt_costs: Sequence[float]
-) -> list[int]:
+def shard_for_host(strategy: str, num_hosts: int, host: int, prompt_costs: Sequence[float]) -> list[int]:
     """Global prompt indices that ``host`` samples under ``strategy`` (``prompt_costs`` has one entry per prompt)."""
     if strategy == "contiguous":
         return contiguous_shard(len(prompt_costs), num_hosts, host)

@@ -78,7 +78,9 @@ def build_summary(
 def format_table(host_metrics: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     """One row per host and a totals row, as aligned text."""
     header = [title for _, title, _ in TABLE_COLUMNS]
-    rows = [[fmt.format(m[key]) for key, _, fmt in TABLE_COLUMNS] for m in sorted(host_metrics, key=lambda m: m["host"])]
+    rows = [
+        [fmt.format(m[key]) for key, _, fmt in TABLE_COLUMNS] for m in sorted(host_metrics, key=lambda m: m["host"])
+    ]
     totals = ["all"]
     for key, _, fmt in TABLE_COLUMNS[1:]:
         values = [m[key] for m in host_metrics]

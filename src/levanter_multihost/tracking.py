@@ -111,8 +111,15 @@ def timeline_png(host_metrics: Sequence[dict[str, Any]]) -> bytes:
     ax.set_xlabel("seconds since the first host started")
     ax.set_title("Per-host timeline")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS]
-    ax.legend(handles, PHASES, ncol=len(PHASES), loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(hosts) < 3 else -0.15),
-              fontsize="small", frameon=False)
+    ax.legend(
+        handles,
+        PHASES,
+        ncol=len(PHASES),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.35 if len(hosts) < 3 else -0.15),
+        fontsize="small",
+        frameon=False,
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
