@@ -16,7 +16,7 @@ import pytest
 from multihost import compile_cache_env, launch
 
 GREEDY_FLAGS = ()
-SAMPLED_FLAGS = ("--temperature=0.8", "--seed=7", "--gather_chunk_bytes=512")
+SAMPLED_FLAGS = ("--temperature=0.8", "--seed=7", "--gather_chunk_bytes=512", "--trainer.model_axis_size=1")
 
 
 @pytest.fixture(scope="session", autouse=True)

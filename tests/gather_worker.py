@@ -5,12 +5,33 @@ python infra/launch.py --local_hosts 3 --devices_per_host 1 -- python tests/gath
 
 import json
 import os
+import random
 import sys
 
 import jax
 
 from levanter_multihost.gather import GatherError, KvGather, for_this_job
+from levanter_multihost.outputs import merge_rows
 from levanter_multihost.payload import PayloadError, encode_payload
+from levanter_multihost.sharding import contiguous_shard
+
+
+def synthetic_row(index: int, num_hosts: int) -> dict:
+    """A row of the seed's largest shape: 2048 generated Llama-3 token ids and text of matching size."""
+    rng = random.Random(index)
+    ids = [rng.randrange(128256) for _ in range(2048)]
+    return {
+        "global_prompt_index": index,
+        "generation_index": 0,
+        "process_index": index * num_hosts // 1024,
+        "prompt": f"Prompt number {index}: " + "tell me a long story. " * 8,
+        "prompt_token_count": 60,
+        "generated_token_ids": ids,
+        "generated_text": " ".join(str(t) for t in ids[:1500]),
+        "generated_token_count": 2048,
+        "finish_reason": "length",
+    }
+
 
 mode = sys.argv[1]
 jax.distributed.initialize(
@@ -19,6 +40,19 @@ jax.distributed.initialize(
     int(os.environ["LEVANTER_MULTIHOST_PROCESS_ID"]),
 )
 host, n = jax.process_index(), jax.process_count()
+if mode == "largest":
+    gather = for_this_job(n, chunk_bytes=4 * 1024 * 1024, prefix="test/largest")
+    gather.send(host, {"rows": [synthetic_row(i, n) for i in contiguous_shard(1024, n, host)]})
+    if host != 0:
+        gather.wait_for("done", 120)
+        sys.exit(0)
+    got = gather.collect(timeout_s=120)
+    merged = merge_rows([r for h in sorted(got) for r in got[h].body["rows"]], 1024, 1)
+    exact = all(row == synthetic_row(row["global_prompt_index"], n) for row in merged)
+    gather.publish("done", True)
+    print("RESULT " + json.dumps({"rows": len(merged), "exact": exact, "bytes": sum(g.bytes for g in got.values())}))
+    sys.exit(0)
+
 gather: KvGather = for_this_job(n, chunk_bytes=1000, prefix=f"test/{mode}")
 rows = [{"global_prompt_index": host * 1000 + i, "generated_token_ids": list(range(i, i + 300))} for i in range(40)]
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +87,45 @@ def launch(
     if check:
         assert run.returncode == 0, f"launcher exited {run.returncode}:\n{run.tail()}"
     return run
+
+
+def launch_and_kill(
+    output_dir: Path, victim: int, *overrides: str, hosts: int = 4, devices_per_host: int = 1, timeout: float = 600
+) -> tuple[Run, float]:
+    """Run with ``--keep_going`` and SIGKILL host ``victim`` as soon as it reports decoding progress.
+
+    Returns the run and the seconds from the kill to the launcher's exit.
+    """
+    command = [
+        sys.executable, str(REPO / "infra" / "launch.py"), "--keep_going",
+        "--local_hosts", str(hosts), "--devices_per_host", str(devices_per_host), "--",
+        sys.executable, "-m", "levanter_multihost.sample_lm_multihost",
+        "--config_path", str(TINY_CONFIG), f"--output_dir={output_dir}", *overrides,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=host_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    lines: list[str] = []
+    pid = None
+    killed_at = None
+    deadline = time.monotonic() + timeout
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            lines.append(line)
+            if pid is None and f"host {victim} of {hosts} (pid " in line:
+                pid = int(line.split("(pid ", 1)[1].split(")", 1)[0])
+            if killed_at is None and pid is not None and f"host {victim}: " in line and "tokens (" in line:
+                os.kill(pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                lines.append(f"[test] killed host {victim} (pid {pid})\n")
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out:\n" + "".join(lines)[-15000:])
+        proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = "".join(lines)
+    assert killed_at is not None, f"host {victim} never reported progress:\n{output[-15000:]}"
+    return Run(proc.returncode, output, Path(output_dir)), time.monotonic() - killed_at

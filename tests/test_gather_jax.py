@@ -10,8 +10,8 @@ from multihost import REPO, host_env
 pytestmark = pytest.mark.multihost
 
 
-def run_gather(mode: str) -> dict:
-    command = [sys.executable, "infra/launch.py", "--local_hosts", "3", "--devices_per_host", "1", "--",
+def run_gather(mode: str, hosts: int = 3) -> dict:
+    command = [sys.executable, "infra/launch.py", "--local_hosts", str(hosts), "--devices_per_host", "1", "--",
                sys.executable, "tests/gather_worker.py", mode]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, env=host_env(), capture_output=True, text=True, timeout=180)
     lines = [line for line in proc.stdout.splitlines() if "RESULT " in line]
@@ -40,3 +40,10 @@ def test_silent_host_is_named_after_the_timeout():
     result = run_gather("silent")
     assert not result["ok"]
     assert "host(s) [2] sent nothing within gather_timeout_s=3s" in result["error"]
+
+
+def test_largest_shape_is_carried_and_verified():
+    """The seed's largest shape: 1024 prompts x 2048 tokens of rows over 4 hosts, every row checked."""
+    result = run_gather("largest", hosts=4)
+    assert result == {"rows": 1024, "exact": True, "bytes": result["bytes"]}
+    assert result["bytes"] > 4 * 1024 * 1024  # several chunks per host

@@ -63,11 +63,3 @@ def test_gather_names_failed_and_silent_hosts_within_the_timeout():
     gather.send_failure(1, "ValueError: boom")
     with pytest.raises(GatherError, match=r"host 1 failed: ValueError: boom; host\(s\) \[2\] sent nothing within"):
         gather.collect(timeout_s=0.3)
-
-
-def test_gather_reports_dead_hosts_before_the_timeout():
-    kv = InMemoryKeyValue()
-    gather = KvGather(kv, "run", num_hosts=2, live_hosts=lambda hosts: set())
-    gather.send(0, {"rows": []})
-    with pytest.raises(GatherError, match=r"host\(s\) \[1\] died"):
-        gather.collect(timeout_s=60)

@@ -79,6 +79,8 @@ class SampleLmMultihostConfig:
     """How long the leader waits for every host's rows (and the others for the leader) before failing."""
     gather_chunk_bytes: int = 4 * 1024 * 1024
     """Largest value written to the key-value store in one piece."""
+    task: str | None = None
+    """Score the merged outputs with a task's exact-answer checker (`addition`); the accuracy joins the summary."""
 
     @property
     def is_host_data_parallel(self) -> bool:

@@ -2,8 +2,9 @@
 
 Each host writes its chunks with the bytes API, then its manifest (the manifest is the commit point). The leader
 polls for manifests until ``timeout_s``, reads and verifies each host's chunks, deletes the keys it read, and
-reports hosts that failed (their manifest carries the error), died (no longer live in the coordination service)
-or never answered. After merging, the leader publishes a ``done`` key that the other hosts wait for, so nobody
+reports hosts that failed (their manifest carries the error) or never answered (dead, hung or far slower: a
+SIGKILLed process cannot say goodbye, and JAX's liveness query blocks on the dead, so the timeout decides).
+After merging, the leader publishes a ``done`` key that the other hosts wait for, so nobody
 tears the job down while the leader still reads. No collective is used: a host that never arrives cannot hang
 the others past the timeout. Encoding lives in :mod:`levanter_multihost.payload`.
 """
@@ -11,7 +12,6 @@ the others past the timeout. Encoding lives in :mod:`levanter_multihost.payload`
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,10 @@ from levanter_multihost.payload import (
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.05
+LEADER_WAIT_S = 24 * 3600
+"""How long the other hosts wait for the leader's ``done``: the leader bounds its own wait (gather timeout) but
+not its tracker upload. A dead leader takes JAX's coordination service with it, and JAX then stops the other
+processes within seconds, so this long wait never holds up a failed run."""
 
 
 class GatherError(RuntimeError):
@@ -74,13 +78,11 @@ class KvGather:
         prefix: str,
         num_hosts: int,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        live_hosts: Callable[[list[int]], set[int]] | None = None,
     ):
         self.client = client
         self.prefix = prefix
         self.num_hosts = num_hosts
         self.chunk_bytes = chunk_bytes
-        self.live_hosts = live_hosts
 
     def _key(self, host: int, part: str) -> str:
         return f"{self.prefix}/host{host:05d}/{part}"
@@ -101,14 +103,13 @@ class KvGather:
     def collect(self, timeout_s: float, hosts: list[int] | None = None) -> dict[int, Received]:
         """Leader: wait for every host's payload (or a reason it cannot come) and return them by host.
 
-        Raises :class:`GatherError` naming failed, dead and missing hosts once every host is accounted for or
+        Raises :class:`GatherError` naming failed and silent hosts once every host is accounted for or
         ``timeout_s`` passes; :class:`PayloadError` names a corrupted chunk.
         """
         deadline = time.monotonic() + timeout_s
         pending = list(range(self.num_hosts)) if hosts is None else list(hosts)
         bodies: dict[int, Received] = {}
         failed: dict[int, str] = {}
-        dead: set[int] = set()
         while pending:
             for host in list(pending):
                 raw = self._try_get(self._key(host, "manifest"))
@@ -120,19 +121,11 @@ class KvGather:
                     failed[host] = manifest.error or "unknown error"
                     continue
                 bodies[host] = Received(self._read(manifest, deadline), manifest.total_bytes, time.time())
-            if pending and self.live_hosts is not None:
-                alive = self.live_hosts(pending)
-                newly_dead = [h for h in pending if h not in alive]
-                # a host may have committed just before dying: look once more before declaring it dead
-                for host in newly_dead:
-                    if self._try_get(self._key(host, "manifest")) is None:
-                        dead.add(host)
-                        pending.remove(host)
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(POLL_INTERVAL_S)
-        if failed or dead or pending:
-            raise GatherError(_describe(failed, dead, pending, timeout_s))
+        if failed or pending:
+            raise GatherError(_describe(failed, pending, timeout_s))
         return bodies
 
     def _read(self, manifest: Manifest, deadline: float) -> dict[str, Any]:
@@ -175,14 +168,12 @@ class KvGather:
             raise GatherError(f"The leader (host 0) failed: {message}")
 
 
-def _describe(failed: dict[int, str], dead: set[int], pending: list[int], timeout_s: float) -> str:
-    parts = []
-    for host, error in sorted(failed.items()):
-        parts.append(f"host {host} failed: {error}")
-    if dead:
-        parts.append(f"host(s) {sorted(dead)} died (no longer live in the coordination service)")
+def _describe(failed: dict[int, str], pending: list[int], timeout_s: float) -> str:
+    parts = [f"host {host} failed: {error}" for host, error in sorted(failed.items())]
     if pending:
-        parts.append(f"host(s) {sorted(pending)} sent nothing within gather_timeout_s={timeout_s:.0f}s")
+        parts.append(
+            f"host(s) {sorted(pending)} sent nothing within gather_timeout_s={timeout_s:.0f}s (dead, hung or far slower)"
+        )
     return "Gather incomplete: " + "; ".join(parts) + ". No merged output was written."
 
 
@@ -218,14 +209,7 @@ def for_this_job(num_hosts: int, chunk_bytes: int, prefix: str = "levanter_multi
         if num_hosts != 1:
             raise RuntimeError("jax.distributed is not initialized but there are several hosts.")
         return KvGather(InMemoryKeyValue(), prefix, 1, chunk_bytes)
-
-    def live(hosts: list[int]) -> set[int]:
-        try:
-            return set(client.get_live_nodes(hosts).keys())
-        except Exception:  # a dead peer makes the query itself fail; treat the set as unknown
-            return set(hosts)
-
-    return KvGather(client, prefix, num_hosts, chunk_bytes, live_hosts=live)
+    return KvGather(client, prefix, num_hosts, chunk_bytes)
 
 
 @contextlib.contextmanager

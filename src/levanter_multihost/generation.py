@@ -107,7 +107,7 @@ class ProgressLogger:
         if self.first_step_at is None:
             self.first_step_at = now
         self.pages_peak = max(self.pages_peak, pages_in_use(self.engine))
-        if self.interval_s <= 0 or now - self.last < self.interval_s:
+        if self.interval_s <= 0 or (iteration > 0 and now - self.last < self.interval_s):
             return
         self.last = now
         done = sum(len(r.token_list) for kids in self.engine.results.values() for r in kids.values())

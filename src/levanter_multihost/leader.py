@@ -10,7 +10,7 @@ import json
 import logging
 import time
 
-from levanter_multihost import outputs, summary, tracking
+from levanter_multihost import addition, outputs, summary, tracking
 from levanter_multihost.gather import KvGather
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def finish_as_leader(config, ctx, job, kv: KvGather) -> dict:
         wall_clock_s=time.time() - ctx.started_at,
         gather_s=ctx.seconds("gather"),
     )
+    if config.task is not None:
+        result["sample/task_accuracy"] = task_accuracy(config.task, merged)
     outputs.write_atomic(
         outputs.join(config.output_dir, outputs.SUMMARY_NAME),
         json.dumps({"summary": result, "hosts": host_metrics}, indent=2).encode("utf-8"),
@@ -50,5 +52,20 @@ def finish_as_leader(config, ctx, job, kv: KvGather) -> dict:
         tracking.report(config.trainer.tracker, config.trainer.id, result, merged, png, config.skip_samples_table)
     kv.publish("done", True)
     logger.info("Per-host results:\n%s", summary.format_table(host_metrics, result))
+    if config.task is not None:
+        logger.info(
+            "Task %s: %.1f%% exact answers; %.0f tokens/s over %d hosts",
+            config.task,
+            100 * result["sample/task_accuracy"],
+            result["sample/decode_tokens_per_s"],
+            ctx.num_hosts,
+        )
     logger.info("Merged %d rows into %s", len(merged), outputs.join(config.output_dir, outputs.MERGED_NAME))
     return result
+
+
+def task_accuracy(task: str, rows) -> float:
+    """Fraction of rows whose answer the task's checker accepts."""
+    if task == "addition":
+        return addition.accuracy(rows)
+    raise ValueError(f"task ({task!r}) is not a known task. Use 'addition' or leave it unset.")

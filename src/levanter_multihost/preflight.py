@@ -58,6 +58,8 @@ def check_config(config) -> None:
         raise ConfigError(f"shard_strategy ({config.shard_strategy!r}) must be one of {STRATEGIES}.")
     if config.resume and config.overwrite:
         raise ConfigError("`resume` and `overwrite` are both true. Choose one.")
+    if config.task not in (None, "addition"):
+        raise ConfigError(f"task ({config.task!r}) is not a known task. Use 'addition' or leave it unset.")
     if config.gather_timeout_s <= 0:
         raise ConfigError(f"gather_timeout_s ({config.gather_timeout_s}) must be > 0.")
 
@@ -141,7 +143,11 @@ class Job:
 
 
 def prepare(config, host: int, num_hosts: int) -> Job:
-    """Run every check that needs no model: config, prompts, tokenizer, capacity, output_dir, earlier outputs."""
+    """Run every check that needs no model: config, prompts, tokenizer, capacity, output_dir.
+
+    Earlier outputs in ``output_dir`` are checked by the leader alone (:func:`resume.prepare_output_dir`), since
+    it is also the one that writes this run's ``run.json`` there.
+    """
     check_config(config)
     texts = load_prompts(config.prompts, config.prompts_file)
     tok_name = tokenizer_path(config.tokenizer, config.hf_checkpoint, config.checkpoint_path)
@@ -152,5 +158,4 @@ def prepare(config, host: int, num_hosts: int) -> Job:
     check_capacity(config, counts, num_hosts, len(prompts.stop_ids or []))
     check_output_dir(config, host)
     fields = resume.fingerprint_fields(config, texts, tok_name)
-    resume.check_earlier_run(config, fields)
     return Job(prompts=prompts, tokenizer=tokenizer, fingerprint_fields=fields)

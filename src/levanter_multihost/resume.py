@@ -114,13 +114,15 @@ def missing_generations(
 
 
 def prepare_output_dir(config, fields: dict[str, Any], host: int, announcer) -> None:
-    """Leader: clear an overwritten run and record this run's fingerprint, then tell the others it is ready.
+    """Leader: refuse outputs of another run, clear an overwritten one and record this run's fingerprint, then
+    tell the others the directory is ready (or why not).
 
-    Other hosts wait for that, so no host writes its shard into a directory the leader is still clearing.
+    Other hosts wait for that, so none reads or writes a directory the leader is still checking or clearing.
     """
     if host != 0:
         announcer.wait_for("ready", config.gather_timeout_s)
         return
+    check_earlier_run(config, fields)
     if config.overwrite:
         fs, path = fsspec.core.url_to_fs(config.output_dir)
         stale = [outputs.MERGED_NAME, outputs.SUMMARY_NAME, outputs.TIMELINE_NAME, RUN_FILE]

@@ -46,7 +46,7 @@ def main(config: SampleLmMultihostConfig) -> None:
         if ctx.is_leader:
             finish_as_leader(config, ctx, job, kv)
     if not ctx.is_leader:
-        kv.wait_for("done", config.gather_timeout_s)
+        kv.wait_for("done", gather.LEADER_WAIT_S)
 
 
 def host_work(config: SampleLmMultihostConfig, ctx, job):
@@ -89,7 +89,11 @@ def sample_shard(config: SampleLmMultihostConfig, ctx, job, todo: list[WorkItem]
 
 
 def cli():
-    levanter.config.main(main)()
+    try:
+        levanter.config.main(main)()
+    except Exception:
+        logger.exception("Sampling failed")
+        runtime.exit_now(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""End to end on emulated hosts: shard files, the merged output, and outputs independent of the host count."""
+
+import json
+
+import pytest
+from multihost import REPO, launch
+
+from levanter_multihost.outputs import ROW_FIELDS
+from levanter_multihost.sharding import contiguous_shard
+
+pytestmark = pytest.mark.multihost
+
+MAX_NEW_TOKENS = 6
+NUM_PROMPTS = 256
+
+
+def tokens(rows):
+    return [(r["global_prompt_index"], r["generation_index"], r["generated_token_ids"]) for r in rows]
+
+
+def test_four_hosts_write_four_shards_of_64_and_a_merged_file_in_order(greedy_4x4):
+    for host in range(4):
+        shard = greedy_4x4.rows(f"host_{host:04d}_of_0004.jsonl")
+        assert len(shard) == 64
+        assert [r["global_prompt_index"] for r in shard] == contiguous_shard(NUM_PROMPTS, 4, host)
+        assert {r["process_index"] for r in shard} == {host}
+    merged = greedy_4x4.rows()
+    assert [(r["global_prompt_index"], r["generation_index"]) for r in merged] == [(i, 0) for i in range(256)]
+    prompts = (REPO / "config" / "prompts" / "addition_256.txt").read_text().splitlines()
+    assert [r["prompt"] for r in merged] == prompts
+    for r in merged:
+        assert tuple(r) == ROW_FIELDS
+        assert r["generated_token_count"] == MAX_NEW_TOKENS == len(r["generated_token_ids"])
+        assert r["finish_reason"] == "length"
+
+
+def test_merged_rows_equal_the_shard_rows(greedy_4x4):
+    shards = [r for h in range(4) for r in greedy_4x4.rows(f"host_{h:04d}_of_0004.jsonl")]
+    assert sorted(shards, key=lambda r: r["global_prompt_index"]) == greedy_4x4.rows()
+
+
+def test_greedy_outputs_do_not_depend_on_the_host_count(greedy_4x4, greedy_2x4, greedy_1x4):
+    assert tokens(greedy_4x4.rows()) == tokens(greedy_2x4.rows()) == tokens(greedy_1x4.rows())
+    assert {r["process_index"] for r in greedy_2x4.rows()} == {0, 1}
+
+
+def test_sampled_outputs_do_not_depend_on_the_host_count(sampled_4, sampled_2, sampled_1):
+    assert tokens(sampled_4.rows()) == tokens(sampled_2.rows()) == tokens(sampled_1.rows())
+
+
+def test_sampling_at_temperature_differs_from_greedy(sampled_1, greedy_1x4):
+    sampled = {r["global_prompt_index"]: r["generated_token_ids"] for r in sampled_1.rows()}
+    prompts = (REPO / "config" / "prompts" / "addition_10.txt").read_text().splitlines()
+    greedy = {r["prompt"]: r["generated_token_ids"] for r in greedy_1x4.rows()}
+    assert (
+        any(sampled[i] != greedy[p] for i, p in enumerate(prompts) if p in greedy)
+        or len({tuple(v) for v in sampled.values()}) > 1
+    )
+
+
+def test_ten_prompts_on_four_hosts_split_3_3_2_2(sampled_4):
+    sizes = [len(sampled_4.rows(f"host_{h:04d}_of_0004.jsonl")) for h in range(4)]
+    assert sizes == [3, 3, 2, 2]
+    assert len(sampled_4.rows()) == 10
+
+
+def test_three_prompts_on_four_hosts_leave_one_host_idle(tmp_path):
+    prompts = json.dumps(["12+30=", "7+5=", "100+23="])
+    one_device = "--trainer.model_axis_size=1"
+    run = launch(tmp_path, f"--prompts={prompts}", "--prompts_file=null", one_device, hosts=4, devices_per_host=1)
+    sizes = [len(run.rows(f"host_{h:04d}_of_0004.jsonl")) for h in range(4)]
+    assert sizes == [1, 1, 1, 0]
+    assert [r["prompt"] for r in run.rows()] == json.loads(prompts)
+    hosts = run.summary()["hosts"]
+    assert [h["host"] for h in hosts] == [0, 1, 2, 3]
+    assert hosts[3]["prompts"] == 0 and hosts[3]["tokens_generated"] == 0
