@@ -3,6 +3,7 @@
 Each case runs the real entrypoint in-process (one host) with model loading booby-trapped.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_existing_merged_output_is_refused_and_left_alone(tmp_path):
 
 
 def test_stop_sequence_that_tokenizes_to_nothing(tmp_path):
-    fails(config(tmp_path, "--stop_sequence=<s>"), r"stop_sequence \('<s>'\) tokenizes to nothing")
+    fails(dataclasses.replace(config(tmp_path), stop_sequence=""), r"stop_sequence \(''\) tokenizes to nothing")
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):

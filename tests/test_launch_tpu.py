@@ -21,12 +21,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 4
 SECRETS = {"WANDB_API_KEY": "supersecret-wandb-0123456789", "HF_TOKEN": "hf_supersecret_abcdef"}
-SEED_COMMAND = ["uv", "run", "python", "-m", "levanter_multihost.sample_lm_multihost",
-                "--config_path", "config/sampler/llama8b_v5p32_256x2048.yaml"]
-SEED_FLAGS = ["--foreground", "--zone", "us-central1-a", "--tpu_name", "simpo_worker_3", "--tpu_type", "v5p-32",
-              "--capacity_type", "on-demand"]
-JOB = ["sh", "-c", 'echo "FOO=$FOO"; echo "key=$WANDB_API_KEY"; echo "$WANDB_API_KEY" > seen_key; '
-                   'exit "${JOB_STATUS:-0}"']
+SEED_COMMAND = [
+    "uv",
+    "run",
+    "python",
+    "-m",
+    "levanter_multihost.sample_lm_multihost",
+    "--config_path",
+    "config/sampler/llama8b_v5p32_256x2048.yaml",
+]
+SEED_FLAGS = [
+    "--foreground",
+    "--zone",
+    "us-central1-a",
+    "--tpu_name",
+    "simpo_worker_3",
+    "--tpu_type",
+    "v5p-32",
+    "--capacity_type",
+    "on-demand",
+]
+JOB = [
+    "sh",
+    "-c",
+    'echo "FOO=$FOO"; echo "key=$WANDB_API_KEY"; echo "$WANDB_API_KEY" > seen_key; exit "${JOB_STATUS:-0}"',
+]
 
 FAKE_GCLOUD = '''\
 """Fake gcloud: appends each call to calls.jsonl and emulates one TPU VM under $FAKE_GCLOUD_STATE."""
@@ -140,11 +159,22 @@ class Fake:
     def launch(self, *flags: str, command=JOB) -> subprocess.CompletedProcess:
         base = {k: v for k, v in os.environ.items() if k not in ("ZONE", "TPU_NAME", "TPU_TYPE", "CAPACITY_TYPE")}
         worker_path = f"{self.bin}:/usr/local/bin:/usr/bin:/bin"
-        full_env = {**base, **SECRETS, "PATH": f"{self.bin}:{base['PATH']}",
-                    "FAKE_GCLOUD_STATE": str(self.state), "FAKE_WORKER_PATH": worker_path,
-                    "FAKE_WORKERS": str(WORKERS)}
-        proc = subprocess.run([sys.executable, "infra/launch.py", *flags, "--poll_s", "0", "--", *command],
-                              cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+        full_env = {
+            **base,
+            **SECRETS,
+            "PATH": f"{self.bin}:{base['PATH']}",
+            "FAKE_GCLOUD_STATE": str(self.state),
+            "FAKE_WORKER_PATH": worker_path,
+            "FAKE_WORKERS": str(WORKERS),
+        }
+        proc = subprocess.run(
+            [sys.executable, "infra/launch.py", *flags, "--poll_s", "0", "--", *command],
+            cwd=ROOT,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         command_lines = json.dumps(self.calls())
         for secret in SECRETS.values():
             assert secret not in proc.stdout + proc.stderr, "a secret was echoed"
@@ -172,8 +202,10 @@ def test_dry_run_prints_the_seed_sequence_and_runs_nothing(fake):
         describe,
     ]
     assert commands[4].startswith("git archive --format=tar ")
-    assert commands[5] == ("gcloud compute tpus tpu-vm scp levanter-multihost.tar.gz "
-                           f"simpo_worker_3:levanter-multihost.tar.gz {zone} --worker=all --quiet")
+    assert commands[5] == (
+        "gcloud compute tpus tpu-vm scp levanter-multihost.tar.gz "
+        f"simpo_worker_3:levanter-multihost.tar.gz {zone} --worker=all --quiet"
+    )
     assert commands[6].startswith(f"gcloud compute tpus tpu-vm ssh simpo_worker_3 {zone} --worker=all --quiet ")
     assert len(commands) == 7
     assert "#   exec " + " ".join(SEED_COMMAND) in proc.stdout
@@ -183,8 +215,14 @@ def test_dry_run_prints_the_seed_sequence_and_runs_nothing(fake):
 def test_missing_vm_is_created_then_the_job_runs_on_all_workers_with_the_environment(fake):
     proc = fake.launch(*SEED_FLAGS, "-e", "FOO", "bar baz")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fake.verbs() == ["tpu-vm describe", "tpu-vm create", "tpu-vm describe", "tpu-vm describe",
-                            "tpu-vm scp", "tpu-vm ssh"]
+    assert fake.verbs() == [
+        "tpu-vm describe",
+        "tpu-vm create",
+        "tpu-vm describe",
+        "tpu-vm describe",
+        "tpu-vm scp",
+        "tpu-vm ssh",
+    ]
     create, ssh = fake.calls()[1], fake.calls()[-1]
     assert "--accelerator-type=v5p-32" in create and "--worker=all" in ssh
     for i in range(WORKERS):
@@ -209,9 +247,19 @@ def test_preemption_on_the_first_try_recreates_the_vm_and_retries(fake):
     fake.set("ssh_faults", "preempt ok")
     proc = fake.launch(*SEED_FLAGS, "--retries", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fake.verbs() == ["tpu-vm describe", "tpu-vm scp", "tpu-vm ssh", "tpu-vm describe",
-                            "tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm describe",
-                            "tpu-vm describe", "tpu-vm scp", "tpu-vm ssh"]
+    assert fake.verbs() == [
+        "tpu-vm describe",
+        "tpu-vm scp",
+        "tpu-vm ssh",
+        "tpu-vm describe",
+        "tpu-vm describe",
+        "tpu-vm delete",
+        "tpu-vm create",
+        "tpu-vm describe",
+        "tpu-vm describe",
+        "tpu-vm scp",
+        "tpu-vm ssh",
+    ]
     assert "is PREEMPTED; trying again (2 of 2)" in proc.stdout
     assert "[worker 3] FOO=" in proc.stdout
 
@@ -238,9 +286,16 @@ def test_spot_capacity_uses_a_queued_resource_and_deletes_it(fake):
     flags = [f if f != "on-demand" else "spot" for f in SEED_FLAGS]
     proc = fake.launch(*flags, "--autodelete")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert fake.verbs() == ["tpu-vm describe", "queued-resources create", "tpu-vm describe",
-                            "queued-resources describe", "tpu-vm describe", "tpu-vm scp", "tpu-vm ssh",
-                            "queued-resources delete"]
+    assert fake.verbs() == [
+        "tpu-vm describe",
+        "queued-resources create",
+        "tpu-vm describe",
+        "queued-resources describe",
+        "tpu-vm describe",
+        "tpu-vm scp",
+        "tpu-vm ssh",
+        "queued-resources delete",
+    ]
     assert {"--spot", "--node-id=simpo_worker_3"} <= set(fake.calls()[1])
 
 
@@ -260,12 +315,14 @@ def test_defaults_come_from_the_levanter_config_file(tmp_path, monkeypatch):
         import tpu
     finally:
         sys.path.remove(str(ROOT / "infra"))
-    (tmp_path / ".levanter.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / ".levanter.yaml").write_text(
+        textwrap.dedent("""\
         zone: europe-west4-b
         tpu: my-v5p
         env: {WANDB_ENTITY: team}
         accel_env: {v5p: {LIBTPU_INIT_ARGS: --xla_tpu_flag}}
-    """))
+    """)
+    )
     monkeypatch.chdir(tmp_path)
     for name in ("ZONE", "TPU_NAME", "CAPACITY_TYPE"):
         monkeypatch.delenv(name, raising=False)

@@ -12,7 +12,7 @@ from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.plan import CapacityError, check_capacity, main, plan_config, predict_pages_peak
 
 REPO = Path(__file__).resolve().parents[1]
-# Sampler configs: the YAMLs under config/ that name prompts (config/train/ holds training configs).
+# Sampler configs: the YAMLs under config/ that name prompts.
 CONFIGS = [
     p
     for p in sorted(REPO.glob("config/**/*.yaml"))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu import ragged_paged_attention as pallas_module
 from jax.sharding import Mesh
+from levanter.layers import attention
 
-import levanter.layers.attention as attention
 from levanter_multihost import ragged_attention
 from levanter_multihost.ragged_attention import (
     LevanterSeamError,
@@ -59,8 +59,12 @@ def on_tpu(monkeypatch):
 def small_inputs():
     """Two sequences of 2 new tokens each over 4 pages of 4 slots; one KV head, two query heads."""
     rng = np.random.default_rng(0)
-    q_axes = (hax.Axis("position", 4), hax.Axis("kv_head", 1), hax.Axis("q_heads_per_group", 2),
-              hax.Axis("head_size", 8))
+    q_axes = (
+        hax.Axis("position", 4),
+        hax.Axis("kv_head", 1),
+        hax.Axis("q_heads_per_group", 2),
+        hax.Axis("head_size", 8),
+    )
     kv_axes = (hax.Axis("page", 4), hax.Axis("slot", 4), hax.Axis("kv_head", 2), hax.Axis("head_size", 8))
     q = hax.named(jnp.asarray(rng.standard_normal([a.size for a in q_axes]), jnp.float32), q_axes)
     kv_pages = hax.named(jnp.asarray(rng.standard_normal([a.size for a in kv_axes]), jnp.float32), kv_axes)
@@ -109,8 +113,7 @@ def test_seam_fails_loudly_when_the_kernel_loses_a_knob(monkeypatch):
 def test_tpu_branch_calls_the_kernel_with_the_configured_blocks(recorder, on_tpu):
     apply_ragged_attention(SEED_KNOBS)
     out = levanter_attention()
-    assert recorder == [{"num_queries_per_block": 16, "num_kv_pages_per_block": 8, "sm_scale": 0.5,
-                         "soft_cap": None}]
+    assert recorder == [{"num_queries_per_block": 16, "num_kv_pages_per_block": 8, "sm_scale": 0.5, "soft_cap": None}]
     assert np.all(np.asarray(out) == 1.0), "Levanter fell back to the reference path instead of the kernel"
 
 

@@ -32,7 +32,7 @@ class HostContext:
     num_hosts: int
     """``jax.process_count()``."""
     started_at: float
-    """``time.time()`` when the process started its work (before ``jax.distributed``)."""
+    """``time.time()`` when the process was created (before Python imported anything)."""
     phases: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Phase name -> (start, end) in seconds since ``started_at``."""
 
@@ -77,7 +77,8 @@ def distributed_from_env(trainer: TrainerConfig) -> TrainerConfig:
 
 def start(trainer: TrainerConfig) -> HostContext:
     """Set up logging and JAX, join the distributed job, and return this host's context."""
-    started_at = time.time()
+    started_at = process_started_at()
+    ctx_startup = (0.0, time.time() - started_at)
     setup_logging(os.environ.get(ENV_PROCESS_ID, "?"))
     for key, value in trainer.jax_config.items():
         jax.config.update(key, value)
@@ -87,7 +88,7 @@ def start(trainer: TrainerConfig) -> HostContext:
     # Host-data-parallel runs no cross-process collective. Without a CPU collectives backend, one that slipped in
     # fails loudly instead of running, and each emulated host's devices talk in-process instead of over TCP.
     jax.config.update("jax_cpu_collectives_implementation", None)
-    ctx = HostContext(host=0, num_hosts=1, started_at=started_at)
+    ctx = HostContext(host=0, num_hosts=1, started_at=started_at, phases={"startup": ctx_startup})
     with ctx.phase("distributed_init"):
         distributed_from_env(trainer).distributed.initialize()
         ctx.host, ctx.num_hosts = jax.process_index(), jax.process_count()
@@ -115,3 +116,15 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def process_started_at() -> float:
+    """Wall-clock time this process was created (Linux ``/proc``); now, where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()

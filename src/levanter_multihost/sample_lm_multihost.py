@@ -18,7 +18,7 @@ import levanter
 
 from levanter_multihost import gather, model_loading, outputs, preflight, resume, runtime
 from levanter_multihost.config import SampleLmMultihostConfig
-from levanter_multihost.generation import WorkItem, build_engine, generate_rows
+from levanter_multihost.generation import GenerationStats, WorkItem, build_engine, generate_rows
 from levanter_multihost.leader import finish_as_leader
 from levanter_multihost.ragged_attention import apply_ragged_attention
 from levanter_multihost.sharding import prompt_cost, shard_for_host
@@ -63,7 +63,12 @@ def host_work(config: SampleLmMultihostConfig, ctx, job):
 
 
 def sample_shard(config: SampleLmMultihostConfig, ctx, job, todo: list[WorkItem]):
-    """Load the model onto this host's chips and sample ``todo``; no cross-host communication."""
+    """Load the model onto this host's chips and sample ``todo``; no cross-host communication.
+
+    A host with nothing to sample (an empty shard, or every row already on disk) loads nothing.
+    """
+    if not todo:
+        return [], GenerationStats()
     with model_loading.on_local_mesh(config.trainer):
         with ctx.phase("model_load"):
             model = model_loading.load_model(config, job.tokenizer)

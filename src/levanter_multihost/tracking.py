@@ -17,8 +17,8 @@ from levanter.tracker.wandb import WandbConfig, WandbTracker
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("model_load", "engine_build", "prefill", "decode", "write", "gather")
-PHASE_COLORS = ("#8c8c8c", "#e5a50a", "#3584e4", "#26a269", "#9141ac", "#c01c28")
+PHASES = ("startup", "prepare", "model_load", "engine_build", "prefill", "decode", "write", "gather")
+PHASE_COLORS = ("#deddda", "#c0bfbc", "#77767b", "#e5a50a", "#3584e4", "#26a269", "#9141ac", "#c01c28")
 TABLE_FIELDS = (
     "global_prompt_index",
     "generation_index",
@@ -99,7 +99,7 @@ def timeline_png(host_metrics: Sequence[dict[str, Any]]) -> bytes:
 
     hosts = sorted(host_metrics, key=lambda m: m["host"])
     t0 = min(m["started_at"] for m in hosts)
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * len(hosts)))
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.45 * len(hosts)))
     for y, m in enumerate(hosts):
         offset = m["started_at"] - t0
         for phase, color in zip(PHASES, PHASE_COLORS):
@@ -111,15 +111,7 @@ def timeline_png(host_metrics: Sequence[dict[str, Any]]) -> bytes:
     ax.set_xlabel("seconds since the first host started")
     ax.set_title("Per-host timeline")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS]
-    ax.legend(
-        handles,
-        PHASES,
-        ncol=len(PHASES),
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.35 if len(hosts) < 3 else -0.15),
-        fontsize="small",
-        frameon=False,
-    )
+    ax.legend(handles, PHASES, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
