@@ -2,10 +2,15 @@
 
 import json
 
+import draccus
 import pytest
-from multihost import REPO, launch
+from multihost import REPO, TINY_CONFIG, launch
+from transformers import AutoTokenizer
 
+from levanter_multihost.addition import accuracy, extract_answer
+from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.outputs import ROW_FIELDS
+from levanter_multihost.plan import predict_pages_peak
 from levanter_multihost.sharding import contiguous_shard
 
 pytestmark = pytest.mark.multihost
@@ -74,3 +79,24 @@ def test_three_prompts_on_four_hosts_leave_one_host_idle(tmp_path):
     hosts = run.summary()["hosts"]
     assert [h["host"] for h in hosts] == [0, 1, 2, 3]
     assert hosts[3]["prompts"] == 0 and hosts[3]["tokens_generated"] == 0
+
+
+def test_tiny_model_answers_held_out_additions_on_four_hosts_as_on_one(greedy_4x4, greedy_1x4):
+    four, one = greedy_4x4.rows(), greedy_1x4.rows()
+    assert accuracy(four) >= 0.95
+    assert [extract_answer(r["generated_text"]) for r in four] == [extract_answer(r["generated_text"]) for r in one]
+    summary = greedy_4x4.summary()["summary"]
+    assert summary["sample/task_accuracy"] == accuracy(four)
+    assert "Task addition:" in greedy_4x4.output and "exact answers" in greedy_4x4.output
+
+
+def test_planner_predicts_the_pages_each_host_held(greedy_4x4):
+    """The capacity planner's page prediction equals the peak the engine's page table showed on every host."""
+    config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=[])
+    tokenizer = AutoTokenizer.from_pretrained(str(REPO / "assets" / "tiny-addition"))
+    prompts = (REPO / "config" / "prompts" / "addition_256.txt").read_text().splitlines()
+    counts = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    predicted = predict_pages_peak(config, counts, num_hosts=4)
+    observed = [h["pages_peak"] for h in greedy_4x4.summary()["hosts"]]
+    assert observed == predicted
+    assert all(p > 0 for p in observed)

@@ -7,11 +7,11 @@ import shutil
 
 import draccus
 import pytest
+from multihost import TINY_CONFIG, launch, launch_and_kill
 
 from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.resume import ResumeError
 from levanter_multihost.sample_lm_multihost import main
-from multihost import TINY_CONFIG, launch, launch_and_kill
 
 pytestmark = pytest.mark.multihost
 

@@ -4,6 +4,7 @@ import json
 import struct
 
 import pytest
+from wandb_records import summary_and_history
 
 from levanter_multihost.summary import HOST_METRICS
 
@@ -24,8 +25,9 @@ def test_exactly_one_wandb_run_is_created_by_the_leader(greedy_4x4):
 
 def test_wandb_summary_matches_the_merged_file(greedy_4x4):
     (run_dir,) = wandb_runs(greedy_4x4)
-    summary = json.loads((run_dir / "files" / "wandb-summary.json").read_text())
+    summary, history = summary_and_history(run_dir)
     merged = greedy_4x4.rows()
+    assert history and history[0]["sample/total_prompts"] == 256
     assert summary["sample/total_prompts"] == 256
     assert summary["sample/total_generated_tokens"] == sum(r["generated_token_count"] for r in merged) == 256 * 6
     assert summary["sample/num_hosts"] == 4
@@ -34,9 +36,14 @@ def test_wandb_summary_matches_the_merged_file(greedy_4x4):
         assert summary[f"host/{host}/tokens_generated"] == 64 * 6
         assert summary[f"host/{host}/prompts"] == 64
         assert summary[f"host/{host}/round_total_s"] > 0
-    assert summary["sample/round_time_max_s"] >= summary["sample/round_time_mean_s"] >= summary["sample/round_time_min_s"]
+    assert (
+        summary["sample/round_time_max_s"]
+        >= summary["sample/round_time_mean_s"]
+        >= summary["sample/round_time_min_s"]
+    )
     assert summary["sample/host_imbalance"] >= 1.0
     assert summary["sample/gather_bytes"] == sum(summary[f"host/{h}/gather_bytes"] for h in range(4)) > 0
+    assert summary["samples/nrows"] == 256
 
 
 def test_wandb_samples_table_holds_every_row(greedy_4x4):
@@ -62,7 +69,9 @@ def test_summary_json_agrees_with_the_merged_file(greedy_4x4):
     assert [h["host"] for h in data["hosts"]] == [0, 1, 2, 3]
     for h in data["hosts"]:
         assert set(HOST_METRICS) <= set(h)
-        assert h["tokens_generated"] == sum(r["generated_token_count"] for r in merged if r["process_index"] == h["host"])
+        assert h["tokens_generated"] == sum(
+            r["generated_token_count"] for r in merged if r["process_index"] == h["host"]
+        )
         assert h["pages_free_after_decode"] + h["pages_in_use_after_decode"] == 1024
     assert "Per-host results" in greedy_4x4.output and "host  prompts" in greedy_4x4.output
 

@@ -46,9 +46,8 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh
-    from transformers import AutoTokenizer
-
     from levanter.models.llama import LlamaConfig, LlamaLMHeadModel
+    from transformers import AutoTokenizer
 
     output, _ = proc.communicate(timeout=280)
     assert proc.returncode == 0, output[-6000:]
