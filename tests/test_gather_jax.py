@@ -39,7 +39,7 @@ def test_corrupted_chunk_is_named():
 def test_silent_host_is_named_after_the_timeout():
     result = run_gather("silent")
     assert not result["ok"]
-    assert "host(s) [2] sent nothing within gather_timeout_s=3s" in result["error"]
+    assert "host(s) [2] sent no rows and no heartbeat for gather_timeout_s=3s" in result["error"]
 
 
 def test_largest_shape_is_carried_and_verified():

@@ -1,5 +1,7 @@
 """Row payloads: chunking, manifests and checksums, and the gather over an in-process key-value store."""
 
+import threading
+
 import pytest
 
 from levanter_multihost.gather import GatherError, InMemoryKeyValue, KvGather
@@ -61,5 +63,19 @@ def test_gather_names_failed_and_silent_hosts_within_the_timeout():
     gather = KvGather(kv, "run", num_hosts=3)
     gather.send(0, {"rows": []})
     gather.send_failure(1, "ValueError: boom")
-    with pytest.raises(GatherError, match=r"host 1 failed: ValueError: boom; host\(s\) \[2\] sent nothing within"):
+    with pytest.raises(
+        GatherError, match=r"host 1 failed: ValueError: boom; host\(s\) \[2\] sent no rows and no heartbeat for"
+    ):
         gather.collect(timeout_s=0.3)
+
+
+def test_a_slow_host_with_a_heartbeat_is_waited_for():
+    kv = InMemoryKeyValue()
+    gather = KvGather(kv, "run", num_hosts=2)
+    gather.send(0, {"rows": []})
+    alive = gather.heartbeat(1, interval_s=0.05)
+    timer = threading.Timer(1.0, lambda: (gather.send(1, {"rows": rows(3)}), alive.set()))
+    timer.start()
+    got = gather.collect(timeout_s=0.3)
+    timer.join()
+    assert got[1].body["rows"] == rows(3)

@@ -55,7 +55,7 @@ def test_killed_host_is_named_within_the_timeout_and_nothing_partial_is_merged(k
     run, seconds_after_kill, _ = killed
     assert run.returncode != 0
     assert seconds_after_kill < GATHER_TIMEOUT_S + 40, run.tail()
-    assert f"host(s) [2] sent nothing within gather_timeout_s={GATHER_TIMEOUT_S}s" in run.output
+    assert f"host(s) [2] sent no rows and no heartbeat for gather_timeout_s={GATHER_TIMEOUT_S}s" in run.output
     for host in (0, 1, 3):
         rows = run.rows(f"host_{host:04d}_of_0004.jsonl")
         assert [r["global_prompt_index"] for r in rows] == list(range(256 * host, 256 * (host + 1)))

@@ -75,8 +75,8 @@ class SampleLmMultihostConfig:
     """Do not log the samples table to the tracker."""
     progress_interval_s: float = 10.0
     """Seconds between each host's progress lines while it generates; 0 turns them off."""
-    gather_timeout_s: float = 600.0
-    """How long the leader waits for every host's rows (and the others for the leader) before failing."""
+    gather_timeout_s: float = 300.0
+    """How long the leader waits for a host whose heartbeat stopped (dead or hung) before failing the run."""
     gather_chunk_bytes: int = 4 * 1024 * 1024
     """Largest value written to the key-value store in one piece."""
     task: str | None = None

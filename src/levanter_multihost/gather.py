@@ -1,9 +1,10 @@
 """Carrying every host's rows to the leader through the JAX distributed key-value store.
 
-Each host writes its chunks with the bytes API, then its manifest (the manifest is the commit point). The leader
-polls for manifests until ``timeout_s``, reads and verifies each host's chunks, deletes the keys it read, and
-reports hosts that failed (their manifest carries the error) or never answered (dead, hung or far slower: a
-SIGKILLed process cannot say goodbye, and JAX's liveness query blocks on the dead, so the timeout decides).
+Each host writes its chunks with the bytes API, then its manifest (the manifest is the commit point). Every host also
+bumps a heartbeat key from a background thread. The leader polls for manifests, reads and verifies each host's
+chunks, deletes the keys it read, and reports hosts that failed (their manifest carries the error) or whose
+heartbeat stopped for ``timeout_s`` (a SIGKILLed process cannot say goodbye, and JAX's own liveness query blocks
+until its 100 s heartbeat timeout, so slow hosts are waited for and silent ones given up on).
 After merging, the leader publishes a ``done`` key that the other hosts wait for, so nobody
 tears the job down while the leader still reads. No collective is used: a host that never arrives cannot hang
 the others past the timeout. Encoding lives in :mod:`levanter_multihost.payload`.
@@ -11,6 +12,7 @@ the others past the timeout. Encoding lives in :mod:`levanter_multihost.payload`
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,7 +42,7 @@ class GatherError(RuntimeError):
 class KeyValueClient(Protocol):
     """The part of JAX's ``DistributedRuntimeClient`` that the gather uses."""
 
-    def key_value_set_bytes(self, key: str, value: bytes) -> None: ...
+    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None: ...
 
     def key_value_try_get_bytes(self, key: str) -> bytes: ...
 
@@ -103,30 +105,55 @@ class KvGather:
     def collect(self, timeout_s: float, hosts: list[int] | None = None) -> dict[int, Received]:
         """Leader: wait for every host's payload (or a reason it cannot come) and return them by host.
 
-        Raises :class:`GatherError` naming failed and silent hosts once every host is accounted for or
-        ``timeout_s`` passes; :class:`PayloadError` names a corrupted chunk.
+        A host that is still alive (its heartbeat moves, see :meth:`heartbeat`) is waited for however slow it
+        is; one whose heartbeat has not moved for ``timeout_s`` (dead, or hung) is given up on. Raises
+        :class:`GatherError` naming failed and silent hosts once every host is accounted for;
+        :class:`PayloadError` names a corrupted chunk.
         """
-        deadline = time.monotonic() + timeout_s
         pending = list(range(self.num_hosts)) if hosts is None else list(hosts)
+        last_beat = {host: (None, time.monotonic()) for host in pending}
         bodies: dict[int, Received] = {}
         failed: dict[int, str] = {}
+        silent: list[int] = []
         while pending:
             for host in list(pending):
                 raw = self._try_get(self._key(host, "manifest"))
                 if raw is None:
+                    beat = self._try_get(self._key(host, "heartbeat"))
+                    if beat != last_beat[host][0]:
+                        last_beat[host] = (beat, time.monotonic())
+                    elif time.monotonic() - last_beat[host][1] > timeout_s:
+                        pending.remove(host)
+                        silent.append(host)
                     continue
                 manifest = Manifest.from_bytes(raw, host)
                 pending.remove(host)
                 if manifest.status != "ok":
                     failed[host] = manifest.error or "unknown error"
                     continue
+                deadline = time.monotonic() + timeout_s
                 bodies[host] = Received(self._read(manifest, deadline), manifest.total_bytes, time.time())
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(POLL_INTERVAL_S)
-        if failed or pending:
-            raise GatherError(_describe(failed, pending, timeout_s))
+            if pending:
+                time.sleep(POLL_INTERVAL_S)
+        if failed or silent:
+            raise GatherError(_describe(failed, silent, timeout_s))
         return bodies
+
+    def heartbeat(self, host: int, interval_s: float) -> threading.Event:
+        """Show the leader this host is alive until the returned event is set: a counter in the store, bumped
+        every ``interval_s`` by a daemon thread (a killed process stops bumping it)."""
+        stop = threading.Event()
+
+        def beat():
+            count = 0
+            while not stop.is_set():
+                count += 1
+                with contextlib.suppress(Exception):  # the store going away ends the job anyway
+                    self.client.key_value_set_bytes(self._key(host, "heartbeat"), str(count).encode(), True)
+                stop.wait(interval_s)
+
+        threading.Thread(target=beat, name=f"heartbeat-{host}", daemon=True).start()
+        return stop
 
     def _read(self, manifest: Manifest, deadline: float) -> dict[str, Any]:
         chunks = []
@@ -140,6 +167,7 @@ class KvGather:
         for i in range(manifest.num_chunks):
             self.client.key_value_delete(self._key(manifest.host, f"chunk{i:06d}"))
         self.client.key_value_delete(self._key(manifest.host, "manifest"))
+        self.client.key_value_delete(self._key(manifest.host, "heartbeat"))
         return body
 
     def _try_get(self, key: str) -> bytes | None:
@@ -168,11 +196,11 @@ class KvGather:
             raise GatherError(f"The leader (host 0) failed: {message}")
 
 
-def _describe(failed: dict[int, str], pending: list[int], timeout_s: float) -> str:
+def _describe(failed: dict[int, str], silent: list[int], timeout_s: float) -> str:
     parts = [f"host {host} failed: {error}" for host, error in sorted(failed.items())]
-    if pending:
+    if silent:
         parts.append(
-            f"host(s) {sorted(pending)} sent nothing within gather_timeout_s={timeout_s:.0f}s (dead, hung or far slower)"
+            f"host(s) {sorted(silent)} sent no rows and no heartbeat for gather_timeout_s={timeout_s:.0f}s (dead or hung)"
         )
     return "Gather incomplete: " + "; ".join(parts) + ". No merged output was written."
 
@@ -183,8 +211,8 @@ class InMemoryKeyValue:
     def __init__(self):
         self.store: dict[str, bytes] = {}
 
-    def key_value_set_bytes(self, key: str, value: bytes) -> None:
-        if key in self.store:
+    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None:
+        if key in self.store and not allow_overwrite:
             raise RuntimeError(f"ALREADY_EXISTS: key {key} already set")
         self.store[key] = bytes(value)
 

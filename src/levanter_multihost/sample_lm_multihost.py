@@ -31,6 +31,7 @@ def main(config: SampleLmMultihostConfig) -> None:
     ctx = runtime.start(config.trainer)
     apply_ragged_attention(config.ragged_attention)
     kv = gather.for_this_job(ctx.num_hosts, config.gather_chunk_bytes)
+    alive = kv.heartbeat(ctx.host, interval_s=min(2.0, config.gather_timeout_s / 4))
     with gather.failures_reported(kv, ctx.host):
         with ctx.phase("prepare"):
             job = preflight.prepare(config, ctx.host, ctx.num_hosts)
@@ -43,6 +44,7 @@ def main(config: SampleLmMultihostConfig) -> None:
         with ctx.phase("gather"):
             metrics = host_metrics(ctx.host, ctx.started_at, ctx.phases, len(shard), stats, len(kept))
             kv.send(ctx.host, {"rows": rows, "metrics": metrics})
+            alive.set()
         if ctx.is_leader:
             finish_as_leader(config, ctx, job, kv)
     if not ctx.is_leader:
