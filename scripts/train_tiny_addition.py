@@ -24,30 +24,28 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import haliax as hax  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jrandom  # noqa: E402
-import numpy as np  # noqa: E402
-from haliax import Axis  # noqa: E402
-from haliax.partitioning import ResourceAxis, named_jit  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+import haliax as hax
+import jax
+import jax.numpy as jnp
+import jax.random as jrandom
+import levanter
+import numpy as np
+from haliax import Axis
+from haliax.partitioning import ResourceAxis, named_jit
+from jax.sharding import Mesh
+from levanter.data.dataset import AsyncDataset
+from levanter.inference.engine import InferenceEngineConfig
+from levanter.layers.attention import AttentionMask
+from levanter.models.llama import LlamaConfig, LlamaLMHeadModel
+from levanter.models.lm_model import LmExample, compute_next_token_loss
+from levanter.optim import AdamConfig
+from levanter.trainer import Trainer, TrainerConfig
+from levanter.utils.jax_utils import parameter_count
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-import levanter  # noqa: E402
-from levanter.data.dataset import AsyncDataset  # noqa: E402
-from levanter.inference.engine import InferenceEngine, InferenceEngineConfig, Request  # noqa: E402
-from levanter.inference.jit_scheduler import SeqDecodingParams  # noqa: E402
-from levanter.inference.utils import INVALID  # noqa: E402
-from levanter.layers.attention import AttentionMask  # noqa: E402
-from levanter.models.llama import LlamaConfig, LlamaLMHeadModel  # noqa: E402
-from levanter.models.lm_model import LmExample, compute_next_token_loss  # noqa: E402
-from levanter.optim import AdamConfig  # noqa: E402
-from levanter.trainer import Trainer, TrainerConfig  # noqa: E402
-from levanter.utils.jax_utils import parameter_count  # noqa: E402
-
-from levanter_multihost import addition  # noqa: E402
+from levanter_multihost import addition
+from levanter_multihost.generation import WorkItem, build_engine, generate_rows
 
 logger = logging.getLogger("train_tiny_addition")
 
@@ -208,26 +206,26 @@ def engine_accuracy(config: TrainTinyAdditionConfig, checkpoint: str) -> float:
     mapping = {"heads": ResourceAxis.MODEL, "mlp": ResourceAxis.MODEL}
     prompts = addition.make_prompts(config.engine_prompts, config.engine_seed)
     stop = tokenizer(addition.TERMINATOR, add_special_tokens=False)["input_ids"]
-    stop_tokens = hax.named(jnp.asarray(stop, dtype=jnp.int32), "position").broadcast_axis({"stop_seq": 1})
+    items = [
+        WorkItem(i, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"], (0,))
+        for i, prompt in enumerate(prompts)
+    ]
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
         converter = config.model.hf_checkpoint_converter(ref_checkpoint=checkpoint)
         model = converter.load_pretrained(LlamaLMHeadModel, ref=checkpoint, dtype=jnp.float32, axis_mapping=mapping)
-        engine = InferenceEngine.from_model_with_config(model=model, tokenizer=tokenizer, config=config.engine)
-        requests = []
-        for i, prompt in enumerate(prompts):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            params = SeqDecodingParams(
-                max_num_tokens=jnp.array(len(ids) + config.max_new_tokens, dtype=jnp.int32),
-                stop_tokens=stop_tokens,
-                temperature=jnp.array(0.0, dtype=jnp.float32),
-                key=jrandom.PRNGKey(i),
-            )
-            requests.append(Request(prompt_tokens=ids, request_id=i, decode_params=params, n_generations=1))
-        result = engine.generate(requests)
-    rows = [
-        {"prompt": p, "generated_text": tokenizer.decode([t for t in toks if t != INVALID], skip_special_tokens=True)}
-        for p, toks in zip(prompts, result.tokens, strict=True)
-    ]
+        engine = build_engine(model, tokenizer, config.engine)
+        rows, _ = generate_rows(
+            engine,
+            tokenizer,
+            items,
+            n_generations=1,
+            max_new_tokens=config.max_new_tokens,
+            temperature=0.0,
+            seed=0,
+            stop_ids=stop,
+            host=0,
+            progress_interval_s=0,
+        )
     for row in rows[:4]:
         logger.info("engine sample: %s -> %r", row["prompt"], row["generated_text"])
     return addition.accuracy(rows)

@@ -7,6 +7,7 @@ straight onto it, so nothing crosses hosts. Leaves out engine construction (:mod
 
 import contextlib
 import logging
+import os
 
 import equinox as eqx
 import haliax as hax
@@ -16,7 +17,7 @@ from haliax import Axis
 from haliax.partitioning import ResourceAxis, round_axis_for_partitioning
 from jax.sharding import Mesh
 from levanter.checkpoint import load_checkpoint
-from levanter.compat.hf_checkpoints import HFCheckpointConverter, load_tokenizer
+from levanter.compat.hf_checkpoints import HFCheckpointConverter, RepoRef, load_tokenizer
 from levanter.models.lm_model import LmHeadModel
 from levanter.trainer import TrainerConfig
 
@@ -43,12 +44,18 @@ def on_local_mesh(trainer: TrainerConfig):
         yield
 
 
+def local_or_hub(path: str) -> str:
+    """An existing local directory as an absolute path: a relative one such as ``assets/tiny-addition`` also
+    reads as a hub repo id, and Hugging Face would go looking for it on the network."""
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
 def tokenizer_path(tokenizer: str | None, hf_checkpoint, checkpoint_path: str | None) -> str:
     """The tokenizer to load: ``tokenizer`` if set, else the HF checkpoint's own."""
     if tokenizer is not None:
-        return tokenizer
+        return local_or_hub(tokenizer)
     if hf_checkpoint is not None:
-        return hf_checkpoint.model_name_or_path
+        return local_or_hub(hf_checkpoint.model_name_or_path)
     raise ValueError(
         f"`tokenizer` is not set and `checkpoint_path` ({checkpoint_path}) is a Levanter checkpoint, which holds "
         "no tokenizer. Set `tokenizer`."
@@ -65,14 +72,11 @@ def load_model(config, tokenizer) -> LmHeadModel:
     mapping = trainer.compute_axis_mapping
     dtype = trainer.mp.compute_dtype
     if config.hf_checkpoint is not None:
+        ref = RepoRef(local_or_hub(config.hf_checkpoint.model_name_or_path), config.hf_checkpoint.revision)
         # name the checkpoint up front: the converter's default reference is a hub model it would try to fetch
-        converter: HFCheckpointConverter = config.model.hf_checkpoint_converter(
-            ref_checkpoint=config.hf_checkpoint.model_name_or_path
-        )
-        converter = converter.replaced(reference_checkpoint=config.hf_checkpoint, tokenizer=tokenizer)
-        model = converter.load_pretrained(
-            config.model.model_type, ref=config.hf_checkpoint, axis_mapping=mapping, dtype=dtype
-        )
+        converter: HFCheckpointConverter = config.model.hf_checkpoint_converter(ref_checkpoint=ref.model_name_or_path)
+        converter = converter.replaced(reference_checkpoint=ref, tokenizer=tokenizer)
+        model = converter.load_pretrained(config.model.model_type, ref=ref, axis_mapping=mapping, dtype=dtype)
     else:
         vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), mapping)
         shape = eqx.filter_eval_shape(config.model.build, vocab, key=jax.random.PRNGKey(0))
