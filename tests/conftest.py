@@ -21,8 +21,10 @@ SAMPLED_FLAGS = ("--temperature=0.8", "--seed=7", "--gather_chunk_bytes=512", "-
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compile_cache(tmp_path_factory):
-    """One persistent compilation cache for every emulated host of the session: each program compiles once."""
-    os.environ.update(compile_cache_env(tmp_path_factory.mktemp("jax_cache")))
+    """One persistent compilation cache for every run of the session: each program compiles once."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    os.environ.update(compile_cache_env(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,8 @@ def greedy_4x4(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def greedy_2x4(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("greedy_2x4"), *GREEDY_FLAGS, hosts=2)
+    """The same on 2 hosts, logging compilations, to show the programs come from the 4x4 run's cache entries."""
+    return launch(tmp_path_factory.mktemp("greedy_2x4"), *GREEDY_FLAGS, hosts=2, env_extra={"JAX_LOG_COMPILES": "1"})
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +64,8 @@ def sampled_4(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sampled_2(tmp_path_factory):
-    return _sampled(tmp_path_factory, 2)
+    """The same on 2 hosts, sharded by estimated cost instead of contiguously."""
+    return _sampled(tmp_path_factory, 2, "--shard_strategy=balanced")
 
 
 @pytest.fixture(scope="session")

@@ -33,16 +33,18 @@ class Run:
 
 
 def compile_cache_env(cache_dir: Path) -> dict[str, str]:
-    """Environment for a shared persistent compilation cache.
+    """Environment for a shared persistent compilation cache, which ``launch`` passes to every run through
+    ``--trainer.jax_compilation_cache_dir``.
 
     Equinox's runtime checks (``eqx.error_if``) compile to host callbacks, and JAX never caches a program with
     host callbacks; ``EQX_ON_ERROR=nan`` turns the checks into NaN poisoning so the engine's programs cache.
     """
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "EQX_ON_ERROR": "nan",
-    }
+    return {"LEVANTER_MULTIHOST_TEST_CACHE": str(cache_dir), "EQX_ON_ERROR": "nan"}
+
+
+def cache_flags() -> list[str]:
+    cache = os.environ.get("LEVANTER_MULTIHOST_TEST_CACHE")
+    return [f"--trainer.jax_compilation_cache_dir={cache}"] if cache else []
 
 
 def host_env(**extra: str) -> dict[str, str]:
@@ -67,7 +69,7 @@ def launch(
         sys.executable, str(REPO / "infra" / "launch.py"),
         "--local_hosts", str(hosts), "--devices_per_host", str(devices_per_host), "--",
         sys.executable, "-m", "levanter_multihost.sample_lm_multihost",
-        "--config_path", str(config), f"--output_dir={output_dir}", *overrides,
+        "--config_path", str(config), f"--output_dir={output_dir}", *cache_flags(), *overrides,
     ]  # fmt: skip
     proc = subprocess.Popen(
         command, cwd=REPO, env=host_env(**(env_extra or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -100,7 +102,7 @@ def launch_and_kill(
         sys.executable, str(REPO / "infra" / "launch.py"), "--keep_going",
         "--local_hosts", str(hosts), "--devices_per_host", str(devices_per_host), "--",
         sys.executable, "-m", "levanter_multihost.sample_lm_multihost",
-        "--config_path", str(TINY_CONFIG), f"--output_dir={output_dir}", *overrides,
+        "--config_path", str(TINY_CONFIG), f"--output_dir={output_dir}", *cache_flags(), *overrides,
     ]  # fmt: skip
     proc = subprocess.Popen(
         command, cwd=REPO, env=host_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True

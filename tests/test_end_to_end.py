@@ -49,8 +49,21 @@ def test_greedy_outputs_do_not_depend_on_the_host_count(greedy_4x4, greedy_2x4, 
     assert {r["process_index"] for r in greedy_2x4.rows()} == {0, 1}
 
 
-def test_sampled_outputs_do_not_depend_on_the_host_count(sampled_4, sampled_2, sampled_1):
+def test_sampled_outputs_do_not_depend_on_the_host_count_or_the_shard_strategy(sampled_4, sampled_2, sampled_1):
     assert tokens(sampled_4.rows()) == tokens(sampled_2.rows()) == tokens(sampled_1.rows())
+    balanced = [
+        sorted(r["global_prompt_index"] for r in sampled_2.rows(f"host_{h:04d}_of_0002.jsonl")) for h in (0, 1)
+    ]
+    assert sorted(balanced[0] + balanced[1]) == list(range(10))
+    assert balanced[0] != list(range(5))  # not the contiguous split
+
+
+def test_compilation_cache_is_filled_by_one_run_and_reused_by_the_next(shared_compile_cache, greedy_4x4, greedy_2x4):
+    names = [p.name for p in shared_compile_cache.iterdir()]
+    assert any("_run_prefill" in n for n in names) and any("_run_generation_loop" in n for n in names), names
+    for program in ("jit__run_prefill", "jit__run_generation_loop"):
+        assert "[host 0]" in greedy_2x4.output
+        assert f"Persistent compilation cache hit for '{program}'" in greedy_2x4.output
 
 
 def test_sampling_at_temperature_differs_from_greedy(sampled_1, greedy_1x4):

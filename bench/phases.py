@@ -1,0 +1,187 @@
+"""Phase breakdown of one run: where the wall clock goes, from launching the processes to the launcher's exit.
+
+    uv run python bench/phases.py                        # ~1.5 min on 2 cores; JSON to bench/results/phases.json
+    uv run python bench/phases.py --hosts 4 --cache --out /tmp/phases.json
+
+The run: ``config/sampler/tiny_local.yaml`` (256 addition prompts x 6 new tokens, greedy) on ``--hosts`` emulated
+hosts (default 2, one core each, 1 CPU device each, ``--trainer.model_axis_size=1``); without a compilation cache
+by default, as the config ships (``--cache``: a first run fills a cache, the second, measured one loads from it).
+
+Where each number comes from (seconds; "share" is of the launcher's wall clock):
+
+* process start: the bench's clock just before it starts ``infra/launch.py`` -> the host's ``runtime.start``
+  (the launcher's start-up, Python start-up, imports of JAX/Levanter, config parsing): ``started_at`` + the end of
+  the ``startup`` phase. (``started_at`` itself is the process's creation time from ``/proc``, whose boot time
+  has whole-second resolution, so the launcher/process split is only good to +-1 s and is not shown);
+* distributed init, prepare (prompts, tokenizer, preflight, output dir), model load, engine build, write, from
+  ``summary.json`` ``hosts[*].phases``;
+* prefill and decode from the same phases, each split into the engine program's trace + lower + XLA compile (or
+  cache load), from JAX's ``JAX_LOG_COMPILES`` log lines, and the rest (running it);
+* gather: per host, its write end -> the leader has its payload decoded (``hosts[*].phases.gather``; a host
+  that finishes first waits there for the leader); on the critical path ("max" column): the last host's write
+  end -> the leader has every payload;
+* merge: the leader's last payload in -> ``merged.jsonl`` written (its modification time);
+* summary + timeline: ``merged.jsonl`` -> ``timeline.png`` written (modification times);
+* tracker + shutdown: ``timeline.png`` -> the launcher's exit (tracker call, ``done`` key, every process exiting);
+  the leader's own merge/tracker phases are not in summary.json (see docs/benchmarks.md for the change that would
+  add them).
+"""
+
+import argparse
+import shutil
+import time
+
+from _common import (
+    EQX_NAN,
+    RESULTS,
+    SCRATCH,
+    TINY_CONFIG,
+    cache_flag,
+    cores,
+    default_checkpoint,
+    engine_compile_s,
+    format_table,
+    launch,
+    machine,
+    pinning_note,
+    write_config,
+    write_json,
+)
+
+PHASES = ("distributed_init", "prepare", "model_load", "engine_build", "prefill", "decode", "write", "gather")
+
+
+def span(phases: dict, name: str) -> float:
+    start, end = phases.get(name, (0.0, 0.0))
+    return end - start
+
+
+def breakdown(run: dict) -> tuple[list[dict], dict]:
+    """Per-host rows of phase seconds, and the leader's post-gather spans."""
+    rows = []
+    launched = run["launched_at"]
+    wall = run["wall_outside_s"]
+    last_in = 0.0
+    last_written = 0.0
+    for m in sorted(run["host_metrics"], key=lambda m: m["host"]):
+        host, ph = m["host"], m["phases"]
+        row = {"host": host, "process_start": m["started_at"] + ph.get("startup", (0.0, 0.0))[1] - launched}
+        for name in PHASES:
+            row[name] = span(ph, name)
+        compile_prefill = sum(
+            run["compiles"].get(host, {}).get(step, {}).get("_run_prefill", 0.0)
+            for step in ("trace", "lower", "compile")
+        )
+        compile_decode = sum(
+            run["compiles"].get(host, {}).get(step, {}).get("_run_generation_loop", 0.0)
+            for step in ("trace", "lower", "compile")
+        )
+        row["prefill_compile"] = compile_prefill
+        row["prefill_run"] = row["prefill"] - compile_prefill
+        row["decode_compile"] = compile_decode
+        row["decode_run"] = row["decode"] - compile_decode
+        row["xla_compile_only"] = engine_compile_s(run, host)
+        end_of_gather = m["started_at"] + ph.get("gather", (0, 0))[1]
+        last_in = max(last_in, end_of_gather)
+        last_written = max(last_written, m["started_at"] + ph.get("write", (0, 0))[1])
+        row["until_sent_s"] = end_of_gather - launched
+        covered = row["process_start"] + sum(row[name] for name in PHASES)
+        row["other"] = row["until_sent_s"] - covered
+        rows.append(row)
+    files = run["files"]
+    leader = {
+        "gather_critical": last_in - last_written,
+        "merge": files["merged.jsonl"] - last_in,
+        "summary_timeline": files["timeline.png"] - files["merged.jsonl"],
+        "tracker_shutdown": run["ended_at"] - files["timeline.png"],
+        "wall": wall,
+    }
+    return rows, leader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="Measure a warm compilation-cache run (EQX_ON_ERROR=nan, every host writes its entries).",
+    )
+    parser.add_argument("--hf_checkpoint", default=default_checkpoint())
+    parser.add_argument("--out", default=str(RESULTS / "phases.json"))
+    args = parser.parse_args()
+    core_list = cores()
+    work = SCRATCH / "phases"
+    config = write_config(work / "config.yaml", TINY_CONFIG, hf_checkpoint=args.hf_checkpoint)
+    flags, env = [], {}
+    if args.cache:
+        shutil.rmtree(work / "jax_cache", ignore_errors=True)
+        flags, env = [cache_flag(work / "jax_cache")], EQX_NAN
+        launch(config, work / "fill_cache", args.hosts, *flags, env_extra=env, core_list=core_list,
+               every_host_writes=True)  # fmt: skip
+    run = launch(config, work / "run", args.hosts, *flags, env_extra=env, core_list=core_list,
+                 every_host_writes=args.cache)  # fmt: skip
+    rows, leader = breakdown(run)
+    wall = leader["wall"]
+
+    table = []
+    names = [
+        ("process_start", "process start (launcher, Python, imports, config)"),
+        ("distributed_init", "jax.distributed init"),
+        ("prepare", "prepare (prompts, tokenizer, preflight, output dir)"),
+        ("model_load", "model load"),
+        ("engine_build", "engine build (KV cache)"),
+        ("prefill_compile", "prefill: trace+lower+compile _run_prefill"),
+        ("prefill_run", "prefill: run"),
+        ("decode_compile", "decode: trace+lower+compile _run_generation_loop"),
+        ("decode_run", "decode: run (+ request/row building)"),
+        ("write", "shard write"),
+        ("gather", "gather (per host: write end -> leader has it; max: critical path)"),
+        ("other", "between phases"),
+    ]
+    for key, title in names:
+        entry = {"phase": title}
+        for r in rows:
+            entry[f"h{r['host']}"] = r[key]
+        slowest = leader["gather_critical"] if key == "gather" else max(r[key] for r in rows)
+        entry["max"] = slowest
+        entry["share"] = slowest / wall
+        table.append(entry)
+    for key, title in (
+        ("merge", "merge (leader: last payload -> merged.jsonl)"),
+        ("summary_timeline", "summary.json + timeline.png"),
+        ("tracker_shutdown", "tracker + done + process exit"),
+    ):
+        table.append({"phase": title, "h0": leader[key], "max": leader[key], "share": leader[key] / wall})
+    table.append({"phase": "wall clock (launcher start -> exit)", "max": wall, "share": 1.0})
+    columns = [("phase", "phase", "{}")]
+    columns += [(f"h{r['host']}", f"host {r['host']} s", "{:.2f}") for r in rows]
+    columns += [("max", "max s", "{:.2f}"), ("share", "of wall", "{:.1%}")]
+    mode = "warm compilation cache (EQX_ON_ERROR=nan, every host writes)" if args.cache else "no compilation cache"
+    print(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {mode}; tiny_local workload")
+    print(format_table(table, columns))
+    s = run["summary"]
+    print(
+        f"tokens {s['sample/total_generated_tokens']}, round max {s['sample/round_time_max_s']:.2f}s, "
+        f"in-process wall (leader started_at -> summary) {s['sample/wall_clock_s']:.2f}s, "
+        f"launcher wall {wall:.2f}s; XLA compile of the engine's programs per host: "
+        + ", ".join(f"{r['xla_compile_only']:.2f}s" for r in rows)
+    )
+    write_json(
+        args.out,
+        {
+            "bench": "phases",
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": machine(),
+            "args": vars(args),
+            "mode": mode,
+            "hosts": rows,
+            "leader": leader,
+            "table": table,
+            "summary": s,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
