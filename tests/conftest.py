@@ -49,11 +49,10 @@ def greedy_1x4(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("greedy_1x4"), *GREEDY_FLAGS, hosts=1)
 
 
-def _sampled(tmp_path_factory, hosts: int):
+def _sampled(tmp_path_factory, hosts: int, *flags: str):
     out = tmp_path_factory.mktemp(f"sampled_{hosts}")
-    return launch(
-        out, "--prompts_file=config/prompts/addition_10.txt", *SAMPLED_FLAGS, hosts=hosts, devices_per_host=1
-    )
+    prompts = "--prompts_file=config/prompts/addition_10.txt"
+    return launch(out, prompts, *SAMPLED_FLAGS, *flags, hosts=hosts, devices_per_host=1)
 
 
 @pytest.fixture(scope="session")
