@@ -92,10 +92,6 @@ def cache_flag(cache_dir: Path) -> str:
     return f"--trainer.jax_compilation_cache_dir={cache_dir}"
 
 
-EQX_NAN = {"EQX_ON_ERROR": "nan"}
-"""Equinox's runtime checks as NaN poisoning instead of host callbacks, so the engine's programs can be cached."""
-
-
 def launch(
     config: Path,
     output_dir: Path,
@@ -105,19 +101,15 @@ def launch(
     core_list: list[int] | None = None,
     timeout: float = 900,
     bench_sampler: bool = False,
-    every_host_writes: bool = False,
 ) -> dict[str, Any]:
     """Run the sampler on ``hosts`` emulated hosts (1 CPU device each, pinned); return timings and the summary.
 
-    ``bench_sampler``: through ``bench/bench_sampler.py`` (CPU time of each host's generation in ``run["cpu"]``);
-    ``every_host_writes``: with it, let every host write its own compilation-cache entries.
+    ``bench_sampler``: through ``bench/bench_sampler.py`` (CPU time of each host's generation in ``run["cpu"]``).
     """
     entry = ["-m", "levanter_multihost.sample_lm_multihost"]
-    if bench_sampler or every_host_writes:
+    if bench_sampler:
         entry = [str(REPO / "bench" / "bench_sampler.py")]
     env_extra = dict(env_extra or {})
-    if every_host_writes:
-        env_extra["BENCH_EVERY_HOST_WRITES"] = "1"
     core_list = core_list if core_list is not None else cores()
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / "launch.log"
@@ -146,6 +138,7 @@ def launch(
         "loadavg_1m": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "summary": summary["summary"],
         "host_metrics": summary["hosts"],
+        "leader": summary.get("leader"),
         "log": str(log_path),
         "compiles": parse_compiles(text),
         "cpu": parse_cpu(text),

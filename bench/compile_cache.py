@@ -1,23 +1,22 @@
 """Compilation cache: engine build + first prefill/decode compile of a warm rerun against a cold one.
 
     uv run python bench/compile_cache.py                 # ~3 min on 2 cores; JSON to bench/results/compile_cache.json
-    uv run python bench/compile_cache.py --multihost     # + the 2-host sequence, ~7 min
+    uv run python bench/compile_cache.py --multihost     # + 2 hosts cold and warm, ~5 min
 
 Workload: ``config/sampler/tiny_local.yaml`` (256 prompts x 6 new tokens) on 1 host (1 CPU device, pinned to one
 core), with ``--trainer.jax_compilation_cache_dir`` pointing at a fresh directory: a cold run fills it, a warm run
 reuses it. Done twice:
 
-* ``EQX_ON_ERROR=nan`` in the environment: Equinox's runtime checks (``eqx.error_if`` in Levanter's engine) become
-  NaN poisoning, so the engine's two big programs (``_run_prefill``, ``_run_generation_loop``) can be cached;
-* default (``EQX_ON_ERROR`` unset, i.e. ``raise``): the checks compile to host callbacks, and JAX never writes a
-  program with host callbacks to the persistent cache, so those two are compiled again on every run.
+* as the sampler runs by default (``EQX_ON_ERROR=nan``, set by ``sample_lm_multihost``): Equinox's runtime checks
+  (``eqx.error_if`` in Levanter's engine) are NaN poisoning, so the engine's two big programs (``_run_prefill``,
+  ``_run_generation_loop``) can be cached;
+* with ``EQX_ON_ERROR=raise`` in the environment (Equinox's own default): the checks compile to host callbacks, and
+  JAX never writes a program with host callbacks to the persistent cache, so those two compile on every run.
 
-With ``--multihost``, 4 runs of 2 hosts with ``EQX_ON_ERROR=nan`` on one fresh cache: (1) cold, (2) warm: JAX
-0.10.2 writes cache entries from process 0 only, and the cache key holds the device assignment (stripped on GPU
-only), so host 1, whose device has another id, neither finds nor writes an entry and compiles cold again; (3)
-through ``bench/bench_sampler.py`` with ``BENCH_EVERY_HOST_WRITES=1``, which lets every host write its own entries (the change proposed
-for ``runtime.start`` in docs/benchmarks.md): host 1 compiles once more and writes; (4) the plain sampler again:
-host 1 now loads its programs from the cache too (reading was never restricted).
+With ``--multihost``, 2 runs of 2 hosts on one fresh cache, cold then warm. JAX 0.10.2 writes cache entries from
+process 0 only, and the cache key holds the device assignment, so host 1 would never find an entry;
+``runtime.start`` lets every host write its own (``let_every_host_write_compilation_cache``), and the warm run shows
+both hosts loading their programs from the cache.
 
 "compile" = XLA compilation, or loading the executable on a cache hit ("Finished XLA compilation" lines of
 ``JAX_LOG_COMPILES``); "trace+lower" is paid on every run, cache or not. "engine build + first compile" =
@@ -32,7 +31,6 @@ from pathlib import Path
 
 from _common import (
     ENGINE_PROGRAMS,
-    EQX_NAN,
     RESULTS,
     SCRATCH,
     TINY_CONFIG,
@@ -91,13 +89,12 @@ def speedups(rows: list[dict], cold_run: str, warm_run: str) -> None:
         warm["speedup_phases"] = cold["build_prefill_decode_s"] / warm["build_prefill_decode_s"]
 
 
-def measure(config, work: Path, label: str, eqx_nan: bool, core_list) -> list[dict]:
+def measure(config, work: Path, label: str, env: dict[str, str], core_list) -> list[dict]:
     """1 host: a cold run fills a fresh cache, a warm run reuses it."""
     cache = work / "jax_cache"
     shutil.rmtree(work, ignore_errors=True)
     rows = []
     for attempt in ("cold", "warm"):
-        env = EQX_NAN if eqx_nan else {}
         run = launch(config, work / attempt, 1, cache_flag(cache), env_extra=env, core_list=core_list)
         rows += host_rows(run, label, attempt, cache)
     speedups(rows, "cold", "warm")
@@ -105,30 +102,20 @@ def measure(config, work: Path, label: str, eqx_nan: bool, core_list) -> list[di
 
 
 def measure_multihost(config, work: Path, core_list) -> list[dict]:
-    """2 hosts, EQX_ON_ERROR=nan, one cache: plain cold, plain warm, every-host-writes, plain again."""
+    """2 hosts, one fresh cache: cold, then warm."""
     cache = work / "jax_cache"
     shutil.rmtree(work, ignore_errors=True)
-    steps = [
-        ("1 cold", False, "2 hosts, nan"),
-        ("2 warm", False, "2 hosts, nan"),
-        ("3 warm", True, "2 hosts, nan, every host writes"),
-        ("4 warm", False, "2 hosts, nan"),
-    ]
     rows = []
-    for attempt, every_host_writes, label in steps:
-        run = launch(
-            config, work / attempt.replace(" ", "_"), 2, cache_flag(cache), env_extra=EQX_NAN, core_list=core_list,
-            every_host_writes=every_host_writes,
-        )  # fmt: skip
-        rows += host_rows(run, label, attempt, cache)
-    speedups(rows, "1 cold", "2 warm")
-    speedups(rows, "1 cold", "4 warm")
+    for attempt in ("cold", "warm"):
+        run = launch(config, work / attempt, 2, cache_flag(cache), core_list=core_list)
+        rows += host_rows(run, "2 hosts", attempt, cache)
+    speedups(rows, "cold", "warm")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--multihost", action="store_true", help="Also the 2-host sequence (+4 runs, ~4 min).")
+    parser.add_argument("--multihost", action="store_true", help="Also 2 hosts, cold then warm (+2 runs, ~2 min).")
     parser.add_argument("--hf_checkpoint", default=default_checkpoint())
     parser.add_argument("--out", default=str(RESULTS / "compile_cache.json"))
     args = parser.parse_args()
@@ -136,8 +123,8 @@ def main() -> None:
     work = SCRATCH / "compile_cache"
     config = write_config(work / "config.yaml", TINY_CONFIG, hf_checkpoint=args.hf_checkpoint)
     rows = []
-    rows += measure(config, work / "nan", "1 host, EQX_ON_ERROR=nan", True, core_list)
-    rows += measure(config, work / "raise", "1 host, EQX_ON_ERROR unset", False, core_list)
+    rows += measure(config, work / "nan", "1 host (EQX_ON_ERROR=nan, the default)", {}, core_list)
+    rows += measure(config, work / "raise", "1 host, EQX_ON_ERROR=raise", {"EQX_ON_ERROR": "raise"}, core_list)
     if args.multihost:
         rows += measure_multihost(config, work / "two_hosts", core_list)
     print()

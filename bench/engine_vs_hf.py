@@ -9,7 +9,7 @@ special tokens, as the sampler does), the same ``--max_new_tokens`` (default 6),
 
 * pipeline: ``levanter_multihost.sample_lm_multihost`` on 1 emulated host (1 CPU device, pinned to core 0), engine
   of 256 slots (``max_seqs = max_tokens_per_round = max_seqs_in_prefill = 256``), warm compilation cache (a first
-  run fills it; ``EQX_ON_ERROR=nan``). Tokens/s three ways: / round time (prefill + decode as in summary.json,
+  run fills it). Tokens/s three ways: / round time (prefill + decode as in summary.json,
   which includes tracing, lowering and loading the engine's programs, ~2-3 s), / generation only (round time
   minus that), / the launcher's wall clock (process start, model load, ... exit).
 * Hugging Face: ``AutoModelForCausalLM.generate`` (transformers 4.57.6, torch CPU, ``torch.set_num_threads(1)``,
@@ -133,7 +133,6 @@ def main() -> None:
         return
 
     from _common import (
-        EQX_NAN,
         RESULTS,
         SCRATCH,
         addition_prompts,
@@ -173,11 +172,11 @@ def main() -> None:
         },
     )
     flags = [cache_flag(work / "jax_cache")]
-    launch(config, work / "fill_cache", 1, *flags, env_extra=EQX_NAN, core_list=[args.core])
+    launch(config, work / "fill_cache", 1, *flags, core_list=[args.core])
 
     rows, pipeline_outputs, hf_outputs = [], None, {}
     for rep in range(args.repeats):
-        run = launch(config, work / f"pipeline_{rep}", 1, *flags, env_extra=EQX_NAN, core_list=[args.core])
+        run = launch(config, work / f"pipeline_{rep}", 1, *flags, core_list=[args.core])
         m = run["host_metrics"][0]
         tokens = run["summary"]["sample/total_generated_tokens"]
         overhead = engine_overhead_s(run, 0)

@@ -1,4 +1,4 @@
-"""Gather cost at the seed's largest shape: this project's transport vs the reference encoding, in one run.
+"""Gather + merge cost at the seed's largest shape: this project's path vs the seed's, in one run.
 
     uv run python bench/gather_cost.py                   # ~1-2 min on 2 cores; JSON to bench/results/gather_cost.json
     uv run python bench/gather_cost.py --repeats 5 --out /tmp/gather.json
@@ -6,18 +6,25 @@
 1024 rows of 2048 generated token ids (plus text of matching size; the same synthetic rows as
 ``tests/gather_worker.py``'s ``synthetic_row``) spread over 4 emulated hosts (``infra/launch.py --local_hosts 4``,
 JAX distributed on loopback, host i pinned to core i % cores by ``bench/pin.py``). In the same 4 processes,
-alternating the order each repeat, every host sends its 256 rows to the leader with
+rotating the order each repeat, the leader gets every host's rows into ``merged.jsonl`` three ways:
 
-* project: ``levanter_multihost.gather.KvGather`` (``payload.encode_payload``: compact JSON + zlib level 1, 4 MiB
-  chunks with SHA-256 in a manifest, ``key_value_set_bytes`` / ``blocking_key_value_get_bytes``, keys deleted);
-* reference: ``json.dumps`` (default separators) -> ``zlib.compress`` (default level) -> base64, one string key
-  per host through ``key_value_set`` / ``blocking_key_value_get`` (keys deleted too).
+* project: what the sampler does. Each host already has its shard file's bytes (``outputs.jsonl_bytes``, made
+  once for the shard file, before the clock starts); hosts 1..3 send them with ``KvGather.send`` (zlib level 1 of
+  a small JSON header + those bytes, 4 MiB chunks, SHA-256 per chunk in a manifest, bytes API, keys deleted); the
+  leader keeps its own shard, collects hosts 1..3 (``collect``), merges the lines with ``outputs.merge_jsonl``
+  (prefix regex, completeness check, sort) and writes ``merged.jsonl`` (``merge``).
+* project+jsonl: the same, with every host making its shard bytes from its rows inside the clock, so the cost of
+  producing the JSONL is counted too (the sampler pays it anyway for the shard file).
+* reference: the seed's path. Every host, the leader included: ``json.dumps`` (default separators) of its rows ->
+  ``zlib.compress`` (default level) -> base64, one string key per host through ``key_value_set`` /
+  ``blocking_key_value_get`` (keys deleted); the leader decodes every payload, checks completeness
+  (``outputs.check_complete``), sorts the dicts, ``outputs.jsonl_bytes`` and writes ``merged.jsonl``.
 
-Both start from a barrier (``wait_at_barrier``); the leader's clock runs from the barrier to every payload
-decoded ("gather"), then ``outputs.merge_rows`` + ``outputs.jsonl_bytes`` + writing ``merged.jsonl`` ("merge",
-the same code for both). Each host also reports its own encode+send time. The ratio is the median over repeats
-of reference / project, each pair measured back to back in the same processes. Also reported: gather + merge as
-a fraction of the seed's 107 s of generation per host.
+Each starts from a barrier (``wait_at_barrier``); the leader's clock runs from the barrier to every payload
+decoded ("gather"), then to ``merged.jsonl`` written ("merge"). Each host also reports its own encode + send
+time. The three merged files are checked to be byte for byte the same. Ratios are the median over repeats of
+reference / project, each measured back to back in the same processes. Also reported: gather + merge as a
+fraction of the seed's 107 s of generation per host, and single-core costs of each step.
 
 Caveat: 4 hosts share 2 cores here, and loopback is not the data-center network between TPU hosts; the bytes
 column says what would cross it.
@@ -25,6 +32,7 @@ column says what would cross it.
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import random
@@ -40,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 NUM_PROMPTS = 1024
 TIMEOUT_S = 300
+TRANSPORTS = ("project", "project+jsonl", "reference")
 
 
 def synthetic_row(index: int, num_hosts: int) -> dict:
@@ -62,39 +71,44 @@ def synthetic_row(index: int, num_hosts: int) -> dict:
 # --------------------------------------------------------------------------------------------- worker (each host)
 
 
-def _merge_and_write(rows: list[dict], out_dir: str) -> tuple[float, int]:
+def _project(client, host: int, n: int, rows: list[dict], shard: bytes | None, prefix: str, out_dir: str) -> dict:
+    """The sampler's path; ``shard`` None: make the shard bytes from ``rows`` inside the clock."""
     from levanter_multihost import outputs
-
-    start = time.perf_counter()
-    merged = outputs.merge_rows(rows, NUM_PROMPTS, 1)
-    data = outputs.jsonl_bytes(merged)
-    outputs.write_atomic(os.path.join(out_dir, "merged.jsonl"), data)
-    return time.perf_counter() - start, len(merged)
-
-
-def _project(client, host: int, n: int, rows: list[dict], prefix: str) -> dict:
     from levanter_multihost.gather import KvGather
 
     kv = KvGather(client, prefix, n)
     start = time.perf_counter()
-    sent = kv.send(host, {"rows": rows})
-    result = {"send_s": time.perf_counter() - start, "bytes": sent.bytes_sent, "chunks": sent.num_chunks}
+    data = outputs.jsonl_bytes(rows) if shard is None else shard
     if host != 0:
+        sent = kv.send(host, {"metrics": {"host": host}}, data)
+        result = {"send_s": time.perf_counter() - start, "bytes": sent.bytes_sent}
         kv.wait_for("done", TIMEOUT_S)
         return result
-    got = kv.collect(TIMEOUT_S)
-    result["gather_s"] = time.perf_counter() - start
-    result["bytes_all"] = sum(g.bytes for g in got.values())
-    result["rows"] = [r for h in sorted(got) for r in got[h].body["rows"]]
+    got = kv.collect(TIMEOUT_S, hosts=range(1, n))
+    gathered = time.perf_counter()
+    merged = outputs.merge_jsonl([data] + [got[h].data for h in range(1, n)], NUM_PROMPTS, 1)
+    outputs.write_atomic(os.path.join(out_dir, "merged.jsonl"), merged)
+    end = time.perf_counter()
     kv.publish("done", True)
-    return result
+    return {
+        "send_s": 0.0,
+        "bytes": 0,
+        "gather_s": gathered - start,
+        "merge_s": end - gathered,
+        "bytes_all": sum(g.bytes for g in got.values()),
+        "rows_merged": merged.count(b"\n"),
+        "sha256": hashlib.sha256(merged).hexdigest(),
+    }
 
 
-def _reference(client, host: int, n: int, rows: list[dict], prefix: str) -> dict:
+def _reference(client, host: int, n: int, rows: list[dict], shard: bytes | None, prefix: str, out_dir: str) -> dict:
+    """The seed's path: every host's rows as JSON -> zlib (default level) -> base64 through string keys."""
+    from levanter_multihost import outputs
+
     start = time.perf_counter()
     blob = base64.b64encode(zlib.compress(json.dumps({"rows": rows}).encode("utf-8"))).decode("ascii")
     client.key_value_set(f"{prefix}/host{host}", blob)
-    result = {"send_s": time.perf_counter() - start, "bytes": len(blob), "chunks": 1}
+    result = {"send_s": time.perf_counter() - start, "bytes": len(blob)}
     if host != 0:
         client.blocking_key_value_get(f"{prefix}/done", TIMEOUT_S * 1000)
         return result
@@ -104,17 +118,34 @@ def _reference(client, host: int, n: int, rows: list[dict], prefix: str) -> dict
         total += len(text)
         got.extend(json.loads(zlib.decompress(base64.b64decode(text)).decode("utf-8"))["rows"])
         client.key_value_delete(f"{prefix}/host{h}")
-    result["gather_s"] = time.perf_counter() - start
-    result["bytes_all"] = total
-    result["rows"] = got
+    gathered = time.perf_counter()
+    merged = _seed_merge(got)
+    outputs.write_atomic(os.path.join(out_dir, "merged.jsonl"), merged)
+    end = time.perf_counter()
     client.key_value_set(f"{prefix}/done", "ok")
-    return result
+    return {
+        **result,
+        "gather_s": gathered - start,
+        "merge_s": end - gathered,
+        "bytes_all": total,
+        "rows_merged": len(got),
+        "sha256": hashlib.sha256(merged).hexdigest(),
+    }
+
+
+def _seed_merge(rows: list[dict]) -> bytes:
+    """The seed's merge of decoded rows: completeness check, sort the dicts, one JSON line each."""
+    from levanter_multihost import outputs
+
+    outputs.check_complete(((r["global_prompt_index"], r["generation_index"]) for r in rows), NUM_PROMPTS, 1)
+    return outputs.jsonl_bytes(sorted(rows, key=lambda r: (r["global_prompt_index"], r["generation_index"])))
 
 
 def worker(repeats: int) -> None:
     import jax
     from jax._src import distributed
 
+    from levanter_multihost import outputs
     from levanter_multihost.sharding import contiguous_shard
 
     jax.distributed.initialize(
@@ -125,68 +156,99 @@ def worker(repeats: int) -> None:
     host, n = jax.process_index(), jax.process_count()
     client = distributed.global_state.client
     rows = [synthetic_row(i, n) for i in contiguous_shard(NUM_PROMPTS, n, host)]
-    raw_bytes = len(json.dumps({"rows": rows}, separators=(",", ":")).encode("utf-8"))
-    transports = {"project": _project, "reference": _reference}
+    shard = outputs.jsonl_bytes(rows)  # the shard file's bytes, which the sampler has made before it gathers
+    sizes = {
+        "raw_json_bytes": len(json.dumps({"rows": rows}, separators=(",", ":")).encode("utf-8")),
+        "jsonl_bytes": len(shard),
+    }
+    transports = {"project": _project, "project+jsonl": _project, "reference": _reference}
     results = []
     out_dir = tempfile.mkdtemp(prefix="gather_cost_")
     for rep in range(repeats):
-        order = ["project", "reference"] if rep % 2 == 0 else ["reference", "project"]
+        order = TRANSPORTS[rep % 3 :] + TRANSPORTS[: rep % 3]
         for name in order:
             prefix = f"bench_gather/{rep}/{name}"
             client.wait_at_barrier(f"{prefix}/start", TIMEOUT_S * 1000)
-            res = transports[name](client, host, n, rows, prefix)
-            client.key_value_set(
-                f"{prefix}/stats{host}", json.dumps({"send_s": res["send_s"], "bytes": res["bytes"]})
-            )
+            given = None if name == "project+jsonl" else shard
+            res = transports[name](client, host, n, rows, given, prefix, out_dir)
+            stats = {"send_s": res["send_s"], "bytes": res["bytes"]}
+            client.key_value_set(f"{prefix}/stats{host}", json.dumps(stats))
             if host == 0:
-                merge_s, merged = _merge_and_write(res.pop("rows"), out_dir)
                 stats = [json.loads(client.blocking_key_value_get(f"{prefix}/stats{h}", 60000)) for h in range(n)]
                 results.append(
                     {
                         "repeat": rep,
                         "transport": name,
                         "gather_s": res["gather_s"],
-                        "merge_s": merge_s,
-                        "total_s": res["gather_s"] + merge_s,
+                        "merge_s": res["merge_s"],
+                        "total_s": res["gather_s"] + res["merge_s"],
                         "bytes": res["bytes_all"],
-                        "chunks_host0": res["chunks"],
                         "send_s_per_host": [s["send_s"] for s in stats],
-                        "rows_merged": merged,
+                        "rows_merged": res["rows_merged"],
+                        "merged_sha256": res["sha256"],
                     }
                 )
             client.wait_at_barrier(f"{prefix}/end", TIMEOUT_S * 1000)
-    raw_all = client.key_value_increment("bench_gather/raw_bytes", raw_bytes)
-    client.wait_at_barrier("bench_gather/raw", TIMEOUT_S * 1000)
+    totals = {key: client.key_value_increment(f"bench_gather/{key}", value) for key, value in sizes.items()}
+    client.wait_at_barrier("bench_gather/sizes", TIMEOUT_S * 1000)
     if host == 0:
-        raw_all = client.key_value_increment("bench_gather/raw_bytes", 0)
-        print("RESULT " + json.dumps({"hosts": n, "raw_json_bytes": raw_all, "results": results}), flush=True)
+        totals = {key: client.key_value_increment(f"bench_gather/{key}", 0) for key in sizes}
+        print("RESULT " + json.dumps({"hosts": n, **totals, "results": results}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- driver
 
 
 def single_core_costs(hosts: int, repeats: int = 3) -> dict:
-    """Encode (one host's rows) and decode (one payload) of each encoding in this process, on one core, median."""
+    """Each step of both paths in this process, on one core, median: one host's rows (encode, decode) or all of
+    them (merge, without the write)."""
+    from levanter_multihost import outputs
     from levanter_multihost.payload import decode_payload, encode_payload
     from levanter_multihost.sharding import contiguous_shard
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    body = {"rows": [synthetic_row(i, hosts) for i in contiguous_shard(NUM_PROMPTS, hosts, 0)]}
-    times: dict[str, list[float]] = {k: [] for k in ("project_encode", "project_decode", "ref_encode", "ref_decode")}
+    all_rows = [[synthetic_row(i, hosts) for i in contiguous_shard(NUM_PROMPTS, hosts, h)] for h in range(hosts)]
+    shards = [outputs.jsonl_bytes(rows) for rows in all_rows]
+    rows = all_rows[0]
+    steps = {
+        "jsonl": lambda: outputs.jsonl_bytes(rows),
+        "project_encode": lambda: encode_payload(0, {"metrics": {"host": 0}}, shards[0]),
+        "project_merge": lambda: outputs.merge_jsonl(shards, NUM_PROMPTS, 1),
+        "ref_encode": lambda: base64.b64encode(zlib.compress(json.dumps({"rows": rows}).encode("utf-8"))),
+        "ref_merge": lambda: _seed_merge([r for shard_rows in all_rows for r in shard_rows]),
+    }
+    manifest, chunks = encode_payload(0, {"metrics": {"host": 0}}, shards[0])
+    text = steps["ref_encode"]().decode("ascii")
+    steps["project_decode"] = lambda: decode_payload(manifest, chunks)
+    steps["ref_decode"] = lambda: json.loads(zlib.decompress(base64.b64decode(text)).decode("utf-8"))
+    times: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        manifest, chunks = encode_payload(0, body)
-        t1 = time.perf_counter()
-        decode_payload(manifest, chunks)
-        t2 = time.perf_counter()
-        text = base64.b64encode(zlib.compress(json.dumps(body).encode("utf-8"))).decode("ascii")
-        t3 = time.perf_counter()
-        json.loads(zlib.decompress(base64.b64decode(text)).decode("utf-8"))
-        t4 = time.perf_counter()
-        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            times[key].append(value)
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
     return {key: statistics.median(v) for key, v in times.items()}
+
+
+def summarize(results: list[dict]) -> dict:
+    """Medians per transport and the per-repeat ratios reference / project."""
+    summary: dict = {}
+    for name in TRANSPORTS:
+        mine = [r for r in results if r["transport"] == name]
+        summary[name] = {
+            key: statistics.median(r[key] for r in mine)
+            for key in ("gather_s", "merge_s", "total_s", "bytes", "send_max_s", "fraction_of_seed")
+        }
+    pairs: dict[int, dict[str, dict]] = {}
+    for r in results:
+        pairs.setdefault(r["repeat"], {})[r["transport"]] = r
+    for name in ("project", "project+jsonl"):
+        ratios = [p["reference"]["total_s"] / p[name]["total_s"] for p in pairs.values()]
+        summary[f"speedup_{name}"] = statistics.median(ratios)
+        summary[f"speedup_{name}_each"] = ratios
+    summary["bytes_ratio"] = summary["reference"]["bytes"] / summary["project"]["bytes"]
+    return summary
 
 
 def main() -> None:
@@ -194,7 +256,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=6, help="each repeat runs every transport once")
     parser.add_argument("--out", default=str(RESULTS / "gather_cost.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,49 +280,49 @@ def main() -> None:
         raise SystemExit(f"gather bench failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}")
     data = json.loads(lines[-1].split("RESULT ", 1)[1])
     results = data["results"]
+    digests = {r["merged_sha256"] for r in results}
+    if len(digests) != 1 or {r["rows_merged"] for r in results} != {NUM_PROMPTS}:
+        raise SystemExit(f"the paths wrote different merged.jsonl files: {digests}")
     for r in results:
         r["send_max_s"] = max(r["send_s_per_host"])
         r["fraction_of_seed"] = r["total_s"] / SEED_GENERATION_S
         r["MB"] = r["bytes"] / 1e6
     print(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {NUM_PROMPTS} rows x 2048 tokens; "
-          f"raw compact JSON {data['raw_json_bytes'] / 1e6:.1f} MB")  # fmt: skip
+          f"raw compact JSON {data['raw_json_bytes'] / 1e6:.1f} MB, shard JSONL {data['jsonl_bytes'] / 1e6:.1f} MB; "
+          "merged.jsonl identical on every path")  # fmt: skip
     print(format_table(results, COLUMNS))
-    summary = {}
-    for name in ("project", "reference"):
-        mine = [r for r in results if r["transport"] == name]
-        summary[name] = {
-            key: statistics.median(r[key] for r in mine)
-            for key in ("gather_s", "merge_s", "total_s", "bytes", "send_max_s", "fraction_of_seed")
-        }
-    pairs = {}
-    for r in results:
-        pairs.setdefault(r["repeat"], {})[r["transport"]] = r
-    ratios_gather = [p["reference"]["gather_s"] / p["project"]["gather_s"] for p in pairs.values()]
-    ratios_total = [p["reference"]["total_s"] / p["project"]["total_s"] for p in pairs.values()]
-    summary["speedup_gather"] = statistics.median(ratios_gather)
-    summary["speedup_gather_each"] = ratios_gather
-    summary["speedup_gather_plus_merge"] = statistics.median(ratios_total)
-    summary["bytes_ratio"] = summary["reference"]["bytes"] / summary["project"]["bytes"]
-    summary["single_core"] = single_core_costs(args.hosts)
-    rows = [dict(transport=name, **summary[name]) for name in ("project", "reference")]
+    summary = summarize(results)
+    summary["single_core"] = one = single_core_costs(args.hosts)
+    rows = [dict(transport=name, **summary[name]) for name in TRANSPORTS]
     for row in rows:
         row["MB"] = row["bytes"] / 1e6
     print("\nMedians:")
-    print(format_table(rows, SUMMARY_COLUMNS))
+    print(format_table(rows, COLUMNS[1:]))
     print(
-        f"\nreference / project: gather {summary['speedup_gather']:.2f}x (each repeat: "
-        f"{', '.join(f'{x:.2f}' for x in ratios_gather)}), gather+merge {summary['speedup_gather_plus_merge']:.2f}x, "
-        f"bytes {summary['bytes_ratio']:.2f}x; project gather+merge = "
-        f"{100 * summary['project']['fraction_of_seed']:.2f}% of the seed's {SEED_GENERATION_S:.0f} s"
+        f"\nreference / project (gather + merge): {summary['speedup_project']:.2f}x (each repeat: "
+        f"{', '.join(f'{x:.2f}' for x in summary['speedup_project_each'])}); counting the JSONL: "
+        f"{summary['speedup_project+jsonl']:.2f}x; bytes {summary['bytes_ratio']:.2f}x. Gather + merge = "
+        f"{100 * summary['project']['fraction_of_seed']:.2f}% of the seed's {SEED_GENERATION_S:.0f} s "
+        f"({100 * summary['project+jsonl']['fraction_of_seed']:.2f}% counting the JSONL) vs "
+        f"{100 * summary['reference']['fraction_of_seed']:.2f}% for the reference"
     )
-    one = summary["single_core"]
+    others = args.hosts - 1
+    estimate = {
+        "project": one["project_encode"] + others * one["project_decode"] + one["project_merge"],
+        "reference": one["ref_encode"] + args.hosts * one["ref_decode"] + one["ref_merge"],
+    }
+    estimate["project+jsonl"] = estimate["project"] + one["jsonl"]
+    summary["core_per_host_estimate_s"] = estimate
     print(
-        f"one host's rows on one core (no other host running): project encode {one['project_encode']:.3f}s, "
-        f"decode {one['project_decode']:.3f}s; reference encode {one['ref_encode']:.3f}s, decode "
-        f"{one['ref_decode']:.3f}s. With a core per host, the leader's path is about encode + {args.hosts} x decode "
-        f"+ merge = {one['project_encode'] + args.hosts * one['project_decode'] + summary['project']['merge_s']:.2f}s "
-        f"(project) vs {one['ref_encode'] + args.hosts * one['ref_decode'] + summary['reference']['merge_s']:.2f}s "
-        "(reference), before transfer."
+        "one host's rows on one core (no other host running): "
+        + ", ".join(f"{key} {value:.3f}s" for key, value in one.items() if "merge" not in key)
+        + f"; merging all {NUM_PROMPTS} rows: project {one['project_merge']:.3f}s, "
+        f"reference {one['ref_merge']:.3f}s.\n"
+        f"With a core per host, the leader's path is about encode + {others} x decode + merge = "
+        f"{estimate['project']:.2f}s = {100 * estimate['project'] / SEED_GENERATION_S:.2f}% (project; "
+        f"{estimate['project+jsonl']:.2f}s = {100 * estimate['project+jsonl'] / SEED_GENERATION_S:.2f}% with the "
+        f"JSONL) vs encode + {args.hosts} x decode + merge = {estimate['reference']:.2f}s = "
+        f"{100 * estimate['reference'] / SEED_GENERATION_S:.2f}% (reference), before transfer and the write."
     )
     write_json(
         args.out,
@@ -271,6 +333,7 @@ def main() -> None:
             "hosts": args.hosts,
             "rows": NUM_PROMPTS,
             "raw_json_bytes": data["raw_json_bytes"],
+            "shard_jsonl_bytes": data["jsonl_bytes"],
             "launcher_wall_s": wall,
             "results": results,
             "summary": summary,
@@ -280,15 +343,6 @@ def main() -> None:
 
 COLUMNS = [
     ("repeat", "rep", "{:d}"),
-    ("transport", "transport", "{}"),
-    ("MB", "MB sent", "{:.2f}"),
-    ("send_max_s", "slowest send s", "{:.3f}"),
-    ("gather_s", "gather s", "{:.3f}"),
-    ("merge_s", "merge+write s", "{:.3f}"),
-    ("total_s", "total s", "{:.3f}"),
-    ("fraction_of_seed", "of 107 s", "{:.2%}"),
-]
-SUMMARY_COLUMNS = [
     ("transport", "transport", "{}"),
     ("MB", "MB sent", "{:.2f}"),
     ("send_max_s", "slowest send s", "{:.3f}"),

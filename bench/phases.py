@@ -9,22 +9,19 @@ by default, as the config ships (``--cache``: a first run fills a cache, the sec
 
 Where each number comes from (seconds; "share" is of the launcher's wall clock):
 
-* process start: the bench's clock just before it starts ``infra/launch.py`` -> the host's ``runtime.start``
-  (the launcher's start-up, Python start-up, imports of JAX/Levanter, config parsing): ``started_at`` + the end of
-  the ``startup`` phase. (``started_at`` itself is the process's creation time from ``/proc``, whose boot time
-  has whole-second resolution, so the launcher/process split is only good to +-1 s and is not shown);
+* launch: the bench's clock just before it starts ``infra/launch.py`` -> the host process's creation
+  (``started_at``, from ``/proc``, to 10 ms); Python start: -> the host's ``runtime.start`` (Python start-up, imports
+  of JAX/Levanter, config parsing: the ``startup`` phase);
 * distributed init, prepare (prompts, tokenizer, preflight, output dir), model load, engine build, write, from
   ``summary.json`` ``hosts[*].phases``;
 * prefill and decode from the same phases, each split into the engine program's trace + lower + XLA compile (or
   cache load), from JAX's ``JAX_LOG_COMPILES`` log lines, and the rest (running it);
-* gather: per host, its write end -> the leader has its payload decoded (``hosts[*].phases.gather``; a host
-  that finishes first waits there for the leader); on the critical path ("max" column): the last host's write
-  end -> the leader has every payload;
-* merge: the leader's last payload in -> ``merged.jsonl`` written (its modification time);
-* summary + timeline: ``merged.jsonl`` -> ``timeline.png`` written (modification times);
-* tracker + shutdown: ``timeline.png`` -> the launcher's exit (tracker call, ``done`` key, every process exiting);
-  the leader's own merge/tracker phases are not in summary.json (see docs/benchmarks.md for the change that would
-  add them).
+* gather: per host, its write end -> the leader has its shard (``hosts[*].phases.gather``; a host that finishes
+  first waits there for the leader; the leader's own shard never leaves it); on the critical path ("max"
+  column): the last host's write end -> the leader has every shard;
+* the leader's own phases from ``summary.json`` ``leader.phases``: collect (its wait for the other shards), merge
+  (``merged.jsonl``), timeline (``timeline.png``), tracker; then shutdown: the tracker's end -> the launcher's exit
+  (``summary.json`` rewritten, the ``done`` key, every process exiting).
 """
 
 import argparse
@@ -32,7 +29,6 @@ import shutil
 import time
 
 from _common import (
-    EQX_NAN,
     RESULTS,
     SCRATCH,
     TINY_CONFIG,
@@ -65,7 +61,12 @@ def breakdown(run: dict) -> tuple[list[dict], dict]:
     last_written = 0.0
     for m in sorted(run["host_metrics"], key=lambda m: m["host"]):
         host, ph = m["host"], m["phases"]
-        row = {"host": host, "process_start": m["started_at"] + ph.get("startup", (0.0, 0.0))[1] - launched}
+        row = {
+            "host": host,
+            "launch": m["started_at"] - launched,
+            "python_start": ph.get("startup", (0.0, 0.0))[1],
+            "process_start": m["started_at"] + ph.get("startup", (0.0, 0.0))[1] - launched,
+        }
         for name in PHASES:
             row[name] = span(ph, name)
         compile_prefill = sum(
@@ -88,12 +89,15 @@ def breakdown(run: dict) -> tuple[list[dict], dict]:
         covered = row["process_start"] + sum(row[name] for name in PHASES)
         row["other"] = row["until_sent_s"] - covered
         rows.append(row)
-    files = run["files"]
+    own = run["leader"]["phases"]
+    tracker_end = run["leader"]["started_at"] + own["tracker"][1]
     leader = {
         "gather_critical": last_in - last_written,
-        "merge": files["merged.jsonl"] - last_in,
-        "summary_timeline": files["timeline.png"] - files["merged.jsonl"],
-        "tracker_shutdown": run["ended_at"] - files["timeline.png"],
+        "collect": span(own, "collect"),
+        "merge": span(own, "merge"),
+        "timeline": span(own, "timeline"),
+        "tracker": span(own, "tracker"),
+        "shutdown": run["ended_at"] - tracker_end,
         "wall": wall,
     }
     return rows, leader
@@ -105,7 +109,7 @@ def main() -> None:
     parser.add_argument(
         "--cache",
         action="store_true",
-        help="Measure a warm compilation-cache run (EQX_ON_ERROR=nan, every host writes its entries).",
+        help="Measure a warm compilation-cache run (after one run that fills it).",
     )
     parser.add_argument("--hf_checkpoint", default=default_checkpoint())
     parser.add_argument("--out", default=str(RESULTS / "phases.json"))
@@ -113,20 +117,19 @@ def main() -> None:
     core_list = cores()
     work = SCRATCH / "phases"
     config = write_config(work / "config.yaml", TINY_CONFIG, hf_checkpoint=args.hf_checkpoint)
-    flags, env = [], {}
+    flags = []
     if args.cache:
         shutil.rmtree(work / "jax_cache", ignore_errors=True)
-        flags, env = [cache_flag(work / "jax_cache")], EQX_NAN
-        launch(config, work / "fill_cache", args.hosts, *flags, env_extra=env, core_list=core_list,
-               every_host_writes=True)  # fmt: skip
-    run = launch(config, work / "run", args.hosts, *flags, env_extra=env, core_list=core_list,
-                 every_host_writes=args.cache)  # fmt: skip
+        flags = [cache_flag(work / "jax_cache")]
+        launch(config, work / "fill_cache", args.hosts, *flags, core_list=core_list)
+    run = launch(config, work / "run", args.hosts, *flags, core_list=core_list)
     rows, leader = breakdown(run)
     wall = leader["wall"]
 
     table = []
     names = [
-        ("process_start", "process start (launcher, Python, imports, config)"),
+        ("launch", "launcher start -> host process created"),
+        ("python_start", "Python start, imports, config"),
         ("distributed_init", "jax.distributed init"),
         ("prepare", "prepare (prompts, tokenizer, preflight, output dir)"),
         ("model_load", "model load"),
@@ -148,16 +151,18 @@ def main() -> None:
         entry["share"] = slowest / wall
         table.append(entry)
     for key, title in (
-        ("merge", "merge (leader: last payload -> merged.jsonl)"),
-        ("summary_timeline", "summary.json + timeline.png"),
-        ("tracker_shutdown", "tracker + done + process exit"),
+        ("collect", "collect (leader: own shard sent -> every other shard in)"),
+        ("merge", "merge (leader: merged.jsonl)"),
+        ("timeline", "timeline.png"),
+        ("tracker", "tracker (summary.json, log, finish)"),
+        ("shutdown", "summary.json again, done, every process exiting"),
     ):
         table.append({"phase": title, "h0": leader[key], "max": leader[key], "share": leader[key] / wall})
     table.append({"phase": "wall clock (launcher start -> exit)", "max": wall, "share": 1.0})
     columns = [("phase", "phase", "{}")]
     columns += [(f"h{r['host']}", f"host {r['host']} s", "{:.2f}") for r in rows]
     columns += [("max", "max s", "{:.2f}"), ("share", "of wall", "{:.1%}")]
-    mode = "warm compilation cache (EQX_ON_ERROR=nan, every host writes)" if args.cache else "no compilation cache"
+    mode = "warm compilation cache" if args.cache else "no compilation cache"
     print(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {mode}; tiny_local workload")
     print(format_table(table, columns))
     s = run["summary"]

@@ -1,25 +1,29 @@
 """Scaling: the same workload on 1, 2 and 4 emulated hosts -> tokens/s, per-host round time, imbalance.
 
-    uv run python bench/scaling.py                       # ~7 min on 2 cores; JSON to bench/results/scaling.json
-    uv run python bench/scaling.py --hosts 1,2 --repeats 3 --out /tmp/scaling.json
+    uv run python bench/scaling.py                       # 1 vs 2 hosts, ~12 min on 2 cores; bench/results/scaling.json
+    uv run python bench/scaling.py --hosts 1,2,4 --repeats 2 --out /tmp/scaling.json    # 4 hosts: 2 per core here
+    uv run python bench/scaling.py --prompts 16384 --max_seq_len 64 --out /tmp/small.json   # the small workload
 
-Workload: 16384 addition prompts (``addition.make_prompts(16384, 0)``) x 6 new tokens, greedy, on the tiny model,
+Workload: 65536 addition prompts (``addition.make_prompts(65536, 0)``) x 6 new tokens, greedy, on the tiny model,
 with an engine of 2048 sequence slots per host (``max_seqs = max_tokens_per_round = max_seqs_in_prefill = 2048``,
-``max_prefill_size = 20480``, ``max_seq_len = 64``, ``max_rounds = 6``). The engine's steps have fixed shapes: a
+``max_prefill_size = 20480``, ``max_seq_len = 256``, ``max_rounds = 6``). The engine's steps have fixed shapes: a
 decode iteration costs the same whatever number of the ``max_tokens_per_round`` slots is active, and so does a
-prefill. A host's time is therefore set by its admission waves: 16384 / 2048 = 8 waves on 1 host, 4 on 2, 2 on 4.
+prefill. A host's time is therefore set by its admission waves: 65536 / 2048 = 32 waves on 1 host, 16 on 2, 8 on 4.
 That is what more hosts buy on a real slice too (more engines, each as wide as its chips allow); fewer prompts
-per host in a single wave would buy nothing.
+per host in a single wave would buy nothing. ``max_seq_len`` sets the engine's decode budget per ``generate`` call
+(``max_seq_len / max_rounds`` outer rounds, one per wave here), so 256 lets one host run all 32 waves; the
+sequences themselves use under 20 positions, well within the 64 the tiny model was trained on. A wider page table
+makes each step dearer (about 2.3 s per wave here against 1.2 s with ``max_seq_len = 64``), but the point is a
+workload where generation, not the fixed ~2.5 s per host of tracing the engine's programs, sets a host's time, as
+on a TPU (107 s of generation per host in the seed's run).
 
 Every host runs on 1 CPU device (``--devices_per_host 1 --trainer.model_axis_size=1``) and is pinned to one core
 by ``bench/pin.py`` (1 host: core 0 only, so that 1 and 2 hosts get one core per host). With 2 cores, 4 hosts
 share them two to a core: 4 hosts cannot beat 2 here, and are run ``--oversubscribed_repeats`` times only.
 
-Compilation: a first, cold run on the largest host count fills a persistent compilation cache
-(``EQX_ON_ERROR=nan``, see bench/compile_cache.py), and every run goes through ``bench/bench_sampler.py`` with
-``BENCH_EVERY_HOST_WRITES=1``, so that every host, not only host 0, finds its programs there: JAX 0.10.2 writes
-cache entries from process 0 only, and without that change hosts 1-3 compile ~15 s every run (``--plain`` runs
-the sampler as it is). The bench sampler also logs each host's CPU seconds in ``InferenceEngine.generate``.
+Compilation: a first, cold run on the largest host count fills a persistent compilation cache, where every host
+writes its own entries (see bench/compile_cache.py), so every measured run loads the engine's programs from it.
+Runs go through ``bench/bench_sampler.py``, which logs each host's CPU seconds in ``InferenceEngine.generate``.
 
 Host time three ways: the round time of summary.json (prefill + decode; wall clock; includes ~2-3 s of tracing,
 lowering and loading the engine's two programs, which no cache removes); generation only (the round minus that,
@@ -38,7 +42,6 @@ import statistics
 import time
 
 from _common import (
-    EQX_NAN,
     RESULTS,
     SCRATCH,
     addition_prompts,
@@ -67,7 +70,7 @@ def workload_config(path, args):
         progress_interval_s=0,
         trainer={"model_axis_size": 1},
         engine={
-            "max_seq_len": 64,
+            "max_seq_len": args.max_seq_len,
             "page_size": 8,
             "max_pages": 3 * args.max_seqs,
             "max_seqs": args.max_seqs,
@@ -116,22 +119,18 @@ def row_of(run, label):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", default="1,2,4", help="Host counts, comma-separated.")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hosts", default="1,2", help="Host counts, comma-separated.")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--oversubscribed_repeats", type=int, default=1, help="Repeats of host counts above the core count."
     )
     parser.add_argument(
-        "--prompts", type=int, default=16384, help="Addition prompts (addition.make_prompts, seed 0)."
+        "--prompts", type=int, default=65536, help="Addition prompts (addition.make_prompts, seed 0)."
     )
     parser.add_argument("--max_new_tokens", type=int, default=6)
     parser.add_argument("--max_seqs", type=int, default=2048)
     parser.add_argument("--max_rounds", type=int, default=6)
-    parser.add_argument(
-        "--plain",
-        action="store_true",
-        help="The sampler as it is: hosts other than 0 compile the engine's programs every run (no cache entry).",
-    )
+    parser.add_argument("--max_seq_len", type=int, default=256)
     parser.add_argument("--hf_checkpoint", default=default_checkpoint())
     parser.add_argument("--out", default=str(RESULTS / "scaling.json"))
     args = parser.parse_args()
@@ -143,12 +142,8 @@ def main() -> None:
     shutil.rmtree(work / "jax_cache", ignore_errors=True)
 
     print(f"machine: {machine()}; workload config {config}")
-    patched = not args.plain
     biggest = max(host_counts)
-    fill = launch(
-        config, work / "cold", biggest, *flags, env_extra=EQX_NAN, core_list=core_list, every_host_writes=patched,
-        bench_sampler=True,
-    )  # fmt: skip
+    fill = launch(config, work / "cold", biggest, *flags, core_list=core_list, bench_sampler=True)
     cold = row_of(fill, f"{biggest} host(s), cold cache")
     print(format_table([cold], COLUMNS))
     runs: list[dict] = []
@@ -159,10 +154,7 @@ def main() -> None:
         for n in host_counts:
             if n > len(core_list) and rep >= args.oversubscribed_repeats:
                 continue
-            run = launch(
-                config, work / f"h{n}_r{rep}", n, *flags, env_extra=EQX_NAN, core_list=core_list,
-                every_host_writes=patched, bench_sampler=True,
-            )  # fmt: skip
+            run = launch(config, work / f"h{n}_r{rep}", n, *flags, core_list=core_list, bench_sampler=True)
             row = row_of(run, f"{n} host(s), warm, repeat {rep}")
             row["repeat"] = rep
             runs.append(row)

@@ -11,7 +11,7 @@ import sys
 import jax
 
 from levanter_multihost.gather import GatherError, KvGather, for_this_job
-from levanter_multihost.outputs import merge_rows
+from levanter_multihost.outputs import jsonl_bytes, merge_jsonl, parse_jsonl
 from levanter_multihost.payload import PayloadError, encode_payload
 from levanter_multihost.sharding import contiguous_shard
 
@@ -40,41 +40,49 @@ jax.distributed.initialize(
     int(os.environ["LEVANTER_MULTIHOST_PROCESS_ID"]),
 )
 host, n = jax.process_index(), jax.process_count()
-if mode == "largest":
+if mode == "largest":  # as the sampler does it: the leader keeps its own shard and merges the others' lines
     gather = for_this_job(n, chunk_bytes=4 * 1024 * 1024, prefix="test/largest")
-    gather.send(host, {"rows": [synthetic_row(i, n) for i in contiguous_shard(1024, n, host)]})
+    own = jsonl_bytes(synthetic_row(i, n) for i in contiguous_shard(1024, n, host))
     if host != 0:
+        gather.send(host, {"metrics": {"host": host}}, own)
         gather.wait_for("done", 120)
         sys.exit(0)
-    got = gather.collect(timeout_s=120)
-    merged = merge_rows([r for h in sorted(got) for r in got[h].body["rows"]], 1024, 1)
-    exact = all(row == synthetic_row(row["global_prompt_index"], n) for row in merged)
+    got = gather.collect(timeout_s=120, hosts=range(1, n))
+    merged = parse_jsonl(merge_jsonl([own] + [got[h].data for h in range(1, n)], 1024, 1))
+    exact = [row["global_prompt_index"] for row in merged] == list(range(1024)) and all(
+        row == synthetic_row(row["global_prompt_index"], n) for row in merged
+    )
+    headers = all(got[h].header == {"metrics": {"host": h}} for h in range(1, n))
     gather.publish("done", True)
-    print("RESULT " + json.dumps({"rows": len(merged), "exact": exact, "bytes": sum(g.bytes for g in got.values())}))
+    result = {"rows": len(merged), "exact": exact, "headers": headers, "bytes": sum(g.bytes for g in got.values())}
+    print("RESULT " + json.dumps(result))
     sys.exit(0)
 
 gather: KvGather = for_this_job(n, chunk_bytes=1000, prefix=f"test/{mode}")
 rows = [{"global_prompt_index": host * 1000 + i, "generated_token_ids": list(range(i, i + 300))} for i in range(40)]
+data = json.dumps(rows).encode("utf-8")
+header = {"metrics": {"host": host}}
 
 if host != 0:
     if mode == "corrupt" and host == 1:
-        manifest, chunks = encode_payload(host, {"rows": rows}, gather.chunk_bytes)
+        manifest, chunks = encode_payload(host, header, data, gather.chunk_bytes)
         chunks[2] = chunks[2][:-1] + bytes([chunks[2][-1] ^ 0xFF])
         for i, chunk in enumerate(chunks):
             gather.client.key_value_set_bytes(f"test/{mode}/host{host:05d}/chunk{i:06d}", chunk)
         gather.client.key_value_set_bytes(f"test/{mode}/host{host:05d}/manifest", manifest.to_bytes())
     elif not (mode == "silent" and host == 2):
-        gather.send(host, {"rows": rows})
+        gather.send(host, header, data)
     gather.wait_for("done", 60)
     sys.exit(0)
 
-gather.send(0, {"rows": rows})
+gather.send(0, header, data)  # the transport carries the leader's own payload too, though the sampler keeps it
 try:
     got = gather.collect(timeout_s=3 if mode == "silent" else 60)
     result = {
         "ok": True,
         "hosts": sorted(got),
-        "rows": {h: got[h].body["rows"] for h in got},
+        "rows": {h: json.loads(got[h].data) for h in got},
+        "headers": {h: got[h].header for h in got},
         "chunks": {h: got[h].bytes for h in got},
     }
 except (GatherError, PayloadError) as e:

@@ -34,12 +34,8 @@ class Run:
 
 def compile_cache_env(cache_dir: Path) -> dict[str, str]:
     """Environment for a shared persistent compilation cache, which ``launch`` passes to every run through
-    ``--trainer.jax_compilation_cache_dir``.
-
-    Equinox's runtime checks (``eqx.error_if``) compile to host callbacks, and JAX never caches a program with
-    host callbacks; ``EQX_ON_ERROR=nan`` turns the checks into NaN poisoning so the engine's programs cache.
-    """
-    return {"LEVANTER_MULTIHOST_TEST_CACHE": str(cache_dir), "EQX_ON_ERROR": "nan"}
+    ``--trainer.jax_compilation_cache_dir``."""
+    return {"LEVANTER_MULTIHOST_TEST_CACHE": str(cache_dir)}
 
 
 def cache_flags() -> list[str]:

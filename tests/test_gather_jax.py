@@ -27,6 +27,7 @@ def test_many_chunk_payloads_arrive_exactly():
         rows = result["rows"][str(host)]
         assert [r["global_prompt_index"] for r in rows] == [host * 1000 + i for i in range(40)]
         assert rows[7]["generated_token_ids"] == list(range(7, 307))
+        assert result["headers"][str(host)] == {"metrics": {"host": host}}
         assert result["chunks"][str(host)] > 2 * 1000  # several 1000-byte chunks
 
 
@@ -43,7 +44,8 @@ def test_silent_host_is_named_after_the_timeout():
 
 
 def test_largest_shape_is_carried_and_verified():
-    """The seed's largest shape: 1024 prompts x 2048 tokens of rows over 4 hosts, every row checked."""
+    """The seed's largest shape: 1024 prompts x 2048 tokens over 4 hosts, the leader's own shard kept, the other
+    three carried, merged line by line and every row checked."""
     result = run_gather("largest", hosts=4)
-    assert result == {"rows": 1024, "exact": True, "bytes": result["bytes"]}
-    assert result["bytes"] > 4 * 1024 * 1024  # several chunks per host
+    assert result == {"rows": 1024, "exact": True, "headers": True, "bytes": result["bytes"]}
+    assert result["bytes"] > 3 * 2 * 1024 * 1024  # ~3 MB of compressed shard from each of hosts 1-3

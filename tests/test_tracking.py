@@ -42,7 +42,8 @@ def test_wandb_summary_matches_the_merged_file(greedy_4x4):
         >= summary["sample/round_time_min_s"]
     )
     assert summary["sample/host_imbalance"] >= 1.0
-    assert summary["sample/gather_bytes"] == sum(summary[f"host/{h}/gather_bytes"] for h in range(4)) > 0
+    assert summary["host/0/gather_bytes"] == 0  # the leader keeps its own shard out of the store
+    assert summary["sample/gather_bytes"] == sum(summary[f"host/{h}/gather_bytes"] for h in range(1, 4)) > 0
     assert summary["samples/nrows"] == 256
 
 
@@ -69,11 +70,17 @@ def test_summary_json_agrees_with_the_merged_file(greedy_4x4):
     assert [h["host"] for h in data["hosts"]] == [0, 1, 2, 3]
     for h in data["hosts"]:
         assert set(HOST_METRICS) <= set(h)
+        assert (h["shard_rows"], h["shard_tokens"]) == (64, 64 * 6)
         assert h["tokens_generated"] == sum(
             r["generated_token_count"] for r in merged if r["process_index"] == h["host"]
         )
         assert h["pages_free_after_decode"] + h["pages_in_use_after_decode"] == 1024
     assert "Per-host results" in greedy_4x4.output and "host  prompts" in greedy_4x4.output
+    leader = data["leader"]["phases"]
+    for before, after in [("write", "gather"), ("gather", "collect"), ("collect", "merge"), ("merge", "timeline"),
+                          ("timeline", "tracker")]:  # fmt: skip
+        assert leader[before][1] <= leader[after][0] <= leader[after][1]
+    assert data["summary"]["sample/gather_s"] == leader["collect"][1] - leader["collect"][0]
 
 
 def test_timeline_png_has_a_bar_per_host(greedy_4x4):

@@ -1,19 +1,20 @@
-"""Carrying every host's rows to the leader through the JAX distributed key-value store.
+"""Carrying the other hosts' shards to the leader through the JAX distributed key-value store.
 
-Each host writes its chunks with the bytes API, then its manifest (the manifest is the commit point). Every host also
-bumps a heartbeat key from a background thread. The leader polls for manifests, reads and verifies each host's
-chunks, deletes the keys it read, and reports hosts that failed (their manifest carries the error) or whose
-heartbeat stopped for ``timeout_s`` (a SIGKILLed process cannot say goodbye, and JAX's own liveness query blocks
-until its 100 s heartbeat timeout, so slow hosts are waited for and silent ones given up on).
-After merging, the leader publishes a ``done`` key that the other hosts wait for, so nobody
-tears the job down while the leader still reads. No collective is used: a host that never arrives cannot hang
-the others past the timeout. Encoding lives in :mod:`levanter_multihost.payload`.
+Each host but the leader (which keeps its own shard) writes its chunks with the bytes API, then its manifest (the
+manifest is the commit point). Every host also bumps a heartbeat key from a background thread. The leader polls
+for manifests, reads and verifies each host's chunks, deletes the keys it read, and reports hosts that failed
+(their manifest carries the error) or whose heartbeat stopped for ``timeout_s`` (a SIGKILLed process cannot say
+goodbye, and JAX's own liveness query blocks until its 100 s heartbeat timeout, so slow hosts are waited for and
+silent ones given up on). After merging, the leader publishes a ``done`` key that the other hosts wait for, so
+nobody tears the job down while the leader still reads. No collective is used: a host that never arrives cannot
+hang the others past the timeout. Encoding lives in :mod:`levanter_multihost.payload`.
 """
 
 import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,8 +64,10 @@ class SendStats:
 
 @dataclass(frozen=True)
 class Received:
-    body: dict[str, Any]
-    """The decoded payload."""
+    header: dict[str, Any]
+    """The payload's JSON header (the host's metrics)."""
+    data: bytes
+    """The payload's data: the host's shard file, byte for byte."""
     bytes: int
     """Compressed payload size."""
     at: float
@@ -89,21 +92,22 @@ class KvGather:
     def _key(self, host: int, part: str) -> str:
         return f"{self.prefix}/host{host:05d}/{part}"
 
-    def send(self, host: int, body: dict[str, Any]) -> SendStats:
-        """Write ``body`` as chunks, then the manifest that commits them."""
+    def send(self, host: int, header: dict[str, Any], data: bytes) -> SendStats:
+        """Write ``header`` and ``data`` as chunks, then the manifest that commits them."""
         start = time.perf_counter()
-        manifest, chunks = encode_payload(host, body, self.chunk_bytes)
+        manifest, chunks = encode_payload(host, header, data, self.chunk_bytes)
         for i, chunk in enumerate(chunks):
             self.client.key_value_set_bytes(self._key(host, f"chunk{i:06d}"), chunk)
         self.client.key_value_set_bytes(self._key(host, "manifest"), manifest.to_bytes())
         return SendStats(manifest.total_bytes, manifest.num_chunks, time.perf_counter() - start)
 
     def send_failure(self, host: int, error: str) -> None:
-        """Tell the leader this host failed, so it reports the error instead of waiting for rows."""
+        """Tell the leader this host failed, so it reports the error instead of waiting for its shard."""
         self.client.key_value_set_bytes(self._key(host, "manifest"), failure_manifest(host, error).to_bytes())
 
-    def collect(self, timeout_s: float, hosts: list[int] | None = None) -> dict[int, Received]:
-        """Leader: wait for every host's payload (or a reason it cannot come) and return them by host.
+    def collect(self, timeout_s: float, hosts: Iterable[int] | None = None) -> dict[int, Received]:
+        """Leader: wait for the payload of every host in ``hosts`` (default: all) or a reason it cannot come, and
+        return them by host.
 
         A host that is still alive (its heartbeat moves, see :meth:`heartbeat`) is waited for however slow it
         is; one whose heartbeat has not moved for ``timeout_s`` (dead, or hung) is given up on. Raises
@@ -112,7 +116,7 @@ class KvGather:
         """
         pending = list(range(self.num_hosts)) if hosts is None else list(hosts)
         last_beat = {host: (None, time.monotonic()) for host in pending}
-        bodies: dict[int, Received] = {}
+        received: dict[int, Received] = {}
         failed: dict[int, str] = {}
         silent: list[int] = []
         while pending:
@@ -132,12 +136,13 @@ class KvGather:
                     failed[host] = manifest.error or "unknown error"
                     continue
                 deadline = time.monotonic() + timeout_s
-                bodies[host] = Received(self._read(manifest, deadline), manifest.total_bytes, time.time())
+                header, data = self._read(manifest, deadline)
+                received[host] = Received(header, data, manifest.total_bytes, time.time())
             if pending:
                 time.sleep(POLL_INTERVAL_S)
         if failed or silent:
             raise GatherError(_describe(failed, silent, timeout_s))
-        return bodies
+        return received
 
     def heartbeat(self, host: int, interval_s: float) -> threading.Event:
         """Show the leader this host is alive until the returned event is set: a counter in the store, bumped
@@ -155,7 +160,7 @@ class KvGather:
         threading.Thread(target=beat, name=f"heartbeat-{host}", daemon=True).start()
         return stop
 
-    def _read(self, manifest: Manifest, deadline: float) -> dict[str, Any]:
+    def _read(self, manifest: Manifest, deadline: float) -> tuple[dict[str, Any], bytes]:
         chunks = []
         for i in range(manifest.num_chunks):
             key = self._key(manifest.host, f"chunk{i:06d}")
@@ -163,12 +168,12 @@ class KvGather:
             chunk = bytes(self.client.blocking_key_value_get_bytes(key, remaining_ms))
             verify_chunk(manifest, i, chunk)
             chunks.append(chunk)
-        body = decode_payload(manifest, chunks)
+        header, data = decode_payload(manifest, chunks)
         for i in range(manifest.num_chunks):
             self.client.key_value_delete(self._key(manifest.host, f"chunk{i:06d}"))
         self.client.key_value_delete(self._key(manifest.host, "manifest"))
         self.client.key_value_delete(self._key(manifest.host, "heartbeat"))
-        return body
+        return header, data
 
     def _try_get(self, key: str) -> bytes | None:
         try:

@@ -1,17 +1,20 @@
 """Rows, shard files and the merged output.
 
-Covers the row schema, the per-host file ``host_{i:04d}_of_{n:04d}.jsonl``, the completeness check (every
-expected (prompt, generation) pair exactly once) and the merged ``merged.jsonl`` sorted by
-(``global_prompt_index``, ``generation_index``). Every file is written under a temporary name and renamed, on a
-local path or any fsspec URL. Leaves out how rows travel between hosts (:mod:`levanter_multihost.gather`).
-No JAX import.
+Covers the row schema, the per-host file ``host_{i:04d}_of_{n:04d}.jsonl`` (one JSON line per row, fields in
+``ROW_FIELDS`` order), the completeness check (every expected (prompt, generation) pair exactly once) and the
+merged ``merged.jsonl`` sorted by (``global_prompt_index``, ``generation_index``). Shard files merge line by line:
+each line's (prompt, generation) is read from its fixed prefix, so merging parses no JSON. Every file is written
+under a temporary name and renamed, on a local path or any fsspec URL. Leaves out how shards travel between hosts
+(:mod:`levanter_multihost.gather`). No JAX import.
 """
 
 import json
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 import fsspec
@@ -30,10 +33,14 @@ ROW_FIELDS = (
     "generated_token_count",
     "finish_reason",
 )
+LINE_PREFIX = re.compile(
+    rb'\{"global_prompt_index": (0|[1-9][0-9]*), "generation_index": (0|[1-9][0-9]*), "process_index": '
+)
+"""The start of every line :func:`jsonl_bytes` writes; its groups are the line's (prompt, generation)."""
 
 
 class MergeError(RuntimeError):
-    """Rows missing or duplicated; the message names them."""
+    """Rows missing, duplicated or unreadable; the message names them."""
 
 
 def shard_name(host: int, num_hosts: int) -> str:
@@ -57,12 +64,29 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    """One JSON line per row, its fields in ``ROW_FIELDS`` order (so every line starts with ``LINE_PREFIX``)."""
+    return "".join(json.dumps(_in_field_order(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def _in_field_order(row: dict[str, Any]) -> dict[str, Any]:
+    if tuple(row) == ROW_FIELDS:
+        return row
+    if row.keys() != set(ROW_FIELDS):
+        missing = [k for k in ROW_FIELDS if k not in row]
+        extra = sorted(set(row) - set(ROW_FIELDS))
+        raise ValueError(f"Row lacks fields {missing}, has unknown fields {extra}; rows hold exactly {ROW_FIELDS}.")
+    return {k: row[k] for k in ROW_FIELDS}
+
+
+def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
+    """Rows of JSON lines, split at newline bytes only (``str.splitlines`` would also split at a U+2028 or U+0085
+    that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped inside a string)."""
+    return [json.loads(line) for line in data.split(b"\n") if line.strip()]
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     with fsspec.open(path, "rb") as f:
-        return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        return parse_jsonl(f.read())
 
 
 def exists(path: str) -> bool:
@@ -74,9 +98,9 @@ def expected_pairs(num_prompts: int, n_generations: int) -> set[tuple[int, int]]
     return {(p, g) for p in range(num_prompts) for g in range(n_generations)}
 
 
-def merge_rows(rows: Sequence[dict[str, Any]], num_prompts: int, n_generations: int) -> list[dict[str, Any]]:
-    """Check every expected (prompt, generation) pair is present exactly once and return rows in order."""
-    counts = Counter((r["global_prompt_index"], r["generation_index"]) for r in rows)
+def check_complete(pairs: Iterable[tuple[int, int]], num_prompts: int, n_generations: int) -> None:
+    """Raise :class:`MergeError` unless ``pairs`` holds every expected (prompt, generation) pair exactly once."""
+    counts = Counter(pairs)
     expected = expected_pairs(num_prompts, n_generations)
     missing = sorted(expected - counts.keys())
     duplicated = sorted(k for k, c in counts.items() if c > 1)
@@ -90,11 +114,36 @@ def merge_rows(rows: Sequence[dict[str, Any]], num_prompts: int, n_generations: 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected, first {unexpected[:10]}")
         raise MergeError("Cannot merge: " + "; ".join(parts) + ".")
-    return sorted(rows, key=lambda r: (r["global_prompt_index"], r["generation_index"]))
 
 
-def write_shard(output_dir: str, host: int, num_hosts: int, rows: Sequence[dict[str, Any]]) -> str:
-    """Write this host's rows (sorted) to its shard file; return the path."""
+def merge_jsonl(shards: Sequence[bytes], num_prompts: int, n_generations: int) -> bytes:
+    """``merged.jsonl`` from every host's shard file (``shards[i]`` is host ``i``'s, as :func:`jsonl_bytes` wrote
+    it): the lines of all shards sorted by (prompt, generation), once :func:`check_complete` accepts them."""
+    keyed = [pair_and_line for host, data in enumerate(shards) for pair_and_line in _keyed_lines(host, data)]
+    check_complete((pair for pair, _ in keyed), num_prompts, n_generations)
+    keyed.sort(key=itemgetter(0))
+    return b"".join(line + b"\n" for _, line in keyed)
+
+
+def _keyed_lines(host: int, data: bytes) -> list[tuple[tuple[int, int], bytes]]:
+    """Each line of host ``host``'s shard with its (prompt, generation), read from ``LINE_PREFIX``."""
+    lines = data.split(b"\n")
+    if lines.pop() != b"":
+        raise MergeError(f"Host {host}: shard does not end with a newline (truncated?); it cannot be merged.")
+    keyed = []
+    for number, line in enumerate(lines, start=1):
+        match = LINE_PREFIX.match(line)
+        if match is None or not line.endswith(b"}"):
+            raise MergeError(
+                f"Host {host} line {number}: {line[:80]!r} is not a row as outputs.jsonl_bytes writes it (one JSON "
+                'object per line starting {"global_prompt_index": P, "generation_index": G, "process_index": ...).'
+            )
+        keyed.append(((int(match[1]), int(match[2])), line))
+    return keyed
+
+
+def write_shard(output_dir: str, host: int, num_hosts: int, data: bytes) -> str:
+    """Write this host's shard file (``data`` from :func:`jsonl_bytes` of its sorted rows); return the path."""
     path = join(output_dir, shard_name(host, num_hosts))
-    write_atomic(path, jsonl_bytes(rows))
+    write_atomic(path, data)
     return path

@@ -1,10 +1,11 @@
-"""Encoding a host's rows for the trip to the leader, and checking them on arrival.
+"""Encoding a host's shard for the trip to the leader, and checking it on arrival.
 
-A payload is JSON (rows plus the host's metrics), zlib-compressed and cut into chunks of at most
-``chunk_bytes``. Its manifest records the chunk count, the byte sizes and a SHA-256 per chunk, so a corrupted,
-truncated or missing chunk is named (host, chunk) instead of turning into a bad row. Payloads are only ever
-parsed as JSON: never unpickled or evaluated. This module knows nothing of the transport (see
-:mod:`levanter_multihost.gather`). No JAX import.
+A payload is a small JSON header (the host's metrics), a newline, then opaque bytes (the host's shard file,
+exactly as written), zlib-compressed and cut into chunks of at most ``chunk_bytes``. Its manifest records the chunk
+count, the byte sizes and a SHA-256 per chunk, so a corrupted, truncated or missing chunk is named (host, chunk)
+instead of turning into a bad row. Headers are only ever parsed as JSON and the bytes are handed on as they are:
+nothing is unpickled or evaluated. This module knows nothing of the transport (see
+:mod:`levanter_multihost.gather`) or of what the bytes hold (see :mod:`levanter_multihost.outputs`). No JAX import.
 """
 
 import hashlib
@@ -26,7 +27,7 @@ class Manifest:
     host: int
     """Process index of the sender."""
     status: str
-    """``ok``, or ``failed`` when the host sends an error instead of rows."""
+    """``ok``, or ``failed`` when the host sends an error instead of its shard."""
     num_chunks: int
     """How many chunks follow."""
     chunk_sizes: list[int]
@@ -54,12 +55,14 @@ class Manifest:
 
 
 def encode_payload(
-    host: int, body: dict[str, Any], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    host: int, header: dict[str, Any], data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> tuple[Manifest, list[bytes]]:
-    """Serialize ``body`` (JSON-able) into chunks and the manifest that describes them."""
+    """Compress ``header`` (JSON-able) and ``data`` into chunks and the manifest that describes them."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must be >= 1.")
-    blob = zlib.compress(json.dumps(body, separators=(",", ":")).encode("utf-8"), COMPRESSION_LEVEL)
+    compressor = zlib.compressobj(COMPRESSION_LEVEL)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n"
+    blob = compressor.compress(head) + compressor.compress(data) + compressor.flush()
     chunks = [blob[i : i + chunk_bytes] for i in range(0, len(blob), chunk_bytes)] or [b""]
     manifest = Manifest(
         host=host,
@@ -73,7 +76,7 @@ def encode_payload(
 
 
 def failure_manifest(host: int, error: str) -> Manifest:
-    """A manifest that carries a host's error instead of rows."""
+    """A manifest that carries a host's error instead of its shard."""
     return Manifest(
         host=host, status="failed", num_chunks=0, chunk_sizes=[], chunk_sha256=[], total_bytes=0, error=error
     )
@@ -92,13 +95,17 @@ def verify_chunk(manifest: Manifest, index: int, chunk: bytes) -> None:
         )
 
 
-def decode_payload(manifest: Manifest, chunks: list[bytes]) -> dict[str, Any]:
-    """Verify every chunk against ``manifest`` and return the decoded body."""
+def decode_payload(manifest: Manifest, chunks: list[bytes]) -> tuple[dict[str, Any], bytes]:
+    """Verify every chunk against ``manifest`` and return the header and the data."""
     if len(chunks) != manifest.num_chunks:
         raise PayloadError(f"Host {manifest.host}: got {len(chunks)} chunks, manifest says {manifest.num_chunks}.")
     for i, chunk in enumerate(chunks):
         verify_chunk(manifest, i, chunk)
     try:
-        return json.loads(zlib.decompress(b"".join(chunks)).decode("utf-8"))
+        head, newline, data = zlib.decompress(b"".join(chunks)).partition(b"\n")
+        header = json.loads(head.decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PayloadError(f"Host {manifest.host}: payload does not decode ({e}).") from None
+    if not newline or not isinstance(header, dict):
+        raise PayloadError(f"Host {manifest.host}: payload does not start with a JSON object header and a newline.")
+    return header, data

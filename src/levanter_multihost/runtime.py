@@ -92,11 +92,44 @@ def start(trainer: TrainerConfig) -> HostContext:
     with ctx.phase("distributed_init"):
         distributed_from_env(trainer).distributed.initialize()
         ctx.host, ctx.num_hosts = jax.process_index(), jax.process_count()
+    if trainer.jax_compilation_cache_dir is not None and ctx.num_hosts > 1:
+        let_every_host_write_compilation_cache()
     setup_logging(str(ctx.host))
     logger.info(
         "host %d of %d (pid %d), %d local devices", ctx.host, ctx.num_hosts, os.getpid(), jax.local_device_count()
     )
     return ctx
+
+
+def let_every_host_write_compilation_cache() -> bool:
+    """Let this host write its own entries to JAX's persistent compilation cache; True if it now does.
+
+    JAX (0.10.2) writes entries from process 0 only, which suits SPMD programs that every process compiles alike.
+    Host-data-parallel programs are host-local and their cache keys hold the host's own device ids, so without
+    this the other hosts never find an entry and compile the engine on every run (docs/benchmarks.md, section 4).
+    Keys differ per host, so no two hosts write the same file, whether the directory is per host or shared.
+    Wraps JAX's private ``compiler._cache_write``; does nothing (and says so) if that has moved.
+    """
+    from jax._src import compiler, distributed
+
+    write = getattr(compiler, "_cache_write", None)
+    if write is None or not hasattr(distributed.global_state, "process_id"):
+        logger.warning("JAX's compilation-cache writer has moved: only host 0 will write cache entries.")
+        return False
+    if getattr(write, "every_host", False):
+        return True
+
+    def cache_write(*args, **kwargs):
+        saved = distributed.global_state.process_id
+        distributed.global_state.process_id = 0  # the writer's only check on who writes
+        try:
+            return write(*args, **kwargs)
+        finally:
+            distributed.global_state.process_id = saved
+
+    cache_write.every_host = True
+    compiler._cache_write = cache_write
+    return True
 
 
 def setup_logging(host: str) -> None:
@@ -118,10 +151,11 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def process_started_at() -> float:
-    """Wall-clock time this process was created (Linux ``/proc``); now, where that cannot be read."""
+def process_started_at(pid: int | str = "self") -> float:
+    """Wall-clock time process ``pid`` (this one by default) was created, to 10 ms (Linux ``/proc``); now, where
+    that cannot be read."""
     try:
-        with open("/proc/self/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])

@@ -13,6 +13,13 @@ and (optionally) logs to wandb.
 """
 
 import logging
+import os
+
+# Levanter's engine checks its bookkeeping with Equinox's ``error_if``, which by default compiles to host callbacks,
+# and JAX never writes a program with host callbacks to the persistent compilation cache: the engine would compile
+# on every run. As NaN poisoning the checks still run and the programs can be cached. Equinox reads this when it is
+# imported, hence before the imports below; ``EQX_ON_ERROR=raise`` in the environment restores raising.
+os.environ.setdefault("EQX_ON_ERROR", "nan")
 
 import levanter
 
@@ -40,13 +47,16 @@ def main(config: SampleLmMultihostConfig) -> None:
         rows, stats = sample_shard(config, ctx, job, todo)
         with ctx.phase("write"):
             rows = sorted(rows + kept, key=lambda r: (r["global_prompt_index"], r["generation_index"]))
-            outputs.write_shard(config.output_dir, ctx.host, ctx.num_hosts, rows)
+            data = outputs.jsonl_bytes(rows)
+            outputs.write_shard(config.output_dir, ctx.host, ctx.num_hosts, data)
         with ctx.phase("gather"):
-            metrics = host_metrics(ctx.host, ctx.started_at, ctx.phases, len(shard), stats, len(kept))
-            kv.send(ctx.host, {"rows": rows, "metrics": metrics})
+            metrics = host_metrics(ctx.host, ctx.started_at, ctx.phases, len(shard), stats, len(kept), rows)
+            header = {"metrics": metrics}
+            if not ctx.is_leader:
+                kv.send(ctx.host, header, data)
             alive.set()
         if ctx.is_leader:
-            finish_as_leader(config, ctx, job, kv)
+            finish_as_leader(config, ctx, job, kv, header, data)
     if not ctx.is_leader:
         kv.wait_for("done", gather.LEADER_WAIT_S)
 

@@ -1,8 +1,9 @@
-"""The run summary the leader builds from every host's metrics and the merged rows.
+"""The run summary the leader builds from every host's metrics.
 
 Covers the ``sample/*`` totals, per-host ``host/<i>/<name>`` metrics, round-time spread and imbalance, and the
-readable table printed at the end. Leaves out where the summary goes (:mod:`levanter_multihost.tracking`).
-No JAX import.
+readable table printed at the end. Totals come from the metrics (each host counts the rows and tokens of the
+shard it sent), so the merged rows need not be parsed. Leaves out where the summary goes
+(:mod:`levanter_multihost.tracking`). No JAX import.
 """
 
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ HOST_METRICS = (
     "prompts",
     "sequences",
     "rows_resumed",
+    "shard_rows",
+    "shard_tokens",
     "tokens_generated",
     "model_load_s",
     "engine_build_s",
@@ -42,7 +45,6 @@ TABLE_COLUMNS = (
 
 def build_summary(
     host_metrics: Sequence[dict[str, Any]],
-    merged_rows: Sequence[dict[str, Any]],
     *,
     num_prompts: int,
     inference_mode: str,
@@ -54,8 +56,8 @@ def build_summary(
     mean_round = sum(rounds) / len(rounds) if rounds else 0.0
     out: dict[str, Any] = {
         "sample/total_prompts": num_prompts,
-        "sample/total_sequences": len(merged_rows),
-        "sample/total_generated_tokens": sum(r["generated_token_count"] for r in merged_rows),
+        "sample/total_sequences": sum(m["shard_rows"] for m in host_metrics),
+        "sample/total_generated_tokens": sum(m["shard_tokens"] for m in host_metrics),
         "sample/num_hosts": len(host_metrics),
         "sample/inference_mode": inference_mode,
         "sample/wall_clock_s": wall_clock_s,
@@ -104,9 +106,18 @@ def format_table(host_metrics: Sequence[dict[str, Any]], summary: dict[str, Any]
 
 
 def host_metrics(
-    host: int, started_at: float, phases: dict[str, tuple[float, float]], shard_size: int, stats, rows_resumed: int
+    host: int,
+    started_at: float,
+    phases: dict[str, tuple[float, float]],
+    shard_size: int,
+    stats,
+    rows_resumed: int,
+    rows: Sequence[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The metrics a host sends with its rows (``gather_bytes`` and the gather's end are filled in by the leader)."""
+    """The metrics a host sends with its shard (``gather_bytes`` and the gather's end are filled in by the leader).
+
+    ``rows`` are the shard's rows, resumed ones included: ``shard_rows`` and ``shard_tokens`` count them.
+    """
     round_total = stats.prefill_s + stats.decode_s
     return {
         "host": host,
@@ -115,6 +126,8 @@ def host_metrics(
         "prompts": shard_size,
         "sequences": stats.sequences,
         "rows_resumed": rows_resumed,
+        "shard_rows": len(rows),
+        "shard_tokens": sum(r["generated_token_count"] for r in rows),
         "tokens_generated": stats.tokens_generated,
         "model_load_s": _span(phases, "model_load"),
         "engine_build_s": _span(phases, "engine_build"),

@@ -9,7 +9,7 @@ wraps it in Levanter's ``WandbTracker``; other trackers use their own ``init``. 
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from levanter.tracker import CompositeTracker, Tracker, TrackerConfig
@@ -55,11 +55,14 @@ def report(
     tracker_config,
     run_id: str | None,
     summary: dict[str, Any],
-    rows: Sequence[dict[str, Any]],
+    rows: Callable[[], Sequence[dict[str, Any]]],
     timeline_png: bytes | None,
     skip_samples_table: bool,
 ) -> None:
-    """Log the summary, the samples table and the timeline once, then finish the tracker."""
+    """Log the summary, the samples table and the timeline once, then finish the tracker.
+
+    ``rows`` returns the merged rows; it is called only for a wandb samples table.
+    """
     tracker = open_tracker(tracker_config, run_id)
     try:
         tracker.log(summary, step=0)
@@ -71,7 +74,7 @@ def report(
             media: dict[str, Any] = {}
             if not skip_samples_table:
                 table = wandb.Table(columns=list(TABLE_FIELDS))
-                for row in rows:
+                for row in rows():
                     table.add_data(*[row[f] for f in TABLE_FIELDS])
                 media["samples"] = table
             if timeline_png is not None:
