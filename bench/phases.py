@@ -154,7 +154,7 @@ def main() -> None:
         ("collect", "collect (leader: own shard sent -> every other shard in)"),
         ("merge", "merge (leader: merged.jsonl)"),
         ("timeline", "timeline.png"),
-        ("tracker", "tracker (summary.json, log, finish)"),
+        ("tracker", "tracker (log the summary, table and timeline; finish)"),
         ("shutdown", "summary.json again, done, every process exiting"),
     ):
         table.append({"phase": title, "h0": leader[key], "max": leader[key], "share": leader[key] / wall})

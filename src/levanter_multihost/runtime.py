@@ -92,7 +92,7 @@ def start(trainer: TrainerConfig) -> HostContext:
     with ctx.phase("distributed_init"):
         distributed_from_env(trainer).distributed.initialize()
         ctx.host, ctx.num_hosts = jax.process_index(), jax.process_count()
-    if trainer.jax_compilation_cache_dir is not None and ctx.num_hosts > 1:
+    if jax.config.jax_compilation_cache_dir and ctx.num_hosts > 1:  # from the trainer or JAX's own env variable
         let_every_host_write_compilation_cache()
     setup_logging(str(ctx.host))
     logger.info(
