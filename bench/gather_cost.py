@@ -4,7 +4,7 @@
     uv run python bench/gather_cost.py --repeats 5 --out /tmp/gather.json
 
 1024 rows of 2048 generated token ids (plus text of matching size; the same synthetic rows as
-``tests/gather_worker.py``'s ``synthetic_row``) spread over 4 emulated hosts (``infra/launch.py --local_hosts 4``,
+``tests/synthetic_rows.py``) spread over 4 emulated hosts (``infra/launch.py --local_hosts 4``,
 JAX distributed on loopback, host i pinned to core i % cores by ``bench/pin.py``). In the same 4 processes,
 rotating the order each repeat, the leader gets every host's rows into ``merged.jsonl`` three ways:
 
@@ -35,7 +35,6 @@ import base64
 import hashlib
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -45,27 +44,13 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from synthetic_rows import synthetic_row  # shared with the tests, found through the path above
 
 NUM_PROMPTS = 1024
 TIMEOUT_S = 300
 TRANSPORTS = ("project", "project+jsonl", "reference")
-
-
-def synthetic_row(index: int, num_hosts: int) -> dict:
-    """A row of the seed's largest shape (identical to tests/gather_worker.py's synthetic_row)."""
-    rng = random.Random(index)
-    ids = [rng.randrange(128256) for _ in range(2048)]
-    return {
-        "global_prompt_index": index,
-        "generation_index": 0,
-        "process_index": index * num_hosts // 1024,
-        "prompt": f"Prompt number {index}: " + "tell me a long story. " * 8,
-        "prompt_token_count": 60,
-        "generated_token_ids": ids,
-        "generated_text": " ".join(str(t) for t in ids[:1500]),
-        "generated_token_count": 2048,
-        "finish_reason": "length",
-    }
 
 
 # --------------------------------------------------------------------------------------------- worker (each host)

@@ -5,33 +5,15 @@ python infra/launch.py --local_hosts 3 --devices_per_host 1 -- python tests/gath
 
 import json
 import os
-import random
 import sys
 
 import jax
+from synthetic_rows import synthetic_row
 
 from levanter_multihost.gather import GatherError, KvGather, for_this_job
 from levanter_multihost.outputs import jsonl_bytes, merge_jsonl, parse_jsonl
 from levanter_multihost.payload import PayloadError, encode_payload
 from levanter_multihost.sharding import contiguous_shard
-
-
-def synthetic_row(index: int, num_hosts: int) -> dict:
-    """A row of the seed's largest shape: 2048 generated Llama-3 token ids and text of matching size."""
-    rng = random.Random(index)
-    ids = [rng.randrange(128256) for _ in range(2048)]
-    return {
-        "global_prompt_index": index,
-        "generation_index": 0,
-        "process_index": index * num_hosts // 1024,
-        "prompt": f"Prompt number {index}: " + "tell me a long story. " * 8,
-        "prompt_token_count": 60,
-        "generated_token_ids": ids,
-        "generated_text": " ".join(str(t) for t in ids[:1500]),
-        "generated_token_count": 2048,
-        "finish_reason": "length",
-    }
-
 
 mode = sys.argv[1]
 jax.distributed.initialize(
