@@ -5,9 +5,9 @@
         uv run python -m levanter_multihost.sample_lm_multihost --config_path config/sampler/tiny_local.yaml
 
 Local mode starts N processes that form one JAX distributed job on loopback (a free port): each gets
-``LEVANTER_MULTIHOST_COORDINATOR``, ``..._NUM_PROCESSES``, ``..._PROCESS_ID`` and its own CPU devices through
-``XLA_FLAGS``. Every output line is prefixed with its host index; when a host fails, the others are stopped
-and the launcher exits with that host's status.
+``LEVANTER_MULTIHOST_COORDINATOR``, ``..._NUM_PROCESSES``, ``..._PROCESS_ID`` (named in
+``levanter_multihost.launch_env``) and its own CPU devices through ``XLA_FLAGS``. Every output line is prefixed
+with its host index; when a host fails, the others are stopped and the launcher exits with that host's status.
 """
 
 import argparse
@@ -21,9 +21,13 @@ import time
 
 import tpu
 
-ENV_COORDINATOR = "LEVANTER_MULTIHOST_COORDINATOR"
-ENV_NUM_PROCESSES = "LEVANTER_MULTIHOST_NUM_PROCESSES"
-ENV_PROCESS_ID = "LEVANTER_MULTIHOST_PROCESS_ID"
+try:
+    from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+except ImportError as e:
+    raise ImportError(
+        f"{e}: this Python ({sys.executable}) lacks the levanter_multihost package; "
+        "run `uv sync`, then start the launcher as `uv run python infra/launch.py ...`"
+    ) from e
 
 
 def free_port() -> int:
