@@ -40,7 +40,8 @@ REMOTE_DIR = "levanter-multihost"
 BUNDLE = "levanter-multihost.tar.gz"
 JOB_LOG = "levanter-multihost.log"
 FORWARDED_ENV = ("WANDB_API_KEY", "HF_TOKEN")
-SECRET_KEY = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+SECRET_KEY = re.compile(r"PASS|TOKEN|KEY|AUTH|SECRET|CREDENTIAL", re.IGNORECASE)
+"""Keys whose values are shown as ``***``; wide on purpose: masking AUTHOR's value costs less than a leak."""
 QUEUED_FLAGS = {"spot": "--spot", "preemptible": "--spot", "best-effort": "--spot", "reserved": "--reserved"}
 """Capacity types asked for as a queued resource; GCP replaced preemptible TPUs by Spot, so those ask for Spot."""
 RUNTIME_VERSIONS = {"v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}

@@ -333,3 +333,31 @@ def test_defaults_come_from_the_levanter_config_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     env = tpu.job_env(args, tpu.cli_helpers.load_config())
     assert env == {"WANDB_ENTITY": "team", "LIBTPU_INIT_ARGS": "--xla_tpu_flag", "HF_TOKEN": "hf_x", "FOO": "1"}
+
+
+MORE_SECRETS = {"DB_PASSWD": "x1234567", "MY_AUTH_HEADER": "abcd1234", "github_token": "ghp_lower1234"}
+"""Secret by name alone: the old KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL missed the first two; the last is lower case."""
+
+
+def test_values_of_secret_looking_keys_are_masked_in_the_dry_run(fake):
+    pairs = [a for k, v in MORE_SECRETS.items() for a in ("-e", k, v)]
+    proc = fake.launch("--dry_run", *SEED_FLAGS, *pairs, "-e", "PLAIN_SETTING", "visible1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for key, value in MORE_SECRETS.items():
+        assert value not in proc.stdout + proc.stderr, f"{key}'s value was printed"
+        assert f"{key}=***" in proc.stdout and f"#   export {key}=***" in proc.stdout
+    assert "PLAIN_SETTING=visible1" in proc.stdout, "a value that is no secret was masked"
+
+
+def test_values_of_secret_looking_keys_are_masked_in_relayed_lines(fake):
+    fake.set("vm_state", "READY")
+    pairs = [a for k, v in MORE_SECRETS.items() for a in ("-e", k, v)]
+    echo = ["sh", "-c", 'echo "pw=$DB_PASSWD auth=$MY_AUTH_HEADER gh=$github_token"']
+    proc = fake.launch(*SEED_FLAGS, *pairs, command=echo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for i in range(WORKERS):
+        assert f"[worker {i}] pw=*** auth=*** gh=***" in proc.stdout
+    calls = json.dumps(fake.calls())
+    for value in MORE_SECRETS.values():
+        assert value not in proc.stdout + proc.stderr and value not in calls
+
