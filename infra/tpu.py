@@ -1,7 +1,7 @@
 """TPU backend of infra/launch.py: run one command on every worker of a Cloud TPU VM through ``gcloud``.
 
     # the seed's v5p-32 run (docs/tpu.md); add --dry_run to print every command instead of running it
-    uv run python infra/launch.py --foreground --zone us-central1-a --tpu_name simpo_worker_3 \
+    uv run python infra/launch.py --foreground --zone us-central1-a --tpu_name simpo-worker-3 \
         --tpu_type v5p-32 --capacity_type on-demand -- \
         uv run python -m levanter_multihost.sample_lm_multihost \
         --config_path config/sampler/llama8b_v5p32_256x2048.yaml

@@ -11,6 +11,7 @@ every run also checks that no secret reaches its output or any gcloud command li
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -361,3 +362,25 @@ def test_values_of_secret_looking_keys_are_masked_in_relayed_lines(fake):
     for value in MORE_SECRETS.values():
         assert value not in proc.stdout + proc.stderr and value not in calls
 
+
+def test_documented_tpu_names_are_valid_and_raise_no_warning(fake):
+    sys.path.insert(0, str(ROOT / "infra"))
+    try:
+        import tpu
+    finally:
+        sys.path.remove(str(ROOT / "infra"))
+    # the name after --tpu_name, a config's tpu: or tpu-vm ssh; a flag (--worker) or placeholder (NAME) is none
+    pattern = re.compile(r"(?:--tpu_name|\btpu:|tpu-vm ssh)\s+(?!-)([\w-]+)")
+    names = {
+        (path, name)
+        for path in ("README.md", "docs/tpu.md", "infra/tpu.py")
+        for name in pattern.findall((ROOT / path).read_text())
+        if name != name.upper()
+    }
+    assert {path for path, _ in names} == {"README.md", "docs/tpu.md", "infra/tpu.py"}, names
+    assert [(path, name) for path, name in names if not tpu.TPU_NAME.fullmatch(name)] == []
+    warning = "GCP TPU names take lowercase letters, digits and hyphens"
+    flags = [f if f != "simpo_worker_3" else "simpo-worker-3" for f in SEED_FLAGS]
+    valid, invalid = fake.launch("--dry_run", *flags), fake.launch("--dry_run", *SEED_FLAGS)
+    assert valid.returncode == invalid.returncode == 0, valid.stderr + invalid.stderr
+    assert warning not in valid.stderr and warning in invalid.stderr, valid.stderr + invalid.stderr
