@@ -1,7 +1,7 @@
 """TPU backend of infra/launch.py: run one command on every worker of a Cloud TPU VM through ``gcloud``.
 
     # the seed's v5p-32 run (docs/tpu.md); add --dry_run to print every command instead of running it
-    uv run python infra/launch.py --foreground --zone us-central1-a --tpu_name simpo_worker_3 \
+    uv run python infra/launch.py --foreground --zone us-central1-a --tpu_name simpo-worker-3 \
         --tpu_type v5p-32 --capacity_type on-demand -- \
         uv run python -m levanter_multihost.sample_lm_multihost \
         --config_path config/sampler/llama8b_v5p32_256x2048.yaml
@@ -40,7 +40,8 @@ REMOTE_DIR = "levanter-multihost"
 BUNDLE = "levanter-multihost.tar.gz"
 JOB_LOG = "levanter-multihost.log"
 FORWARDED_ENV = ("WANDB_API_KEY", "HF_TOKEN")
-SECRET_KEY = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+SECRET_KEY = re.compile(r"PASS|TOKEN|KEY|AUTH|SECRET|CREDENTIAL", re.IGNORECASE)
+"""Keys whose values are shown as ``***``; wide on purpose: masking AUTHOR's value costs less than a leak."""
 QUEUED_FLAGS = {"spot": "--spot", "preemptible": "--spot", "best-effort": "--spot", "reserved": "--reserved"}
 """Capacity types asked for as a queued resource; GCP replaced preemptible TPUs by Spot, so those ask for Spot."""
 RUNTIME_VERSIONS = {"v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}

@@ -11,6 +11,7 @@ every run also checks that no secret reaches its output or any gcloud command li
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -333,3 +334,53 @@ def test_defaults_come_from_the_levanter_config_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     env = tpu.job_env(args, tpu.cli_helpers.load_config())
     assert env == {"WANDB_ENTITY": "team", "LIBTPU_INIT_ARGS": "--xla_tpu_flag", "HF_TOKEN": "hf_x", "FOO": "1"}
+
+
+MORE_SECRETS = {"DB_PASSWD": "x1234567", "MY_AUTH_HEADER": "abcd1234", "github_token": "ghp_lower1234"}
+"""Secret by name alone: the old KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL missed the first two; the last is lower case."""
+
+
+def test_values_of_secret_looking_keys_are_masked_in_the_dry_run(fake):
+    pairs = [a for k, v in MORE_SECRETS.items() for a in ("-e", k, v)]
+    proc = fake.launch("--dry_run", *SEED_FLAGS, *pairs, "-e", "PLAIN_SETTING", "visible1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for key, value in MORE_SECRETS.items():
+        assert value not in proc.stdout + proc.stderr, f"{key}'s value was printed"
+        assert f"{key}=***" in proc.stdout and f"#   export {key}=***" in proc.stdout
+    assert "PLAIN_SETTING=visible1" in proc.stdout, "a value that is no secret was masked"
+
+
+def test_values_of_secret_looking_keys_are_masked_in_relayed_lines(fake):
+    fake.set("vm_state", "READY")
+    pairs = [a for k, v in MORE_SECRETS.items() for a in ("-e", k, v)]
+    echo = ["sh", "-c", 'echo "pw=$DB_PASSWD auth=$MY_AUTH_HEADER gh=$github_token"']
+    proc = fake.launch(*SEED_FLAGS, *pairs, command=echo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for i in range(WORKERS):
+        assert f"[worker {i}] pw=*** auth=*** gh=***" in proc.stdout
+    calls = json.dumps(fake.calls())
+    for value in MORE_SECRETS.values():
+        assert value not in proc.stdout + proc.stderr and value not in calls
+
+
+def test_documented_tpu_names_are_valid_and_raise_no_warning(fake):
+    sys.path.insert(0, str(ROOT / "infra"))
+    try:
+        import tpu
+    finally:
+        sys.path.remove(str(ROOT / "infra"))
+    # the name after --tpu_name, a config's tpu: or tpu-vm ssh; a flag (--worker) or placeholder (NAME) is none
+    pattern = re.compile(r"(?:--tpu_name|\btpu:|tpu-vm ssh)\s+(?!-)([\w-]+)")
+    names = {
+        (path, name)
+        for path in ("README.md", "docs/tpu.md", "infra/tpu.py")
+        for name in pattern.findall((ROOT / path).read_text())
+        if name != name.upper()
+    }
+    assert {path for path, _ in names} == {"README.md", "docs/tpu.md", "infra/tpu.py"}, names
+    assert [(path, name) for path, name in names if not tpu.TPU_NAME.fullmatch(name)] == []
+    warning = "GCP TPU names take lowercase letters, digits and hyphens"
+    flags = [f if f != "simpo_worker_3" else "simpo-worker-3" for f in SEED_FLAGS]
+    valid, invalid = fake.launch("--dry_run", *flags), fake.launch("--dry_run", *SEED_FLAGS)
+    assert valid.returncode == invalid.returncode == 0, valid.stderr + invalid.stderr
+    assert warning not in valid.stderr and warning in invalid.stderr, valid.stderr + invalid.stderr
