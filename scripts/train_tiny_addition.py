@@ -45,7 +45,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from levanter_multihost import addition
-from levanter_multihost.generation import WorkItem, build_engine, generate_rows
+from levanter_multihost.generation import WorkItem, build_engine, generate_batch
+from levanter_multihost.runplan import Sampling, StopCondition
 
 logger = logging.getLogger("train_tiny_addition")
 
@@ -205,27 +206,17 @@ def engine_accuracy(config: TrainTinyAdditionConfig, checkpoint: str) -> float:
     )
     mapping = {"heads": ResourceAxis.MODEL, "mlp": ResourceAxis.MODEL}
     prompts = addition.make_prompts(config.engine_prompts, config.engine_seed)
-    stop = tokenizer(addition.TERMINATOR, add_special_tokens=False)["input_ids"]
-    items = [
-        WorkItem(i, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"], (0,))
-        for i, prompt in enumerate(prompts)
-    ]
+    terminator = tuple(tokenizer(addition.TERMINATOR, add_special_tokens=False)["input_ids"])
+    stop = StopCondition((addition.TERMINATOR,), (terminator,))
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    items = [WorkItem(i, p, list(t), (0,), 1, config.max_new_tokens, 0.0) for i, (p, t) in enumerate(zip(prompts, ids))]
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
         converter = config.model.hf_checkpoint_converter(ref_checkpoint=checkpoint)
         model = converter.load_pretrained(LlamaLMHeadModel, ref=checkpoint, dtype=jnp.float32, axis_mapping=mapping)
-        engine = build_engine(model, tokenizer, config.engine)
-        rows, _ = generate_rows(
-            engine,
-            tokenizer,
-            items,
-            n_generations=1,
-            max_new_tokens=config.max_new_tokens,
-            temperature=0.0,
-            seed=0,
-            stop_ids=stop,
-            host=0,
-            progress_interval_s=0,
-        )
+        engine = build_engine(model, tokenizer, config.engine, logprobs=False)
+        pairs, _ = generate_batch(engine, tokenizer, items, Sampling(seed=0, stop=stop), 0, lambda _: None,
+                                  lambda: 0.0)
+    rows = [row for row, _ in pairs]
     for row in rows[:4]:
         logger.info("engine sample: %s -> %r", row["prompt"], row["generated_text"])
     return addition.accuracy(rows)

@@ -88,6 +88,11 @@ def parse_prompt(prompt: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def is_prompt(text: str) -> bool:
+    """Whether ``text`` is an addition problem like ``"4821+377="``."""
+    return _PROMPT_RE.match(text.strip()) is not None
+
+
 def expected_answer(prompt: str) -> str:
     """The digits of the sum, without the terminator: ``"4821+377="`` gives ``"5198"``."""
     a, b = parse_prompt(prompt)

@@ -1,9 +1,14 @@
-"""The sampler's configuration: what to sample, with which model and engine, and where the outputs go.
+"""The sampler's configuration and its resolution into a checked :class:`~levanter_multihost.runplan.RunPlan`.
 
-One dataclass, read from YAML by draccus (one file per topology under ``config/sampler/``). Checks of its values
-live in :mod:`levanter_multihost.preflight` and :mod:`levanter_multihost.plan`.
+One dataclass, read from YAML by draccus (one file per topology under ``config/sampler/``), and :func:`resolve`,
+the only code that reads it: every check that needs no model runs there, on every host, before anything loads.
 """
 
+import hashlib
+import json
+import math
+import os
+import subprocess
 from dataclasses import dataclass, field
 
 import draccus
@@ -14,11 +19,28 @@ from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost.ragged_attention import RaggedAttentionConfig
+from levanter_multihost import addition, encoding, plan, seams
+from levanter_multihost.errors import ConfigError
+from levanter_multihost.model_loading import load_tokenizer_from, model_vocab_size, resolve_location
+from levanter_multihost.prompts import PromptError, PromptSource, read_prompts
+from levanter_multihost.rundir import RunDir, fingerprint_hash
+from levanter_multihost.runplan import (
+    EngineSettings,
+    ModelSource,
+    PromptSet,
+    Reporting,
+    RunPlan,
+    Sampling,
+    Timeouts,
+)
+from levanter_multihost.sharding import STRATEGIES
 
 # InferenceEngineConfig.compute_dtype is a numpy dtype, which draccus cannot read from YAML on its own
 draccus.decode.register(jnp.dtype, lambda value: jnp.dtype(value))
 draccus.encode.register(jnp.dtype, lambda value: str(value))
+
+MAX_SEED = 2**63 - 1
+TASKS = ("addition",)
 
 
 @dataclass
@@ -37,51 +59,230 @@ class SampleLmMultihostConfig:
     """Levanter runtime settings: per-host mesh (`model_axis_size`), precision (`mp`), tracker, distributed."""
     engine: InferenceEngineConfig = field(default_factory=lambda: InferenceEngineConfig(max_seq_len=2560))
     """Levanter InferenceEngine sizing: pages, sequences, prefill and decode budgets (one engine per host)."""
-    ragged_attention: RaggedAttentionConfig = field(default_factory=RaggedAttentionConfig)
+    ragged_attention: seams.RaggedAttentionConfig = field(default_factory=seams.RaggedAttentionConfig)
     """Block sizes and VMEM limit of the TPU ragged paged-attention kernel."""
 
     prompts: list[str] | None = None
-    """Prompts, inline. Set this or `prompts_file`."""
+    """Prompts, inline; they win over `prompts_file` and `prompts_dataset`."""
     prompts_file: str | None = None
-    """A .txt file (one prompt per line) or .jsonl file (a `prompt` field per line)."""
+    """A .txt (one prompt per line), .jsonl (one object per line) or .parquet file, local or any fsspec URL."""
+    prompts_dataset: str | None = None
+    """A Hugging Face dataset: a local directory (save_to_disk, or data files) or a hub id."""
+    prompts_split: str = "train"
+    """Split of `prompts_dataset`."""
+    prompt_field: str = "prompt"
+    """Column holding a row's text prompt; every other column is carried into its outputs."""
+    messages_field: str = "messages"
+    """Column holding a row's chat (a list of {role, content}), rendered with the chat template."""
+    chat_template: str | None = None
+    """Jinja chat template for chat rows; defaults to the tokenizer's own."""
+    add_bos: bool | None = None
+    """Start text prompts with BOS; null follows the tokenizer (Llama-3 adds it, the tiny model has none)."""
+
     max_new_tokens: int = 128
-    """Tokens to generate per sequence (fewer if the stop sequence comes first)."""
+    """Tokens to generate per sequence (fewer if it stops first); a `max_new_tokens` column overrides it per row."""
     temperature: float = 0.0
-    """Sampling temperature; 0 is greedy."""
-    stop_sequence: str | None = None
-    """Stop generating a sequence once it ends with these tokens."""
+    """Sampling temperature; 0 is greedy. A `temperature` column overrides it per row."""
     seed: int = 0
-    """Seed of the per-prompt keys; each key depends only on this and the global prompt index."""
+    """Seed of the sampling keys; a key depends only on this, the global prompt index and the generation."""
     n_generations: int = 1
-    """Sequences sampled per prompt."""
+    """Sequences sampled per prompt; an `n_generations` column overrides it per row."""
+    stop_sequences: list[str] = field(default_factory=list)
+    """Stop a sequence at the first of these strings to appear (the engine holds `engine.max_stop_seqs`)."""
+    stop_at_eos: bool = True
+    """Stop a sequence at EOS (the tokenizer's and the checkpoint's generation_config.json eos_token_id)."""
+    include_stop_in_text: bool = False
+    """Keep the stop string in `generated_text`; token ids always keep what the model produced."""
+    logprobs: bool = False
+    """Write `generated_logprobs`: the log-probability of each generated token (temperature-scaled)."""
+    batch_size: int | None = None
+    """Most sequences per engine call; null takes the largest the engine completes in one wave (the planner's)."""
 
     output_dir: str = "outputs/sample_lm_multihost"
-    """Directory (local path or fsspec URL) for shard files, merged.jsonl and summary.json."""
+    """Run directory (local path or fsspec URL): parts, the merged output, summary.json, run.json."""
+    output_format: str = "jsonl"
+    """`jsonl` (merged.jsonl) or `parquet` (merged.parquet)."""
     overwrite: bool = False
-    """Replace the outputs of an earlier run in `output_dir`."""
+    """Replace the outputs of an earlier run in `output_dir` (once this run's merge is written)."""
     resume: bool = False
     """Keep the rows already in `output_dir` (same run fingerprint) and sample only the missing ones."""
 
     inference_mode: str = "host_data_parallel"
-    """How work is split: `host_data_parallel` (each host samples its own shard on its own chips)."""
+    """How work is split: `host_data_parallel` (each host samples its own share on its own chips)."""
     shard_strategy: str = "contiguous"
     """`contiguous` slices of the prompt list, or `balanced` by estimated prompt cost."""
     tpu_type: str | None = None
-    """The slice this config is written for (e.g. v5p-32); the planner checks the config against it."""
+    """The slice this config is written for (e.g. v5p-32); the planner checks HBM against it."""
 
+    run_name: str | None = None
+    """Name of the run in the tracker and summary.json; defaults to the config file's name."""
     defer_tracker_logs_until_end: bool = True
-    """Log to the tracker only once, on the leader, after the gather. Required in host-DP mode."""
-    skip_samples_table: bool = False
-    """Do not log the samples table to the tracker."""
+    """Log to the tracker only once, on the leader, after the merge. Required in host-DP mode."""
+    samples_table_rows: int = 256
+    """Rows of the tracker's samples table (the first of the merged output); 0 for no table."""
     progress_interval_s: float = 10.0
-    """Seconds between each host's progress lines while it generates; 0 turns them off."""
-    gather_timeout_s: float = 300.0
-    """How long the leader waits for a host whose heartbeat stopped (dead or hung) before failing the run."""
+    """Seconds between each host's progress lines while it samples; 0 turns them off."""
+    silent_host_timeout_s: float = 300.0
+    """A host (leader included) whose heartbeat has not moved this long is dead or hung; the others give up on it."""
     gather_chunk_bytes: int = 4 * 1024 * 1024
     """Largest value written to the key-value store in one piece."""
     task: str | None = None
     """Score the merged outputs with a task's exact-answer checker (`addition`); the accuracy joins the summary."""
 
-    @property
-    def is_host_data_parallel(self) -> bool:
-        return self.inference_mode == "host_data_parallel"
+
+def timeouts(config: SampleLmMultihostConfig) -> Timeouts:
+    """The waits between hosts; checked first, since every host needs them to report any other failure."""
+    t = config.silent_host_timeout_s
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ConfigError(f"silent_host_timeout_s ({t}) must be a finite number of seconds > 0 (the v5p configs "
+                          "use 60).")  # fmt: skip
+    if not (isinstance(config.gather_chunk_bytes, int) and config.gather_chunk_bytes >= 1):
+        raise ConfigError(f"gather_chunk_bytes ({config.gather_chunk_bytes}) must be an integer >= 1 (default "
+                          f"{4 * 1024 * 1024}).")  # fmt: skip
+    # several beats per timeout, so one late beat never reads as a dead host
+    return Timeouts(heartbeat_interval_s=min(2.0, t / 4), silent_host_s=t)
+
+
+def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_devices: int) -> RunPlan:
+    """Every check that needs no model, and the plan the stages run; the same on every host."""
+    check_values(config, local_devices)
+    checkpoint = resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint") \
+        if config.hf_checkpoint is not None else None  # fmt: skip
+    tokenizer_name = config.tokenizer or checkpoint
+    if tokenizer_name is None:
+        raise ConfigError(f"`tokenizer` is not set and `checkpoint_path` ({config.checkpoint_path}) is a Levanter "
+                          "checkpoint, which holds no tokenizer. Set `tokenizer`.")  # fmt: skip
+    tokenizer = load_tokenizer_from(resolve_location(tokenizer_name, "tokenizer"))
+    vocab = model_vocab_size(checkpoint)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
+                          "ids past the embedding would be garbage. Use the tokenizer the model was trained with.")  # fmt: skip
+    source = PromptSource(config.prompts, None if config.prompts else config.prompts_file,
+                          None if config.prompts else config.prompts_dataset, config.prompts_split,
+                          config.prompt_field, config.messages_field)  # fmt: skip
+    records = read_prompts(source)
+    stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
+                                   config.include_stop_in_text, checkpoint)  # fmt: skip
+    prompts = encoding.encode_prompts(records, tokenizer, chat_template=config.chat_template, add_bos=config.add_bos,
+                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                      n_generations=config.n_generations)  # fmt: skip
+    if config.task == "addition":
+        bad = next((i for i, t in enumerate(prompts.texts) if not addition.is_prompt(t)), None)
+        if bad is not None:
+            raise PromptError(f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
+                              "'4821+377=', but task is addition. Leave task unset or give addition prompts.")  # fmt: skip
+    limits = plan.engine_limits(config.engine)
+    capacity = plan.check_capacity(
+        limits, plan.run_spec(prompts, stop, config.shard_strategy, config.batch_size),
+        plan.topology(config.tpu_type, num_hosts, local_devices),
+        plan.model_shape(checkpoint, config.trainer, limits) if config.tpu_type else None,
+    )  # fmt: skip
+    run_dir = RunDir(config.output_dir)
+    run_dir.check_writable(host)
+    fields = fingerprint_fields(config, prompts, tokenizer_name)
+    ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
+    return RunPlan(
+        prompts=prompts,
+        sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs),
+        engine=EngineSettings(config.engine, limits, capacity.max_pages, config.batch_size),
+        model=ModelSource(ref, config.checkpoint_path, config.model, config.trainer),
+        tokenizer=tokenizer,
+        run_dir=run_dir,
+        fingerprint=fields,
+        resume=config.resume,
+        overwrite=config.overwrite,
+        shard_strategy=config.shard_strategy,
+        timeouts=timeouts(config),
+        reporting=Reporting(
+            tracker=config.trainer.tracker,
+            run_name=config.run_name or os.path.basename(config.output_dir.rstrip("/")) or "levanter-multihost",
+            run_id=config.trainer.id or os.environ.get("RUN_ID"),
+            config={"config": draccus.encode(config), "fingerprint": fingerprint_hash(fields), **provenance()},
+            samples_table_rows=config.samples_table_rows,
+            task=config.task,
+            progress_interval_s=config.progress_interval_s,
+        ),
+        chunk_bytes=config.gather_chunk_bytes,
+        output_format=config.output_format,
+    )
+
+
+def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
+    """Checks on the config's own values: each names the field, the value and the fix."""
+
+    def number(name: str, low: float, *, integer: bool = False, strict: bool = True) -> None:
+        value = getattr(config, name)
+        kind = int if integer else (int, float)
+        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (strict and value == low):
+            raise ConfigError(f"{name} ({value}) must be {'an integer' if integer else 'a finite number'} "
+                              f"{'>' if strict else '>='} {low}.")  # fmt: skip
+
+    number("max_new_tokens", 0, integer=True)
+    number("n_generations", 0, integer=True)
+    number("temperature", 0, strict=False)
+    number("progress_interval_s", 0, strict=False)
+    number("samples_table_rows", 0, integer=True, strict=False)
+    if config.batch_size is not None:
+        number("batch_size", 0, integer=True)
+    if not (isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED):
+        raise ConfigError(f"seed ({config.seed}) must be an integer in [0, 2**63 - 1].")
+    if (config.hf_checkpoint is None) == (config.checkpoint_path is None):
+        raise ConfigError("Set exactly one of `hf_checkpoint` and `checkpoint_path`.")
+    choices = {"inference_mode": ("host_data_parallel",), "shard_strategy": STRATEGIES,
+               "output_format": ("jsonl", "parquet")}  # fmt: skip
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name} ({getattr(config, name)!r}) must be one of {list(allowed)}.")
+    if config.task is not None and config.task not in TASKS:
+        raise ConfigError(f"task ({config.task!r}) is not a known task. Use one of {list(TASKS)} or leave it unset.")
+    if not config.defer_tracker_logs_until_end:
+        raise ConfigError(
+            "defer_tracker_logs_until_end is false, but host-data-parallel mode logs to the tracker only once, on "
+            "the leader, after the merge: tracker calls during generation or on some hosts only have crashed TPU "
+            "slices. Set defer_tracker_logs_until_end: true."
+        )
+    if config.resume and config.overwrite:
+        raise ConfigError("`resume` and `overwrite` are both true. Choose one.")
+    axis = config.trainer.model_axis_size
+    if local_devices % axis != 0:
+        raise ConfigError(f"trainer.model_axis_size ({axis}) does not divide this host's {local_devices} devices. "
+                          f"Set it to a divisor of {local_devices}.")  # fmt: skip
+
+
+def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, tokenizer: str) -> dict:
+    """What identifies a run's outputs: a resume refuses a directory written under other values."""
+    digest = hashlib.sha256(json.dumps(prompts.texts).encode("utf-8"))
+    for column in (prompts.tokens.flat, prompts.max_new_tokens, prompts.temperature, prompts.n_generations):
+        digest.update(column.tobytes())
+    for extra in prompts.extra_json or ():
+        digest.update(extra + b"\n")
+    model = str(config.hf_checkpoint) if config.hf_checkpoint is not None else str(config.checkpoint_path)
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "precision": str(config.trainer.mp),
+        "prompts_sha256": digest.hexdigest(),
+        "num_prompts": len(prompts),
+        "seed": config.seed,
+        "temperature": config.temperature,
+        "max_new_tokens": config.max_new_tokens,
+        "n_generations": config.n_generations,
+        "stop_sequences": list(config.stop_sequences),
+        "stop_at_eos": config.stop_at_eos,
+        "include_stop_in_text": config.include_stop_in_text,
+        "logprobs": config.logprobs,
+    }
+
+
+def provenance() -> dict:
+    """Git commit of the code (or ``LEVANTER_MULTIHOST_GIT_COMMIT``) and the pinned dependencies' versions."""
+    commit = os.environ.get("LEVANTER_MULTIHOST_GIT_COMMIT")
+    if commit is None:
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+            commit = out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"git_commit": commit, "versions": seams.versions()}

@@ -1,14 +1,17 @@
-"""Sampling this host's shard with Levanter's paged-attention ``InferenceEngine``.
+"""One batch through Levanter's paged-attention ``InferenceEngine``: requests in, rows out, the engine checked.
 
-Covers engine construction, one request per prompt (``n_generations`` as engine clones, or one request per
-missing generation when resuming), per-prompt keys that depend only on ``seed`` and the global prompt index,
-local progress logging, and turning engine output into rows and per-host timings. Everything here is local to
-the host: no cross-host communication and no tracker call happens while generating.
+Covers building the host's engine once, one request per prompt of a batch (its generations as the engine's
+clones, or one request per missing generation on resume), sampling keys that depend only on the seed, the
+global prompt index and the generation, turning the engine's tokens into rows (stop strings, EOS, finish
+reasons), and checking the engine's state after every call: its own checks run as NaN poisoning
+(:func:`levanter_multihost.seams.checks_as_nan`), so a violated one shows only in the state it leaves. Everything
+here is local to the host: no cross-host communication and no tracker call.
 """
 
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import haliax as hax
@@ -19,187 +22,201 @@ from levanter.inference.engine import InferenceEngine, InferenceEngineConfig, Re
 from levanter.inference.jit_scheduler import SeqDecodingParams
 from levanter.inference.utils import INVALID
 
+from levanter_multihost.runplan import Sampling, StopCondition
+
 logger = logging.getLogger(__name__)
+
+
+class EngineStateError(RuntimeError):
+    """The engine's state after a batch shows a violated engine check; the message names host, batch and fix."""
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One prompt of this host's shard and which of its generations still need sampling."""
+    """One prompt of a batch and which of its generations to sample."""
 
     global_index: int
     prompt: str
     token_ids: list[int]
     generations: tuple[int, ...]
+    n_generations: int
+    """All generations of the prompt (``generations`` is a subset when resuming)."""
+    max_new_tokens: int
+    temperature: float
+    extra_json: bytes | None = None
 
 
 @dataclass
-class GenerationStats:
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    tokens_generated: int = 0
-    sequences: int = 0
-    pages_in_use_after_decode: int = 0
-    pages_free_after_decode: int = 0
-    pages_peak: int = 0
-    max_pages: int = 0
+class BatchStats:
+    """What one batch took; the sampler sums them and reports each in the summary."""
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.tokens_generated / self.decode_s if self.decode_s > 0 else 0.0
+    sequences: int = 0
+    tokens: int = 0
+    prefill_s: float = 0.0
+    """From the call until decoding starts (admission and prefill), compiling excluded."""
+    decode_s: float = 0.0
+    """From the first decode round until the call returns, compiling excluded."""
+    compile_prefill_s: float = 0.0
+    """Compiling (or fetching from the persistent cache) before decoding started: the first batch's prefill."""
+    compile_decode_s: float = 0.0
+    """Compiling during decoding: the first batch's first decode round."""
+    outer_rounds: int = 0
+    """Decode rounds (``_run_generation_loop`` calls) the engine ran."""
+    waves: int = 1
+    """Prefill admissions: 1 unless prompts were still queued when decoding started."""
+    pages_after_prefill: int = 0
+    """Pages in use when decoding started."""
 
 
 def prompt_key(seed: int, global_index: int, generation: int = 0) -> jax.Array:
-    """The sampling key of (prompt, generation): generation 0 uses the prompt's key, generation g>0 folds in g,
-    exactly as the engine derives the keys of a request's clones."""
+    """The key of (prompt, generation): generation 0 uses the prompt's key, generation g > 0 folds in g, exactly as
+    the engine derives the keys of a request's clones."""
     key = jax.random.fold_in(jax.random.PRNGKey(seed), global_index)
     return key if generation == 0 else jax.random.fold_in(key, generation)
 
 
-def stop_token_array(stop_ids: Sequence[int] | None):
-    if not stop_ids:
-        return None
-    return hax.named(jnp.asarray(list(stop_ids), dtype=jnp.int32), axis="position").broadcast_axis({"stop_seq": 1})
-
-
-def build_requests(
-    items: Sequence[WorkItem], n_generations: int, max_new_tokens: int, temperature: float, seed: int, stop_ids
-) -> tuple[list[Request], list[tuple[int, int]]]:
-    """Engine requests for ``items`` and, in output order, the (global prompt, generation) of each sequence."""
-    stop = stop_token_array(stop_ids)
-    requests, order = [], []
-    for item in items:
-        full = item.generations == tuple(range(n_generations))
-        groups = [(0, n_generations)] if full else [(g, 1) for g in item.generations]
-        for first_gen, count in groups:
-            params = SeqDecodingParams(
-                max_num_tokens=jnp.array(len(item.token_ids) + max_new_tokens, dtype=jnp.int32),
-                stop_tokens=stop,
-                temperature=jnp.array(temperature, dtype=jnp.float32),
-                key=prompt_key(seed, item.global_index, first_gen),
-            )
-            requests.append(
-                Request(
-                    prompt_tokens=list(item.token_ids),
-                    request_id=len(requests),
-                    decode_params=params,
-                    n_generations=count,
-                )
-            )
-            order.extend((item.global_index, first_gen + k) for k in range(count))
-    return requests, order
-
-
-class ProgressLogger:
-    """Logs tokens done / expected, tokens/s and ETA at most every ``interval_s`` seconds. Host-local."""
-
-    def __init__(self, engine: InferenceEngine, expected_tokens: int, interval_s: float, host: int):
-        self.engine = engine
-        self.expected = expected_tokens
-        self.interval_s = interval_s
-        self.host = host
-        self.start = time.perf_counter()
-        self.last = self.start
-        self.first_step_at: float | None = None
-        self.pages_peak = 0
-
-    def __call__(self, iteration: int) -> None:
-        now = time.perf_counter()
-        if self.first_step_at is None:
-            self.first_step_at = now
-        self.pages_peak = max(self.pages_peak, pages_in_use(self.engine))
-        if self.interval_s <= 0 or (iteration > 0 and now - self.last < self.interval_s):
-            return
-        self.last = now
-        done = sum(len(r.token_list) for kids in self.engine.results.values() for r in kids.values())
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.expected - done) / rate if rate > 0 else float("inf")
-        logger.info(
-            "host %d: %d/%d tokens (%.0f%%), %.1f tok/s, ETA %.0fs",
-            self.host,
-            done,
-            self.expected,
-            100.0 * done / max(self.expected, 1),
-            rate,
-            eta,
-        )
-
-
-def pages_in_use(engine: InferenceEngine) -> int:
-    counts = jax.device_get(engine.gen_state.decode_state.page_table.page_ref_counts.array)
-    return int((np.asarray(counts) > 0).sum())
-
-
-def build_engine(model, tokenizer, engine_config: InferenceEngineConfig) -> InferenceEngine:
-    """The host's engine, with its KV cache allocated."""
-    engine = InferenceEngine.from_model_with_config(model=model, tokenizer=tokenizer, config=engine_config)
+def build_engine(model, tokenizer, config: InferenceEngineConfig, logprobs: bool) -> InferenceEngine:
+    """The host's engine, with its KV cache allocated; built once and reused for every batch."""
+    config = dataclasses.replace(config, enable_logprobs=logprobs)
+    engine = InferenceEngine.from_model_with_config(model=model, tokenizer=tokenizer, config=config)
     jax.block_until_ready(engine.gen_state)
     return engine
 
 
-def generate_rows(
+def stop_array(stop: StopCondition):
+    """Every stop sequence, left-padded with INVALID to one length, as the engine takes them; None for none."""
+    sequences = stop.sequences
+    if not sequences:
+        return None
+    width = max(len(s) for s in sequences)
+    rows = [[INVALID] * (width - len(s)) + list(s) for s in sequences]
+    return hax.named(jnp.asarray(rows, dtype=jnp.int32), ("stop_seq", "position"))
+
+
+def build_requests(items: Sequence[WorkItem], sampling: Sampling) -> tuple[list[Request], list[tuple[int, int]]]:
+    """Engine requests for ``items`` and, in output order, the (prompt, generation) of each sequence."""
+    stop = stop_array(sampling.stop)
+    requests, order = [], []
+    for item in items:
+        full = item.generations == tuple(range(item.n_generations))
+        groups = [(0, item.n_generations)] if full else [(g, 1) for g in item.generations]
+        for first_gen, count in groups:
+            params = SeqDecodingParams(
+                max_num_tokens=jnp.array(len(item.token_ids) + item.max_new_tokens, dtype=jnp.int32),
+                stop_tokens=stop,
+                temperature=jnp.array(item.temperature, dtype=jnp.float32),
+                key=prompt_key(sampling.seed, item.global_index, first_gen),
+            )
+            requests.append(Request(list(item.token_ids), len(requests), params, count, sampling.logprobs))
+            order.extend((item.global_index, first_gen + k) for k in range(count))
+    return requests, order
+
+
+def generate_batch(
     engine: InferenceEngine,
     tokenizer,
     items: Sequence[WorkItem],
-    *,
-    n_generations: int,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    stop_ids: Sequence[int] | None,
+    sampling: Sampling,
     host: int,
-    progress_interval_s: float,
-) -> tuple[list[dict], GenerationStats]:
-    """Sample every missing generation of ``items`` and return rows (unordered) and timings."""
-    stats = GenerationStats(max_pages=int(engine.config.max_pages or 0))
-    if not items:
-        return [], stats
-    requests, order = build_requests(items, n_generations, max_new_tokens, temperature, seed, stop_ids)
-    progress = ProgressLogger(engine, len(order) * max_new_tokens, progress_interval_s, host)
-    start = time.perf_counter()
-    result = engine.generate(requests, step_callback=progress)
-    end = time.perf_counter()
-    first_step = progress.first_step_at or end
-    stats.prefill_s = first_step - start
-    stats.decode_s = end - first_step
-    stats.pages_in_use_after_decode = pages_in_use(engine)
-    stats.pages_free_after_decode = stats.max_pages - stats.pages_in_use_after_decode
-    stats.pages_peak = max(progress.pages_peak, stats.pages_in_use_after_decode)
+    on_round: Callable[[int], None],
+    compile_clock: Callable[[], float],
+) -> tuple[list[tuple[dict, bytes | None]], BatchStats]:
+    """Sample every listed generation of ``items`` in one ``generate`` call; return (row, carried columns) pairs
+    in (prompt, generation) order, and the batch's timings.
+
+    ``on_round(tokens_so_far)`` is called at the start of every decode round (for progress lines);
+    ``compile_clock()`` reads the process's compile seconds, so compiling is split off prefill and decode.
+    """
+    requests, order = build_requests(items, sampling)
+    stats = BatchStats(sequences=len(order))
+    marks: list[tuple[float, float]] = []
+
+    def step(iteration: int) -> None:
+        if iteration == 0:
+            marks.append((time.perf_counter(), compile_clock()))
+            stats.waves = 1 + bool(engine.request_queue)
+            stats.pages_after_prefill = pages_in_use(engine)
+        stats.outer_rounds += 1
+        on_round(sum(len(r.token_list) for kids in engine.results.values() for r in kids.values()))
+
+    start, compiled = time.perf_counter(), compile_clock()
+    result = engine.generate(requests, step_callback=step)
+    end, compiled_end = time.perf_counter(), compile_clock()
+    decode_start, compiled_mid = marks[0] if marks else (end, compiled_end)
+    stats.compile_prefill_s = compiled_mid - compiled
+    stats.compile_decode_s = compiled_end - compiled_mid
+    stats.prefill_s = max(decode_start - start - stats.compile_prefill_s, 0.0)
+    stats.decode_s = max(end - decode_start - stats.compile_decode_s, 0.0)
 
     by_index = {item.global_index: item for item in items}
+    logprobs = result.logprobs if sampling.logprobs else [None] * len(order)
     rows = []
-    for (global_index, generation), tokens in zip(order, result.tokens, strict=True):
-        item = by_index[global_index]
+    for (index, generation), tokens, lps in zip(order, result.tokens, logprobs, strict=True):
+        item = by_index[index]
         ids = [int(t) for t in tokens if t != INVALID]
-        rows.append(
-            {
-                "global_prompt_index": global_index,
-                "generation_index": generation,
-                "process_index": host,
-                "prompt": item.prompt,
-                "prompt_token_count": len(item.token_ids),
-                "generated_token_ids": ids,
-                "generated_text": tokenizer.decode(ids, skip_special_tokens=True),
-                "generated_token_count": len(ids),
-                "finish_reason": finish_reason(ids, stop_ids, max_new_tokens),
-            }
-        )
-    stats.tokens_generated = sum(r["generated_token_count"] for r in rows)
-    stats.sequences = len(rows)
-    truncated = sum(r["finish_reason"] == "truncated" for r in rows)
-    if truncated:
-        logger.warning(
-            "host %d: %d sequences ended before max_new_tokens without a stop sequence: the engine's decode budget "
-            "ran out. Run levanter-multihost-plan on this config.",
-            host,
-            truncated,
-        )
+        row = {"global_prompt_index": index, "generation_index": generation, "process_index": host,
+               "prompt": item.prompt, "prompt_token_count": len(item.token_ids), "generated_token_ids": ids,
+               **finish(ids, tokenizer, sampling.stop, item.max_new_tokens)}  # fmt: skip
+        if sampling.logprobs:
+            row["generated_logprobs"] = [float(x) for x in lps[: len(ids)]]
+        rows.append((row, item.extra_json))
+        stats.tokens += len(ids)
+    rows.sort(key=lambda r: (r[0]["global_prompt_index"], r[0]["generation_index"]))
     return rows, stats
 
 
-def finish_reason(ids: Sequence[int], stop_ids: Sequence[int] | None, max_new_tokens: int) -> str:
-    """``stop`` if the sequence ends with the stop sequence, ``length`` at max_new_tokens, else ``truncated``."""
-    if stop_ids and len(ids) >= len(stop_ids) and list(ids[-len(stop_ids) :]) == list(stop_ids):
-        return "stop"
-    if len(ids) >= max_new_tokens:
-        return "length"
-    return "truncated"
+def finish(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) -> dict:
+    """Text and finish reason of a sequence's tokens.
+
+    The stop string that appears first in the text wins (the engine matches stop strings as tokens, and a string
+    can also be spelled by other tokens); then EOS as the last token; then ``length`` at max_new_tokens; anything
+    shorter is ``truncated`` (the engine's decode budget ran out, which the planner rules out).
+    """
+    eos = bool(ids) and ids[-1] in stop.eos_ids
+    text = tokenizer.decode(ids[:-1] if eos else ids, skip_special_tokens=True)
+    hits = [(text.find(s), k) for k, s in enumerate(stop.strings) if s in text]
+    if hits:
+        at, k = min(hits)
+        s = stop.strings[k]
+        text = text[: at + len(s)] if stop.include_stop_in_text else text[:at]
+        reason, stop_reason = "stop", s
+    elif eos:
+        reason, stop_reason = "stop", ids[-1]
+    else:
+        reason, stop_reason = ("length" if len(ids) >= max_new_tokens else "truncated"), None
+    return {"generated_text": text, "generated_token_count": len(ids), "finish_reason": reason,
+            "stop_reason": stop_reason}  # fmt: skip
+
+
+def pages_in_use(engine: InferenceEngine) -> int:
+    counts = np.asarray(jax.device_get(engine.gen_state.decode_state.page_table.page_ref_counts.array))
+    return int((counts != 0).sum())
+
+
+def check_engine_state(engine: InferenceEngine, rows: list[tuple[dict, bytes | None]], host: int, batch: int,
+                       vocab_size: int) -> None:  # fmt: skip
+    """Fail if the engine's state or output shows a violated check (the NaN-poisoned kind, or a leak).
+
+    After a batch every sequence is finished and released: no page is referenced, no slot is used, every page
+    count is a count, and every token is in the vocabulary.
+    """
+    state = engine.gen_state.decode_state
+    counts = np.asarray(jax.device_get(state.page_table.page_ref_counts.array))
+    used = np.asarray(jax.device_get(state.sequences.used_mask.array)).astype(bool)
+    where = f"host {host}, batch {batch}"
+    if (counts < 0).any() or (counts > len(used)).any():
+        raise EngineStateError(
+            f"{where}: the engine's page table is poisoned (a page count of {int(counts.max())}): an engine check "
+            "failed during the batch, most likely 'Out of free pages'. No row of it is kept. Lower batch_size or "
+            "raise engine.max_pages (levanter-multihost-plan shows what the batches need)."
+        )
+    if counts.any() or used.any() or len(engine.free_slots) != len(used):
+        raise EngineStateError(
+            f"{where}: {int((counts != 0).sum())} pages and {int(used.sum())} sequence slots are still held after "
+            "generate returned: some sequences never finished. Lower batch_size (levanter-multihost-plan shows the "
+            "decode budget)."
+        )
+    bad = [(r["global_prompt_index"], t) for r, _ in rows for t in r["generated_token_ids"] if not 0 <= t < vocab_size]
+    if bad:
+        raise EngineStateError(f"{where}: generated token ids outside the vocabulary of {vocab_size}, first "
+                               f"(prompt, id) {bad[:5]}: the engine's state is poisoned. No row of it is kept.")  # fmt: skip

@@ -1,100 +1,128 @@
-"""What only the leader does, after sampling its own shard: collect the others, merge, summarize, report.
+"""What only the leader does: spool every host's parts, merge them into one ordered output, summarize, report.
 
-Covers collecting the other hosts' payloads (failing with the names of missing hosts) while keeping its own shard
-out of the store, writing ``merged.jsonl`` only when every (prompt, generation) pair arrived exactly once (merged
-line by line, see :func:`levanter_multihost.outputs.merge_jsonl`), ``summary.json`` with the leader's own phases
-(``collect``, ``merge``, ``timeline``, ``tracker``; written before the tracker and again after it),
-``timeline.png``, the printed table, the tracker, and announcing ``done`` so the other hosts may exit. The merged
-rows are parsed into dicts only for what needs them (the task's accuracy, a wandb samples table), at most once.
-Leaves out the transport (:mod:`levanter_multihost.gather`) and the summary's arithmetic
-(:mod:`levanter_multihost.summary`).
+Covers the spool (a local temporary directory the leader's collector writes the other hosts' parts into while the
+leader samples its own; its own parts go there too), the streaming merge into ``merged.jsonl`` or
+``merged.parquet`` with the completeness check on the way (nothing is written unless every expected (prompt,
+generation) pair arrived exactly once), the task's accuracy and the samples table from the same pass, then
+``summary.json``, ``timeline.png``, the printed table and the tracker. Memory stays flat in the number of rows.
+Leaves out the transport (:mod:`levanter_multihost.coordination`) and the arithmetic (:mod:`.summary`).
 """
 
-import functools
 import json
 import logging
-import time
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from levanter_multihost import addition, outputs, summary, tracking
-from levanter_multihost.gather import KvGather, Received
+from levanter_multihost import addition, rundir, summary, tracking
+from levanter_multihost.outputs import Completeness, SortedRun, keyed_lines, merge_sorted
+from levanter_multihost.rundir import RunDir
+from levanter_multihost.runplan import Reporting
 
 logger = logging.getLogger(__name__)
 
 
-def finish_as_leader(config, ctx, job, kv: KvGather, header: dict[str, Any], shard: bytes) -> dict:
-    """Collect the other hosts' shards, add this host's own (``header`` and ``shard``, the bytes of its shard file)
-    and write the merged output, summary and reports. Returns the summary."""
-    own = Received(header, shard, 0, time.time())
-    with ctx.phase("collect"):
-        received = {0: own, **kv.collect(config.gather_timeout_s, hosts=range(1, ctx.num_hosts))}
-    host_metrics = [arrival_metrics(got) for _, got in sorted(received.items())]
-    with ctx.phase("merge"):
-        shards = [received[host].data for host in range(ctx.num_hosts)]
-        merged = outputs.merge_jsonl(shards, len(job.prompts.texts), config.n_generations)
-        outputs.write_atomic(outputs.join(config.output_dir, outputs.MERGED_NAME), merged)
-    rows = parsed_once(merged)
-    result = summary.build_summary(
-        host_metrics,
-        num_prompts=len(job.prompts.texts),
-        inference_mode=config.inference_mode,
-        wall_clock_s=time.time() - ctx.started_at,
-        gather_s=ctx.seconds("collect"),
-    )
-    if config.task is not None:
-        result["sample/task_accuracy"] = task_accuracy(config.task, rows())
-    with ctx.phase("timeline"):
-        png = tracking.timeline_png(host_metrics)
-        outputs.write_atomic(outputs.join(config.output_dir, outputs.TIMELINE_NAME), png)
-    write_summary(config, ctx, result, host_metrics)
-    with ctx.phase("tracker"):
-        tracking.report(config.trainer.tracker, config.trainer.id, result, rows, png, config.skip_samples_table)
-    write_summary(config, ctx, result, host_metrics)
-    kv.publish("done", True)
-    logger.info("Per-host results:\n%s", summary.format_table(host_metrics, result))
-    if config.task is not None:
-        logger.info(
-            "Task %s: %.1f%% exact answers; %.0f tokens/s over %d hosts",
-            config.task,
-            100 * result["sample/task_accuracy"],
-            result["sample/decode_tokens_per_s"],
-            ctx.num_hosts,
-        )
-    logger.info(
-        "Merged %d rows into %s",
-        result["sample/total_sequences"],
-        outputs.join(config.output_dir, outputs.MERGED_NAME),
-    )
+class Spool:
+    """Parts as they arrive, one sorted file each in a local temporary directory; thread-safe."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="levanter_multihost_spool_")
+        self.runs: list[SortedRun] = []
+        self.lock = threading.Lock()
+
+    def add(self, host: int, header: dict, data: bytes) -> None:
+        keyed = keyed_lines(data, f"a part from host {host}")  # checked here, so a bad part names its host
+        if not keyed:
+            return
+        with self.lock:
+            path = os.path.join(self.dir, f"{len(self.runs):08d}.h{host:04d}.jsonl")
+            with open(path, "wb") as f:
+                f.write(data)
+            self.runs.append(SortedRun(keyed[0][0], lambda p=path, h=host: _read_keyed(p, h)))
+
+    def merged(self) -> Iterator[tuple[tuple[int, int], bytes]]:
+        return merge_sorted(self.runs)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _read_keyed(path: str, host: int) -> Iterator[tuple[tuple[int, int], bytes]]:
+    with open(path, "rb") as f:
+        data = f.read()
+    yield from keyed_lines(data, f"a part from host {host}")
+
+
+@dataclass
+class MergeResult:
+    rows: int = 0
+    correct: int = 0
+    samples: list[dict] = field(default_factory=list)
+
+
+def write_merged(spool: Spool, run_dir: RunDir, n_generations, output_format: str,
+                 reporting: Reporting) -> MergeResult:  # fmt: skip
+    """Merge the spool into the run directory's merged output; score and sample rows on the way.
+
+    Parsed as JSON only where needed: every row for a task's accuracy, the first ``samples_table_rows`` for the
+    table. Raises :class:`~levanter_multihost.outputs.MergeError` (nothing written) if rows are missing,
+    duplicated or unexpected.
+    """
+    result = MergeResult()
+    completeness = Completeness(n_generations)
+    local = os.path.join(spool.dir, "merged.jsonl")  # local first: a Parquet writer needs the whole file
+    with open(local, "wb") as out:
+        for key, line in spool.merged():
+            completeness.see(key)
+            out.write(line)
+            result.rows += 1
+            need_row = reporting.task is not None or len(result.samples) < reporting.samples_table_rows
+            if need_row:
+                row = json.loads(line)
+                if reporting.task is not None:
+                    result.correct += task_score(reporting.task, row)
+                if len(result.samples) < reporting.samples_table_rows:
+                    result.samples.append(row)
+    completeness.check()
+    if output_format == "parquet":
+        import pyarrow.json as paj
+        import pyarrow.parquet as pq
+
+        table = paj.read_json(local)
+        with run_dir.open_atomic(rundir.MERGED_PARQUET) as f:
+            pq.write_table(table, f)
+    else:
+        with open(local, "rb") as src, run_dir.open_atomic(rundir.MERGED_JSONL) as f:
+            shutil.copyfileobj(src, f, 16 * 1024 * 1024)
     return result
 
 
-def arrival_metrics(got: Received) -> dict:
-    """A host's metrics with what only the leader knows: the bytes it sent and when its shard arrived."""
-    metrics = dict(got.header["metrics"])
-    metrics["gather_bytes"] = got.bytes
-    sent_at = metrics["phases"]["write"][1]
-    metrics["phases"] = {**metrics["phases"], "gather": [sent_at, got.at - metrics["started_at"]]}
-    return metrics
-
-
-def parsed_once(merged: bytes) -> Callable[[], list[dict]]:
-    """The rows of ``merged.jsonl`` as dicts, parsed on the first call and kept."""
-    return functools.cache(lambda: outputs.parse_jsonl(merged))
-
-
-def write_summary(config, ctx, result: dict, host_metrics: list[dict]) -> None:
-    """``summary.json``: the totals, every host's metrics, and the leader's own phases (``collect``, ``merge``,
-    ``timeline``, ``tracker`` and those it ran as a host) in seconds since its ``started_at``."""
-    leader = {"started_at": ctx.started_at, "phases": {name: list(span) for name, span in ctx.phases.items()}}
-    outputs.write_atomic(
-        outputs.join(config.output_dir, outputs.SUMMARY_NAME),
-        json.dumps({"summary": result, "hosts": host_metrics, "leader": leader}, indent=2).encode("utf-8"),
-    )
-
-
-def task_accuracy(task: str, rows) -> float:
-    """Fraction of rows whose answer the task's checker accepts."""
+def task_score(task: str, row: dict) -> bool:
     if task == "addition":
-        return addition.accuracy(rows)
-    raise ValueError(f"task ({task!r}) is not a known task. Use 'addition' or leave it unset.")
+        return addition.score(row["generated_text"], row["prompt"])
+    raise ValueError(f"task ({task!r}) is not a known task.")
+
+
+def report(run_dir: RunDir, reporting: Reporting, host_metrics: list[dict], result: dict, leader_phases: dict,
+           started_at: float, samples: list[dict], timeline_png: bytes) -> None:  # fmt: skip
+    """``summary.json`` (before and after the tracker, which may be slow or fail), the tracker and the table."""
+
+    def write_summary() -> None:
+        data = {"summary": result, "hosts": host_metrics,
+                "leader": {"started_at": started_at, "phases": {k: list(v) for k, v in leader_phases.items()}}}
+        run_dir.write_atomic(rundir.SUMMARY, json.dumps(data, indent=2).encode("utf-8"))  # fmt: skip
+
+    write_summary()
+    tracking.report(reporting, result, samples, timeline_png)
+    write_summary()
+
+
+def log_results(reporting: Reporting, host_metrics: list[dict], result: dict[str, Any], merged_url: str) -> None:
+    logger.info("Per-host results:\n%s", summary.format_summary(host_metrics, result))
+    if reporting.task is not None:
+        logger.info("Task %s: %.1f%% exact answers", reporting.task, 100 * result["sample/task_accuracy"])
+    logger.info("Merged %d rows into %s", result["sample/total_sequences"], merged_url)

@@ -6,6 +6,7 @@ straight onto it, so nothing crosses hosts. Leaves out engine construction (:mod
 """
 
 import contextlib
+import json
 import logging
 import os
 
@@ -17,9 +18,12 @@ from haliax import Axis
 from haliax.partitioning import ResourceAxis, round_axis_for_partitioning
 from jax.sharding import Mesh
 from levanter.checkpoint import load_checkpoint
-from levanter.compat.hf_checkpoints import HFCheckpointConverter, RepoRef, load_tokenizer
+from levanter.compat.hf_checkpoints import HFCheckpointConverter, load_tokenizer
 from levanter.models.lm_model import LmHeadModel
 from levanter.trainer import TrainerConfig
+
+from levanter_multihost.errors import ConfigError
+from levanter_multihost.runplan import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -44,42 +48,51 @@ def on_local_mesh(trainer: TrainerConfig):
         yield
 
 
-def local_or_hub(path: str) -> str:
-    """An existing local directory as an absolute path: a relative one such as ``assets/tiny-addition`` also
-    reads as a hub repo id, and Hugging Face would go looking for it on the network."""
-    return os.path.abspath(path) if os.path.isdir(path) else path
+def resolve_location(name: str, field: str) -> str:
+    """A checkpoint or tokenizer location: an existing local directory as an absolute path (a relative one such
+    as ``assets/tiny-addition`` also reads as a hub repo id), a URL or hub id unchanged.
+
+    A name that looks local but is missing fails here, naming ``field``, instead of sending Hugging Face to the
+    network: it starts with ``/``, ``.`` or ``~``, or its parent directory exists here.
+    """
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    if "://" in name:
+        return name
+    parent = os.path.dirname(name.rstrip("/"))
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (parent and os.path.isdir(parent)):
+        raise ConfigError(f"{field} ({name}) is not a directory here. Give the path of a local checkpoint, an fsspec "
+                          "URL, or a Hugging Face hub id (org/name).")  # fmt: skip
+    return name
 
 
-def tokenizer_path(tokenizer: str | None, hf_checkpoint, checkpoint_path: str | None) -> str:
-    """The tokenizer to load: ``tokenizer`` if set, else the HF checkpoint's own."""
-    if tokenizer is not None:
-        return local_or_hub(tokenizer)
-    if hf_checkpoint is not None:
-        return local_or_hub(hf_checkpoint.model_name_or_path)
-    raise ValueError(
-        f"`tokenizer` is not set and `checkpoint_path` ({checkpoint_path}) is a Levanter checkpoint, which holds "
-        "no tokenizer. Set `tokenizer`."
-    )
+def load_tokenizer_from(name: str):
+    return load_tokenizer(name)
 
 
-def load_tokenizer_from(path: str):
-    return load_tokenizer(path)
+def model_vocab_size(hf_checkpoint: str | None) -> int | None:
+    """The model's vocabulary size from the HF checkpoint's config.json (a local directory), without weights."""
+    path = None if hf_checkpoint is None else os.path.join(hf_checkpoint, "config.json")
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["vocab_size"])
 
 
-def load_model(config, tokenizer) -> LmHeadModel:
+def load_model(source: ModelSource, tokenizer) -> LmHeadModel:
     """Load the model onto the current (local) mesh, in the trainer's compute dtype. Call inside on_local_mesh."""
-    trainer: TrainerConfig = config.trainer
+    trainer = source.trainer
     mapping = trainer.compute_axis_mapping
     dtype = trainer.mp.compute_dtype
-    if config.hf_checkpoint is not None:
-        ref = RepoRef(local_or_hub(config.hf_checkpoint.model_name_or_path), config.hf_checkpoint.revision)
+    if source.hf_checkpoint is not None:
+        ref = source.hf_checkpoint
         # name the checkpoint up front: the converter's default reference is a hub model it would try to fetch
-        converter: HFCheckpointConverter = config.model.hf_checkpoint_converter(ref_checkpoint=ref.model_name_or_path)
+        converter: HFCheckpointConverter = source.model.hf_checkpoint_converter(ref_checkpoint=ref.model_name_or_path)
         converter = converter.replaced(reference_checkpoint=ref, tokenizer=tokenizer)
-        model = converter.load_pretrained(config.model.model_type, ref=ref, axis_mapping=mapping, dtype=dtype)
+        model = converter.load_pretrained(source.model.model_type, ref=ref, axis_mapping=mapping, dtype=dtype)
     else:
         vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), mapping)
-        shape = eqx.filter_eval_shape(config.model.build, vocab, key=jax.random.PRNGKey(0))
-        model = load_checkpoint(shape, config.checkpoint_path, subpath="model", axis_mapping=mapping)
+        shape = eqx.filter_eval_shape(source.model.build, vocab, key=jax.random.PRNGKey(0))
+        model = load_checkpoint(shape, source.checkpoint_path, subpath="model", axis_mapping=mapping)
         model = trainer.mp.cast_to_compute(model)
     return model

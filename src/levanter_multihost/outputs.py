@@ -1,27 +1,19 @@
-"""Rows, shard files and the merged output.
+"""Output rows: their fields and encoding, and the streaming merge of sorted parts into one ordered output.
 
-Covers the row schema, the per-host file ``host_{i:04d}_of_{n:04d}.jsonl`` (one JSON line per row, fields in
-``ROW_FIELDS`` order), the completeness check (every expected (prompt, generation) pair exactly once) and the
-merged ``merged.jsonl`` sorted by (``global_prompt_index``, ``generation_index``). Shard files merge line by line:
-each line's (prompt, generation) is read from its fixed prefix, so merging parses no JSON. Every file is written
-under a temporary name and renamed, on a local path or any fsspec URL. Leaves out how shards travel between hosts
-(:mod:`levanter_multihost.gather`). No JAX import.
+A row is one JSON line whose fields come in a fixed order (``ROW_FIELDS``, then the optional fields, then the
+prompt's carried input columns), so every line starts with ``LINE_PREFIX`` and its (prompt, generation) can be
+read without parsing JSON. Parts are sorted; :func:`merge_sorted` merges any number of them with a heap,
+opening a part only when its first row comes up, and :class:`Completeness` checks on the way that every
+expected (prompt, generation) pair is there exactly once. Memory stays flat in the number of rows. No JAX import.
 """
 
+import heapq
 import json
-import os
 import re
-import uuid
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from operator import itemgetter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-
-MERGED_NAME = "merged.jsonl"
-SUMMARY_NAME = "summary.json"
-TIMELINE_NAME = "timeline.png"
 ROW_FIELDS = (
     "global_prompt_index",
     "generation_index",
@@ -33,49 +25,37 @@ ROW_FIELDS = (
     "generated_token_count",
     "finish_reason",
 )
+OPTIONAL_FIELDS = ("stop_reason", "generated_logprobs")
+"""Written after ``ROW_FIELDS`` when the run asks for them (stop strings or EOS; ``logprobs``)."""
+OUTPUT_FIELDS = ROW_FIELDS + OPTIONAL_FIELDS
 LINE_PREFIX = re.compile(
     rb'\{"global_prompt_index": (0|[1-9][0-9]*), "generation_index": (0|[1-9][0-9]*), "process_index": '
 )
-"""The start of every line :func:`jsonl_bytes` writes; its groups are the line's (prompt, generation)."""
+"""The start of every line :func:`row_line` writes; its groups are the line's (prompt, generation)."""
+
+Key = tuple[int, int]
 
 
 class MergeError(RuntimeError):
     """Rows missing, duplicated or unreadable; the message names them."""
 
 
-def shard_name(host: int, num_hosts: int) -> str:
-    return f"host_{host:04d}_of_{num_hosts:04d}.jsonl"
-
-
-def join(output_dir: str, name: str) -> str:
-    return output_dir.rstrip("/") + "/" + name
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling of ``path``, then rename it into place."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    parent = os.path.dirname(fs_path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, fs_path)
+def row_line(row: dict[str, Any], extra_json: bytes | None = None) -> bytes:
+    """One JSON line: ``ROW_FIELDS`` in order, then the optional fields present, then ``extra_json`` (carried
+    input columns, already encoded as object members)."""
+    missing = [k for k in ROW_FIELDS if k not in row]
+    unknown = sorted(set(row) - set(OUTPUT_FIELDS))
+    if missing or unknown:
+        raise ValueError(f"Row lacks fields {missing}, has unknown fields {unknown}; see outputs.OUTPUT_FIELDS.")
+    ordered = {k: row[k] for k in OUTPUT_FIELDS if k in row}
+    line = json.dumps(ordered, ensure_ascii=False).encode("utf-8")
+    if extra_json:
+        line = line[:-1] + extra_json + b"}"
+    return line + b"\n"
 
 
 def jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
-    """One JSON line per row, its fields in ``ROW_FIELDS`` order (so every line starts with ``LINE_PREFIX``)."""
-    return "".join(json.dumps(_in_field_order(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-
-
-def _in_field_order(row: dict[str, Any]) -> dict[str, Any]:
-    if tuple(row) == ROW_FIELDS:
-        return row
-    if row.keys() != set(ROW_FIELDS):
-        missing = [k for k in ROW_FIELDS if k not in row]
-        extra = sorted(set(row) - set(ROW_FIELDS))
-        raise ValueError(f"Row lacks fields {missing}, has unknown fields {extra}; rows hold exactly {ROW_FIELDS}.")
-    return {k: row[k] for k in ROW_FIELDS}
+    return b"".join(row_line(r) for r in rows)
 
 
 def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
@@ -84,66 +64,107 @@ def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.split(b"\n") if line.strip()]
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with fsspec.open(path, "rb") as f:
-        return parse_jsonl(f.read())
-
-
-def exists(path: str) -> bool:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    return fs.exists(fs_path)
-
-
-def expected_pairs(num_prompts: int, n_generations: int) -> set[tuple[int, int]]:
-    return {(p, g) for p in range(num_prompts) for g in range(n_generations)}
-
-
-def check_complete(pairs: Iterable[tuple[int, int]], num_prompts: int, n_generations: int) -> None:
-    """Raise :class:`MergeError` unless ``pairs`` holds every expected (prompt, generation) pair exactly once."""
-    counts = Counter(pairs)
-    expected = expected_pairs(num_prompts, n_generations)
-    missing = sorted(expected - counts.keys())
-    duplicated = sorted(k for k, c in counts.items() if c > 1)
-    unexpected = sorted(counts.keys() - expected)
-    if missing or duplicated or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (prompt, generation) pairs, first {missing[:10]}")
-        if duplicated:
-            parts.append(f"{len(duplicated)} duplicated, first {duplicated[:10]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, first {unexpected[:10]}")
-        raise MergeError("Cannot merge: " + "; ".join(parts) + ".")
-
-
-def merge_jsonl(shards: Sequence[bytes], num_prompts: int, n_generations: int) -> bytes:
-    """``merged.jsonl`` from every host's shard file (``shards[i]`` is host ``i``'s, as :func:`jsonl_bytes` wrote
-    it): the lines of all shards sorted by (prompt, generation), once :func:`check_complete` accepts them."""
-    keyed = [pair_and_line for host, data in enumerate(shards) for pair_and_line in _keyed_lines(host, data)]
-    check_complete((pair for pair, _ in keyed), num_prompts, n_generations)
-    keyed.sort(key=itemgetter(0))
-    return b"".join(line + b"\n" for _, line in keyed)
-
-
-def _keyed_lines(host: int, data: bytes) -> list[tuple[tuple[int, int], bytes]]:
-    """Each line of host ``host``'s shard with its (prompt, generation), read from ``LINE_PREFIX``."""
-    lines = data.split(b"\n")
-    if lines.pop() != b"":
-        raise MergeError(f"Host {host}: shard does not end with a newline (truncated?); it cannot be merged.")
+def keyed_lines(data: bytes, where: str) -> list[tuple[Key, bytes]]:
+    """Each line of a part (``where`` names it in errors) with its (prompt, generation), newline kept."""
+    if not data:
+        return []
+    if not data.endswith(b"\n"):
+        raise MergeError(f"{where}: does not end with a newline (truncated?); it cannot be merged.")
     keyed = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(data.split(b"\n")[:-1], start=1):
         match = LINE_PREFIX.match(line)
         if match is None or not line.endswith(b"}"):
             raise MergeError(
-                f"Host {host} line {number}: {line[:80]!r} is not a row as outputs.jsonl_bytes writes it (one JSON "
-                'object per line starting {"global_prompt_index": P, "generation_index": G, "process_index": ...).'
+                f"{where} line {number}: {line[:80]!r} is not a row as outputs.row_line writes it (one JSON object "
+                'per line starting {"global_prompt_index": P, "generation_index": G, "process_index": ...).'
             )
-        keyed.append(((int(match[1]), int(match[2])), line))
+        keyed.append(((int(match[1]), int(match[2])), line + b"\n"))
     return keyed
 
 
-def write_shard(output_dir: str, host: int, num_hosts: int, data: bytes) -> str:
-    """Write this host's shard file (``data`` from :func:`jsonl_bytes` of its sorted rows); return the path."""
-    path = join(output_dir, shard_name(host, num_hosts))
-    write_atomic(path, data)
-    return path
+@dataclass(frozen=True)
+class SortedRun:
+    """A sorted source of keyed lines (a part), opened only when the merge reaches its first key."""
+
+    first: Key
+    """Key of its first line."""
+    open: Callable[[], Iterator[tuple[Key, bytes]]]
+    """Yields its keyed lines in ascending order."""
+
+
+def merge_sorted(runs: Sequence[SortedRun]) -> Iterator[tuple[Key, bytes]]:
+    """All lines of ``runs`` in ascending key order; a run is opened when no line before its first is left."""
+    pending = sorted(runs, key=lambda r: r.first)
+    heap: list[tuple[Key, int, bytes, Iterator]] = []
+    i = 0
+    while heap or i < len(pending):
+        # every run not yet opened starts after the smallest line in the heap, so it cannot come first
+        while i < len(pending) and (not heap or pending[i].first <= heap[0][0]):
+            lines = pending[i].open()
+            first = next(lines, None)
+            if first is not None:
+                heapq.heappush(heap, (first[0], i, first[1], lines))
+            i += 1
+        key, index, line, lines = heapq.heappop(heap)
+        yield key, line
+        following = next(lines, None)
+        if following is not None:
+            if following[0] < key:
+                raise MergeError(f"A part is not sorted: {following[0]} after {key}.")
+            heapq.heappush(heap, (following[0], index, following[1], lines))
+
+
+class Completeness:
+    """Checks a sorted stream of keys against the expected pairs: every (prompt, g) with g < n_generations[prompt]."""
+
+    def __init__(self, n_generations: Sequence[int]):
+        self.n_generations = n_generations
+        self.expected = self._expected()
+        self.next: Key | None = next(self.expected, None)
+        self.last: Key | None = None
+        self.missing: list[Key] = []
+        self.duplicated: list[Key] = []
+        self.unexpected: list[Key] = []
+        self.counts = {"missing": 0, "duplicated": 0, "unexpected": 0}
+
+    def _expected(self) -> Iterator[Key]:
+        for prompt, n in enumerate(self.n_generations):
+            for g in range(int(n)):
+                yield (prompt, g)
+
+    def _note(self, kind: str, key: Key) -> None:
+        self.counts[kind] += 1
+        found = getattr(self, kind)
+        if len(found) < 10:
+            found.append(key)
+
+    def see(self, key: Key) -> None:
+        if key == self.last:
+            self._note("duplicated", key)
+            return
+        while self.next is not None and self.next < key:
+            self._note("missing", self.next)
+            self.next = next(self.expected, None)
+        if key == self.next:
+            self.next = next(self.expected, None)
+        else:
+            self._note("unexpected", key)
+        self.last = key
+
+    def check(self) -> None:
+        """Raise :class:`MergeError` naming what is missing, duplicated or unexpected."""
+        while self.next is not None:
+            self._note("missing", self.next)
+            self.next = next(self.expected, None)
+        if any(self.counts.values()):
+            parts = [f"{self.counts[kind]} {kind} (prompt, generation) pairs, first {getattr(self, kind)}"
+                     for kind in ("missing", "duplicated", "unexpected") if self.counts[kind]]  # fmt: skip
+            raise MergeError("Cannot merge: " + "; ".join(parts) + ".")
+
+
+def check_complete(pairs: Iterable[Key], n_generations: Sequence[int]) -> None:
+    """Raise :class:`MergeError` unless the sorted ``pairs`` hold every expected pair exactly once."""
+    completeness = Completeness(n_generations)
+    for key in pairs:
+        completeness.see(key)
+    completeness.check()

@@ -1,78 +1,232 @@
-"""Reading prompts: an inline list, a ``.txt`` file (one prompt per line) or a ``.jsonl`` file (a ``prompt`` field).
+"""Reading prompts: inline, a ``.txt``/``.jsonl``/``.parquet`` file, or a Hugging Face dataset.
 
-Covers reading and the checks that need only the text (empty prompts, bad files, malformed JSONL lines). Checks
-that need the tokenizer (prompt length against ``max_seq_len``) live in :mod:`levanter_multihost.preflight`.
-No JAX import.
+Each input row becomes one prompt; its position in the input is its ``global_prompt_index``. A row holds a text
+prompt (``prompt_field``) or a chat (``messages_field``: a list of ``{"role", "content"}``), exactly one of
+them. Every other column is carried through, unchanged, into the row's outputs, and ``max_new_tokens``,
+``temperature`` and ``n_generations`` columns also override the config for that row. Covers the checks that
+need only the data; tokenizing lives in :mod:`levanter_multihost.encoding`. No JAX import.
 """
 
 import json
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 
+from levanter_multihost.errors import UserError
+from levanter_multihost.outputs import OUTPUT_FIELDS
 
-class PromptError(ValueError):
-    """A prompt or prompt file that cannot be used; the message names the field, file line or prompt index."""
+OVERRIDES = ("max_new_tokens", "temperature", "n_generations")
+"""Columns that override the config's value for their row (and are carried through like any other)."""
+MAX_PROMPTS_FILE_BYTES = 16 * 1024**3
+"""Larger prompt files are refused before reading (use a Parquet file or a dataset, which are read in batches)."""
 
 
-def load_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
-    """Return the run's prompts in order, from exactly one of ``prompts`` or ``prompts_file``."""
-    if prompts is not None and prompts_file is not None:
-        raise PromptError("Both `prompts` and `prompts_file` are set. Set exactly one of them.")
-    if prompts_file is not None:
-        loaded = read_prompts_file(prompts_file)
-    elif prompts is not None:
-        if isinstance(prompts, str):
+class PromptError(UserError):
+    """A prompt or prompt source that cannot be used; the message names the source, line or row and the fix."""
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where the prompts come from: exactly one of inline ``prompts``, ``file`` or ``dataset``."""
+
+    prompts: Sequence[str] | None = None
+    file: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+
+
+@dataclass
+class PromptRecords:
+    """The prompts as read, before tokenizing."""
+
+    texts: list[str | None]
+    """Each row's text prompt, or None where it has messages."""
+    messages: list[list[dict[str, str]] | None]
+    """Each row's chat messages, or None where it has a text prompt."""
+    extra_json: list[bytes] | None
+    """Each row's carried columns as JSON object members (``b', "id": 3'``); None when no row has any."""
+    overrides: dict[str, list[Any]]
+    """Per override column present, each row's value (None where the row leaves it unset)."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_prompts(source: PromptSource) -> PromptRecords:
+    """Every prompt of ``source``, in order, checked for what can be checked without a tokenizer."""
+    if source.prompts is not None:
+        if isinstance(source.prompts, str):
             raise PromptError("`prompts` must be a list of strings, not a single string. Wrap it in a list.")
-        loaded = list(prompts)
-        for i, p in enumerate(loaded):
-            if not isinstance(p, str):
-                raise PromptError(f"`prompts[{i}]` is a {type(p).__name__}, not a string.")
+        rows = ({source.prompt_field: p} for p in source.prompts)
+        records = _records(rows, source, "`prompts`", lambda i: f"`prompts[{i}]`")
+    elif source.file is not None:
+        rows, where = _file_rows(source.file)
+        records = _records(rows, source, f"`prompts_file` {source.file}", where)
+    elif source.dataset is not None:
+        records = _records(_dataset_rows(source), source, f"`prompts_dataset` {source.dataset}", lambda i: f"row {i}")
     else:
-        raise PromptError("No prompts: set `prompts` (a list) or `prompts_file` (.txt or .jsonl).")
-    if not loaded:
-        source = f"`prompts_file` ({prompts_file})" if prompts_file is not None else "`prompts`"
-        raise PromptError(f"No prompts: {source} is empty.")
-    for i, p in enumerate(loaded):
-        if p == "":
-            raise PromptError(f"Prompt {i} is an empty string. Remove it or give it text.")
-    return loaded
+        raise PromptError("No prompts: set `prompts` (a list), `prompts_file` (.txt, .jsonl, .parquet) or "
+                          "`prompts_dataset` (a Hugging Face dataset).")  # fmt: skip
+    if not len(records):
+        raise PromptError("No prompts: the prompt source is empty.")
+    return records
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """Read a ``.txt`` (one prompt per line, trailing newline stripped) or ``.jsonl`` prompts file."""
+def _records(rows: Iterable[dict[str, Any]], source: PromptSource, name: str, where) -> PromptRecords:
+    texts, messages, extras, overrides = [], [], [], {k: [] for k in OVERRIDES}
+    consumed = {source.prompt_field, source.messages_field}
+    any_extra = False
+    for i, row in enumerate(rows):
+        at = f"{name} {where(i)}"
+        if not isinstance(row, dict):
+            raise PromptError(f"{at}: is a {type(row).__name__}, not an object with a `{source.prompt_field}`.")
+        text, chat = row.get(source.prompt_field), row.get(source.messages_field)
+        if (text is None) == (chat is None):
+            raise PromptError(
+                f"{at}: has {'both' if text is not None else 'neither'} `{source.prompt_field}` and "
+                f"`{source.messages_field}`. Give each row exactly one (or set prompt_field / messages_field)."
+            )
+        if text is not None:
+            if not isinstance(text, str):
+                raise PromptError(f"{at}: `{source.prompt_field}` is a {type(text).__name__}, not a string.")
+            if text == "":
+                raise PromptError(f"{at}: `{source.prompt_field}` is an empty string. Remove the row or give it text.")
+            _check_encodable(text, f"{at}: `{source.prompt_field}`")
+        else:
+            _check_messages(chat, f"{at}: `{source.messages_field}`")
+        texts.append(text)
+        messages.append(chat)
+        carried = {k: v for k, v in row.items() if k not in consumed}
+        for k in carried:
+            if k in OUTPUT_FIELDS:
+                raise PromptError(f"{at}: column `{k}` clashes with the output field of the same name. Rename it "
+                                  "in the input (every column but the prompt is carried into the outputs).")  # fmt: skip
+        for k in OVERRIDES:
+            overrides[k].append(_override(k, carried.get(k), at))
+        members = "".join(f", {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False, default=str)}"
+                          for k, v in carried.items())  # fmt: skip
+        any_extra = any_extra or bool(members)
+        extras.append(members.encode("utf-8"))
+    overrides = {k: v for k, v in overrides.items() if any(x is not None for x in v)}
+    return PromptRecords(texts, messages, extras if any_extra else None, overrides)
+
+
+def _override(column: str, value: Any, at: str) -> Any:
+    """A row's override, checked: positive integers for counts, a finite non-negative temperature."""
+    if value is None:
+        return None
+    if column == "temperature":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok:
+            raise PromptError(f"{at}: `temperature` is {value!r}; it must be a finite number >= 0 (0 is greedy).")
+        return float(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PromptError(f"{at}: `{column}` is {value!r}; it must be a positive integer.")
+    return value
+
+
+def _check_messages(chat: Any, at: str) -> None:
+    if not isinstance(chat, list) or not chat:
+        raise PromptError(f"{at} must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects.")
+    for j, m in enumerate(chat):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise PromptError(f"{at}[{j}] must be an object with string `role` and `content`; it is {m!r:.80}.")
+        _check_encodable(m["content"], f"{at}[{j}].content")
+
+
+def _check_encodable(text: str, at: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate (``"\\ud800"``) that no tokenizer can encode."""
     try:
-        with fsspec.open(path, "rb") as f:
-            raw = f.read()
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{at} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+                          "which is not text. Fix the input.") from None  # fmt: skip
+
+
+def _file_rows(path: str):
+    """Rows of a prompts file and how to name row ``i`` in errors."""
+    kind = next((ext for ext in (".txt", ".jsonl", ".parquet") if path.endswith(ext)), None)
+    if kind is None:
+        raise PromptError(f"`prompts_file` {path} must end in .txt (one prompt per line), .jsonl (one JSON object "
+                          "per line) or .parquet; for a Hugging Face dataset set `prompts_dataset`.")  # fmt: skip
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        info = fs.info(fs_path)
     except FileNotFoundError:
         raise PromptError(f"`prompts_file` not found: {path}") from None
-    except (PermissionError, IsADirectoryError, OSError) as e:
+    except OSError as e:
+        raise PromptError(f"`prompts_file` cannot be read: {path} ({e})") from None
+    if info.get("type") != "file":
+        raise PromptError(f"`prompts_file` cannot be read: {path} is a {info.get('type')}, not a file.")
+    if (info.get("size") or 0) > MAX_PROMPTS_FILE_BYTES:
+        raise PromptError(f"`prompts_file` {path} is {info['size']:,} bytes, over the {MAX_PROMPTS_FILE_BYTES:,} "
+                          "read at once. Split it, or use Parquet or a dataset.")  # fmt: skip
+    if kind == ".parquet":
+        return _parquet_rows(path), lambda i: f"row {i}"
+    try:
+        with fs.open(fs_path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
         raise PromptError(f"`prompts_file` cannot be read: {path} ({e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise PromptError(f"`prompts_file` {path} is not UTF-8 (line {line}, byte {e.start}).") from None
-    lines = text.splitlines()
-    if path.endswith(".jsonl"):
-        return _parse_jsonl(path, lines)
-    if path.endswith(".txt"):
-        return [line for line in lines if line.strip() != ""]
-    raise PromptError(f"`prompts_file` {path} must end in .txt (one prompt per line) or .jsonl (a `prompt` field).")
+    # lines end at "\n" only: str.splitlines would also split a prompt at U+2028, a form feed or a lone "\r"
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    for number, line in enumerate(lines, start=1):
+        if line.strip() == "":
+            raise PromptError(f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "
+                              "global_prompt_index is its line number - 1): remove the blank line.")  # fmt: skip
+    if kind == ".txt":
+        return ({"prompt": line} for line in lines), lambda i: f"line {i + 1}"
+    return (_json_line(path, number, line) for number, line in enumerate(lines, start=1)), lambda i: f"line {i + 1}"
 
 
-def _parse_jsonl(path: str, lines: list[str]) -> list[str]:
-    out = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptError(f"`prompts_file` {path} line {lineno}: malformed JSON ({e.msg}).") from None
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise PromptError(f"`prompts_file` {path} line {lineno}: no `prompt` field.")
-        if not isinstance(record["prompt"], str):
-            raise PromptError(f"`prompts_file` {path} line {lineno}: `prompt` is not a string.")
-        out.append(record["prompt"])
-    return out
+def _json_line(path: str, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PromptError(f"`prompts_file` {path} line {number}: malformed JSON ({e.msg}).") from None
+
+
+def _parquet_rows(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(fsspec.open(path, "rb").open())
+    except Exception as e:  # pyarrow raises its own error types for files that are not Parquet
+        raise PromptError(f"`prompts_file` {path} is not a readable Parquet file ({e}).") from None
+    for batch in parquet.iter_batches(batch_size=4096):
+        yield from batch.to_pylist()
+
+
+def _dataset_rows(source: PromptSource):
+    """Rows of a Hugging Face dataset: a directory written by ``save_to_disk``, a directory of data files, or a hub
+    id (which needs the network)."""
+    import datasets
+
+    name = source.dataset
+    try:
+        saved = ("state.json", "dataset_dict.json")  # what save_to_disk writes for a Dataset / a DatasetDict
+        if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in saved):
+            loaded = datasets.load_from_disk(name)
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[source.split]
+        else:
+            loaded = datasets.load_dataset(name, split=source.split)
+    except KeyError:
+        raise PromptError(f"`prompts_dataset` {name} has no split {source.split!r}. Set prompts_split.") from None
+    except Exception as e:  # datasets raises many types for a missing or unreadable dataset
+        raise PromptError(f"`prompts_dataset` {name} (split {source.split!r}) does not load: {e}") from None
+    yield from loaded

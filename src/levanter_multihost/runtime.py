@@ -1,24 +1,33 @@
-"""Process start-up on every host: logging, JAX settings, ``jax.distributed``, and this host's place in the job.
+"""Process start-up on every host: logging, JAX settings, ``jax.distributed``, and this host's clocks.
 
 Covers joining the distributed job (Levanter's ``DistributedConfig``, filled from the local launcher's
-environment when it set one), the JAX options and compilation cache from ``trainer``, and a per-host phase clock.
-Leaves out everything that touches the model or other hosts' data.
+environment when it set one), the JAX options and compilation cache from ``trainer``, emulated CPU devices for a
+plain process, a per-host phase clock and a clock of the time JAX spends compiling. Leaves out everything that
+touches the model or other hosts' data.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import jax
 from levanter.trainer import TrainerConfig
 
-ENV_COORDINATOR = "LEVANTER_MULTIHOST_COORDINATOR"
-ENV_NUM_PROCESSES = "LEVANTER_MULTIHOST_NUM_PROCESSES"
-ENV_PROCESS_ID = "LEVANTER_MULTIHOST_PROCESS_ID"
+from levanter_multihost import seams
+from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
 NOISY_LOGGERS = ("levanter.inference", "levanter.compat", "jax._src", "absl")
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+"""JAX's own duration events for tracing, lowering and compiling (or fetching from the persistent cache)."""
 
 logger = logging.getLogger("levanter_multihost")
 
@@ -33,32 +42,53 @@ class HostContext:
     """``jax.process_count()``."""
     started_at: float
     """``time.time()`` when the process was created (before Python imported anything)."""
-    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Phase name -> (start, end) in seconds since ``started_at``."""
+    phases: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Phase name -> its [start, end] spans in seconds since ``started_at`` (batch phases repeat)."""
 
     @property
     def is_leader(self) -> bool:
         return self.host == 0
 
+    def now(self) -> float:
+        return time.time() - self.started_at
+
+    def add(self, name: str, start: float, end: float) -> None:
+        self.phases.setdefault(name, []).append([start, end])
+
+    @contextlib.contextmanager
     def phase(self, name: str):
-        return _Phase(self, name)
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, start, self.now())
 
     def seconds(self, name: str) -> float:
-        start, end = self.phases.get(name, (0.0, 0.0))
-        return end - start
+        return sum(end - start for start, end in self.phases.get(name, []))
 
 
-class _Phase:
-    def __init__(self, ctx: HostContext, name: str):
-        self.ctx, self.name = ctx, name
+class CompileClock:
+    """Seconds JAX has spent tracing, lowering and compiling in this process, from JAX's monitoring events."""
 
-    def __enter__(self):
-        self.start = time.time() - self.ctx.started_at
-        return self
+    total = 0.0
+    _lock = threading.Lock()
+    _installed = False
 
-    def __exit__(self, *exc):
-        self.ctx.phases[self.name] = (self.start, time.time() - self.ctx.started_at)
-        return False
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            jax.monitoring.register_event_duration_secs_listener(cls._record)
+            cls._installed = True
+
+    @classmethod
+    def _record(cls, event: str, duration: float, **kwargs) -> None:
+        if event in COMPILE_EVENTS:
+            with cls._lock:
+                cls.total += duration
+
+    @classmethod
+    def seconds(cls) -> float:
+        return cls.total
 
 
 def distributed_from_env(trainer: TrainerConfig) -> TrainerConfig:
@@ -75,11 +105,21 @@ def distributed_from_env(trainer: TrainerConfig) -> TrainerConfig:
     return dataclasses.replace(trainer, distributed=dist)
 
 
+def emulate_cpu_devices(count: int) -> None:
+    """Give JAX's CPU backend ``count`` devices unless a device count is already set (the local launcher sets
+    one per host); a plain process then runs a config written for a host of ``count`` chips. Must run before the
+    backend starts; it has no effect on TPU or GPU devices."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def start(trainer: TrainerConfig) -> HostContext:
     """Set up logging and JAX, join the distributed job, and return this host's context."""
     started_at = process_started_at()
-    ctx_startup = (0.0, time.time() - started_at)
+    startup = [0.0, time.time() - started_at]
     setup_logging(os.environ.get(ENV_PROCESS_ID, "?"))
+    emulate_cpu_devices(trainer.model_axis_size)
     for key, value in trainer.jax_config.items():
         jax.config.update(key, value)
     if trainer.jax_compilation_cache_dir is not None:
@@ -88,48 +128,18 @@ def start(trainer: TrainerConfig) -> HostContext:
     # Host-data-parallel runs no cross-process collective. Without a CPU collectives backend, one that slipped in
     # fails loudly instead of running, and each emulated host's devices talk in-process instead of over TCP.
     jax.config.update("jax_cpu_collectives_implementation", None)
-    ctx = HostContext(host=0, num_hosts=1, started_at=started_at, phases={"startup": ctx_startup})
+    CompileClock.install()
+    ctx = HostContext(host=0, num_hosts=1, started_at=started_at, phases={"startup": [startup]})
     with ctx.phase("distributed_init"):
         distributed_from_env(trainer).distributed.initialize()
         ctx.host, ctx.num_hosts = jax.process_index(), jax.process_count()
     if jax.config.jax_compilation_cache_dir and ctx.num_hosts > 1:  # from the trainer or JAX's own env variable
-        let_every_host_write_compilation_cache()
+        seams.every_host_writes_compilation_cache()
     setup_logging(str(ctx.host))
     logger.info(
         "host %d of %d (pid %d), %d local devices", ctx.host, ctx.num_hosts, os.getpid(), jax.local_device_count()
     )
     return ctx
-
-
-def let_every_host_write_compilation_cache() -> bool:
-    """Let this host write its own entries to JAX's persistent compilation cache; True if it now does.
-
-    JAX (0.10.2) writes entries from process 0 only, which suits SPMD programs that every process compiles alike.
-    Host-data-parallel programs are host-local and their cache keys hold the host's own device ids, so without
-    this the other hosts never find an entry and compile the engine on every run (docs/benchmarks.md, section 4).
-    Keys differ per host, so no two hosts write the same file, whether the directory is per host or shared.
-    Wraps JAX's private ``compiler._cache_write``; does nothing (and says so) if that has moved.
-    """
-    from jax._src import compiler, distributed
-
-    write = getattr(compiler, "_cache_write", None)
-    if write is None or not hasattr(distributed.global_state, "process_id"):
-        logger.warning("JAX's compilation-cache writer has moved: only host 0 will write cache entries.")
-        return False
-    if getattr(write, "every_host", False):
-        return True
-
-    def cache_write(*args, **kwargs):
-        saved = distributed.global_state.process_id
-        distributed.global_state.process_id = 0  # the writer's only check on who writes
-        try:
-            return write(*args, **kwargs)
-        finally:
-            distributed.global_state.process_id = saved
-
-    cache_write.every_host = True
-    compiler._cache_write = cache_write
-    return True
 
 
 def setup_logging(host: str) -> None:

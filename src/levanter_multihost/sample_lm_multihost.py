@@ -1,113 +1,164 @@
 """Sample many prompts from a Llama model on every host of a multi-host slice, host-data-parallel.
 
-Every host loads the model onto its own chips, samples its shard of the prompts, writes its shard file and sends
-its rows to the leader through the JAX distributed key-value store; the leader writes ``merged.jsonl``, a summary
-and (optionally) logs to wandb.
+Every host loads the model onto its own chips, samples its share of the prompts in batches, makes each batch's
+rows durable in the run directory and sends them to the leader through the JAX distributed key-value store; the
+leader writes one merged, ordered output and reports once. ``docs/architecture.md`` maps the stages to modules.
 
     # 4 emulated hosts on this machine, tiny model
     uv run python infra/launch.py --local_hosts 4 -- \
         uv run python -m levanter_multihost.sample_lm_multihost --config_path config/sampler/tiny_local.yaml
 
-    # one host (no launcher needed)
+    # one plain process (it emulates the host's 4 devices on CPU)
     uv run levanter-multihost-sample --config_path config/sampler/tiny_local.yaml
 """
 
+import contextlib
 import logging
-import os
+import time
 
-# Levanter's engine checks its bookkeeping with Equinox's ``error_if``, which by default compiles to host callbacks,
-# and JAX never writes a program with host callbacks to the persistent compilation cache: the engine would compile
-# on every run. As NaN poisoning the checks still run and the programs can be cached. Equinox reads this when it is
-# imported, hence before the imports below; ``EQX_ON_ERROR=raise`` in the environment restores raising.
-os.environ.setdefault("EQX_ON_ERROR", "nan")
-
+import jax
 import levanter
 
-from levanter_multihost import gather, model_loading, outputs, preflight, resume, runtime
-from levanter_multihost.config import SampleLmMultihostConfig
-from levanter_multihost.generation import GenerationStats, WorkItem, build_engine, generate_rows
-from levanter_multihost.leader import finish_as_leader
-from levanter_multihost.ragged_attention import apply_ragged_attention
-from levanter_multihost.sharding import prompt_cost, shard_for_host
-from levanter_multihost.summary import host_metrics
+from levanter_multihost import coordination, leader, model_loading, runtime, sampling, seams, summary, tracking
+from levanter_multihost.config import SampleLmMultihostConfig, resolve, timeouts
+from levanter_multihost.coordination import DONE, READY, Collector, Coordinator
+from levanter_multihost.errors import UserError
+from levanter_multihost.generation import build_engine, check_engine_state, generate_batch
+from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
+from levanter_multihost.runplan import RunPlan
+from levanter_multihost.runtime import CompileClock, HostContext
 
 logger = logging.getLogger(__name__)
 
 
 def main(config: SampleLmMultihostConfig) -> None:
     ctx = runtime.start(config.trainer)
-    apply_ragged_attention(config.ragged_attention)
-    kv = gather.for_this_job(ctx.num_hosts, config.gather_chunk_bytes)
-    alive = kv.heartbeat(ctx.host, interval_s=min(2.0, config.gather_timeout_s / 4))
-    with gather.failures_reported(kv, ctx.host):
-        with ctx.phase("prepare"):
-            job = preflight.prepare(config, ctx.host, ctx.num_hosts)
-            resume.prepare_output_dir(config, job.fingerprint_fields, ctx.host, kv)
-        shard, kept, todo = host_work(config, ctx, job)
-        rows, stats = sample_shard(config, ctx, job, todo)
-        with ctx.phase("write"):
-            rows = sorted(rows + kept, key=lambda r: (r["global_prompt_index"], r["generation_index"]))
-            data = outputs.jsonl_bytes(rows)
-            outputs.write_shard(config.output_dir, ctx.host, ctx.num_hosts, data)
-        with ctx.phase("gather"):
-            metrics = host_metrics(ctx.host, ctx.started_at, ctx.phases, len(shard), stats, len(kept), rows)
-            header = {"metrics": metrics}
-            if not ctx.is_leader:
-                kv.send(ctx.host, header, data)
-            alive.set()
-        if ctx.is_leader:
-            finish_as_leader(config, ctx, job, kv, header, data)
-    if not ctx.is_leader:
-        kv.wait_for("done", gather.LEADER_WAIT_S)
+    seams.apply_ragged_attention(config.ragged_attention)
+    link = coordination.connect(seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes,
+                                timeouts(config))  # fmt: skip
+    heartbeat = link.start_heartbeat()
+    try:
+        with link.failures_reported():
+            with ctx.phase("prepare"):
+                plan = resolve(config, ctx.host, ctx.num_hosts, jax.local_device_count())
+            attempt = new_attempt()
+            with plan.run_dir.lock(attempt) if ctx.is_leader else contextlib.nullcontext():
+                with ctx.phase("prepare"):
+                    decision = prepare_run_dir(plan, link, attempt)
+                run_share(plan, ctx, link, decision)
+        if not ctx.is_leader:
+            link.wait_for(DONE)
+    finally:
+        heartbeat.set()
 
 
-def host_work(config: SampleLmMultihostConfig, ctx, job):
-    """This host's prompts, the rows of them already on disk (resume) and what is left to sample."""
-    costs = [prompt_cost(len(t), config.max_new_tokens, config.n_generations) for t in job.prompts.token_ids]
-    shard = shard_for_host(config.shard_strategy, ctx.num_hosts, ctx.host, costs)
-    have = resume.existing_rows(config.output_dir, set(shard)) if config.resume else {}
-    missing = resume.missing_generations(shard, config.n_generations, have)
-    todo = [WorkItem(p, job.prompts.texts[p], job.prompts.token_ids[p], gens) for p, gens in sorted(missing.items())]
-    logger.info(
-        "host %d: %d prompts, %d rows on disk, %d prompts to sample", ctx.host, len(shard), len(have), len(todo)
-    )
-    return shard, list(have.values()), todo
+def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> Decision:
+    """Leader: decide fresh / resume / refuse and record the run, then tell the others, who wait for it."""
+    if not link.is_leader:
+        message = link.wait_for(READY)
+        return Decision(message["attempt"], tuple(message["attempts"]), message["replaces"])
+    decision = plan.run_dir.decide(plan.fingerprint, plan.resume, plan.overwrite, attempt)
+    plan.run_dir.record(plan.fingerprint, decision)
+    link.announce(READY, {"attempt": decision.attempt, "attempts": list(decision.attempts),
+                          "replaces": decision.replaces})  # fmt: skip
+    return decision
 
 
-def sample_shard(config: SampleLmMultihostConfig, ctx, job, todo: list[WorkItem]):
-    """Load the model onto this host's chips and sample ``todo``; no cross-host communication.
+def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision) -> None:
+    """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
+    spool = leader.Spool() if ctx.is_leader else None
+    collector = Collector(link, spool.add).start() if ctx.is_leader else None
+    try:
+        deliver = (lambda header, data: spool.add(ctx.host, header, data)) if ctx.is_leader else link.send_part
+        fingerprint = fingerprint_hash(plan.fingerprint)
+        share = sampling.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
+        kept, tokens_kept = sampling.keep_earlier_rows(plan.run_dir, decision.attempts, fingerprint, share,
+                                                       plan.prompts, plan.sampling.stop, deliver)  # fmt: skip
+        items = sampling.work_items(plan.prompts, share, kept)
+        batches = sampling.batches(items, plan.engine)
+        logger.info("host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches", ctx.host, len(share),
+                    len(kept), len(items), len(batches))  # fmt: skip
+        stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver) if batches else []
+        metrics = summary.host_metrics(ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept)
+        if not ctx.is_leader:
+            link.send_end(metrics)
+            return
+        finish(plan, ctx, collector, spool, metrics, decision)
+        link.announce(DONE, {})
+    finally:
+        if collector is not None:
+            collector.stop()
+        if spool is not None:
+            spool.close()
 
-    A host with nothing to sample (an empty shard, or every row already on disk) loads nothing.
-    """
-    if not todo:
-        return [], GenerationStats()
-    with model_loading.on_local_mesh(config.trainer):
+
+def sample(plan: RunPlan, ctx: HostContext, batches, attempt: str, fingerprint: str, deliver) -> list[dict]:
+    """Load the model onto this host's chips and sample every batch; no cross-host communication."""
+    with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
-            model = model_loading.load_model(config, job.tokenizer)
+            model = model_loading.load_model(plan.model, plan.tokenizer)
         with ctx.phase("engine_build"):
-            engine = build_engine(model, job.tokenizer, config.engine)
-        with ctx.phase("generate"):
-            rows, stats = generate_rows(
-                engine,
-                job.tokenizer,
-                todo,
-                n_generations=config.n_generations,
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                seed=config.seed,
-                stop_ids=job.prompts.stop_ids,
-                host=ctx.host,
-                progress_interval_s=config.progress_interval_s,
-            )
-    start, end = ctx.phases["generate"]
-    ctx.phases["prefill"] = (start, start + stats.prefill_s)
-    ctx.phases["decode"] = (start + stats.prefill_s, end)
-    return rows, stats
+            engine = build_engine(model, plan.tokenizer, plan.engine.config, plan.sampling.logprobs)
+        expected = sum(len(i.generations) * i.max_new_tokens for b in batches for i in b)
+        progress = sampling.Progress(ctx.host, len(batches), expected, plan.reporting.progress_interval_s)
+        stats = []
+        for b, items in enumerate(batches):
+            start = ctx.now()
+            rows, batch = generate_batch(engine, plan.tokenizer, items, plan.sampling, ctx.host, progress.on_round,
+                                         CompileClock.seconds)  # fmt: skip
+            check_engine_state(engine, rows, ctx.host, b, model.Vocab.size)
+            # the clock's spans: compile, prefill, compile (the first decode round's), decode
+            for name, seconds in (("compile", batch.compile_prefill_s), ("prefill", batch.prefill_s),
+                                  ("compile", batch.compile_decode_s), ("decode", batch.decode_s)):  # fmt: skip
+                ctx.add(name, start, start + seconds)
+                start += seconds
+            with ctx.phase("write"):
+                data = sampling.part_bytes(rows)
+                plan.run_dir.write_part(data, items[0].global_index, items[-1].global_index, fingerprint, attempt,
+                                        ctx.host, b)  # fmt: skip
+            with ctx.phase("send"):
+                deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
+            progress.batch_done(batch.tokens)
+            stats.append({**vars(batch), "batch": b, "compile_s": batch.compile_prefill_s + batch.compile_decode_s,
+                          "write_s": ctx.phases["write"][-1][1] - ctx.phases["write"][-1][0]})  # fmt: skip
+    return stats
 
 
-def cli():
+def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool, own: dict, decision: Decision) -> None:
+    """Leader: wait for every host's parts, merge, summarize, report; old outputs go only once the merge is in."""
+    with ctx.phase("collect"):
+        arrivals = collector.finish()
+    host_metrics = [own] + [{**a.end["metrics"], "gather_bytes": a.bytes} for _, a in sorted(arrivals.items())]
+    for m in host_metrics[1:]:
+        m["phases"]["wait"] = [[m["phases"]["send"][-1][1] if m["phases"].get("send") else 0.0,
+                                arrivals[m["host"]].ended_at - m["started_at"]]]  # fmt: skip
+    with ctx.phase("merge"):
+        merged = leader.write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format,
+                                     plan.reporting)  # fmt: skip
+    result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
+                                   wall_clock_s=time.time() - min(m["started_at"] for m in host_metrics),
+                                   gather_s=ctx.seconds("collect"))  # fmt: skip
+    if plan.reporting.task is not None:
+        result["sample/task_accuracy"] = merged.correct / max(merged.rows, 1)
+    with ctx.phase("timeline"):
+        png = tracking.timeline_png(host_metrics, {"started_at": ctx.started_at, "phases": ctx.phases})
+        plan.run_dir.write_atomic("timeline.png", png)
+    with ctx.phase("tracker"):
+        leader.report(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at, merged.samples,
+                      png)  # fmt: skip
+    if decision.replaces:
+        plan.run_dir.remove_parts_except(decision.attempts)
+    leader.log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
+
+
+def cli() -> None:
+    """Entry point: seams, then the config, then :func:`main`; a user's mistake prints one line, not a traceback."""
+    seams.install()
     try:
         levanter.config.main(main)()
+    except UserError as e:
+        logger.error("%s", e)
+        runtime.exit_now(2)
     except Exception:
         logger.exception("Sampling failed")
         runtime.exit_now(1)

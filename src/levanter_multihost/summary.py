@@ -1,75 +1,120 @@
-"""The run summary the leader builds from every host's metrics.
+"""Each host's metrics and the run summary the leader builds from them.
 
-Covers the ``sample/*`` totals, per-host ``host/<i>/<name>`` metrics, round-time spread and imbalance, and the
-readable table printed at the end. Totals come from the metrics (each host counts the rows and tokens of the
-shard it sent), so the merged rows need not be parsed. Leaves out where the summary goes
-(:mod:`levanter_multihost.tracking`). No JAX import.
+Three throughputs, each defined once (the table, ``summary.json``, wandb and the README use these):
+
+- ``decode_tokens_per_s`` (per host): tokens the host sampled / its decode seconds (decode rounds, compiling
+  excluded);
+- ``sample/job_tokens_per_s``: tokens sampled by all hosts / the longest host's generate seconds (compile,
+  prefill and decode of all its batches) — what the slice delivers while it samples;
+- ``sample/end_to_end_tokens_per_s``: tokens of every merged row / the wall clock from the first host's start to
+  the merged output.
+
+No JAX import.
 """
 
 from collections.abc import Sequence
 from typing import Any
 
+from levanter_multihost.tables import format_table
+
 HOST_METRICS = (
     "prompts",
+    "rows",
+    "rows_kept",
     "sequences",
-    "rows_resumed",
-    "shard_rows",
-    "shard_tokens",
+    "tokens",
     "tokens_generated",
+    "batches",
     "model_load_s",
     "engine_build_s",
+    "compile_s",
     "prefill_s",
     "decode_s",
-    "round_total_s",
+    "generate_s",
     "decode_tokens_per_s",
-    "pages_in_use_after_decode",
-    "pages_free_after_decode",
-    "pages_peak",
+    "pages_after_prefill",
     "write_s",
     "gather_bytes",
 )
+"""Scalar per-host metrics, logged as ``host/<i>/<name>``."""
 TABLE_COLUMNS = (
-    ("host", "host", "{:d}"),
+    ("host", "host", "{}"),
     ("prompts", "prompts", "{:d}"),
-    ("sequences", "seqs", "{:d}"),
-    ("tokens_generated", "tokens", "{:d}"),
+    ("rows", "rows", "{:d}"),
+    ("tokens_generated", "sampled tok", "{:d}"),
+    ("batches", "batches", "{:d}"),
     ("model_load_s", "load s", "{:.1f}"),
-    ("engine_build_s", "build s", "{:.1f}"),
+    ("compile_s", "compile s", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.1f}"),
     ("decode_s", "decode s", "{:.1f}"),
-    ("decode_tokens_per_s", "tok/s", "{:.0f}"),
-    ("pages_peak", "pages", "{:d}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.0f}"),
     ("gather_bytes", "sent B", "{:d}"),
 )
 
 
-def build_summary(
-    host_metrics: Sequence[dict[str, Any]],
-    *,
-    num_prompts: int,
-    inference_mode: str,
-    wall_clock_s: float,
-    gather_s: float,
-) -> dict[str, Any]:
+def host_metrics(host: int, started_at: float, phases: dict[str, list[list[float]]], prompts: int,
+                 batches: Sequence[dict], rows_kept: int, tokens_kept: int) -> dict[str, Any]:  # fmt: skip
+    """What a host reports with its end message (``gather_bytes`` is filled in by the leader).
+
+    ``batches`` are the per-batch stats the sampler recorded (sequences, tokens, compile_s, prefill_s, decode_s,
+    outer_rounds, waves, pages_after_prefill, write_s).
+    """
+    sampled = sum(b["sequences"] for b in batches)
+    tokens = sum(b["tokens"] for b in batches)
+    compile_s = sum(b["compile_s"] for b in batches)
+    prefill_s = sum(b["prefill_s"] for b in batches)
+    decode_s = sum(b["decode_s"] for b in batches)
+    return {
+        "host": host,
+        "started_at": started_at,
+        "phases": {name: list(span) for name, span in phases.items()},
+        "prompts": prompts,
+        "rows": rows_kept + sampled,
+        "rows_kept": rows_kept,
+        "sequences": sampled,
+        "tokens": tokens_kept + tokens,
+        "tokens_generated": tokens,
+        "batches": len(batches),
+        "batch_stats": list(batches),
+        "model_load_s": _span(phases, "model_load"),
+        "engine_build_s": _span(phases, "engine_build"),
+        "compile_s": compile_s,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "generate_s": compile_s + prefill_s + decode_s,
+        "decode_tokens_per_s": tokens / decode_s if decode_s > 0 else 0.0,
+        "pages_after_prefill": max((b["pages_after_prefill"] for b in batches), default=0),
+        "write_s": sum(b.get("write_s", 0.0) for b in batches),
+        "gather_bytes": 0,
+    }
+
+
+def build_summary(host_metrics: Sequence[dict[str, Any]], *, num_prompts: int, wall_clock_s: float,
+                  gather_s: float) -> dict[str, Any]:  # fmt: skip
     """Flat summary: ``sample/*`` totals and ``host/<i>/<metric>`` for every host, idle hosts included."""
-    rounds = [m["round_total_s"] for m in host_metrics]
-    mean_round = sum(rounds) / len(rounds) if rounds else 0.0
+    times = [m["generate_s"] for m in host_metrics]
+    mean = sum(times) / len(times) if times else 0.0
+    slowest = max(times, default=0.0)
+    sampled = sum(m["tokens_generated"] for m in host_metrics)
+    tokens = sum(m["tokens"] for m in host_metrics)
     out: dict[str, Any] = {
         "sample/total_prompts": num_prompts,
-        "sample/total_sequences": sum(m["shard_rows"] for m in host_metrics),
-        "sample/total_generated_tokens": sum(m["shard_tokens"] for m in host_metrics),
+        "sample/total_sequences": sum(m["rows"] for m in host_metrics),
+        "sample/total_generated_tokens": tokens,
+        "sample/tokens_sampled": sampled,
+        "sample/rows_kept": sum(m["rows_kept"] for m in host_metrics),
         "sample/num_hosts": len(host_metrics),
-        "sample/inference_mode": inference_mode,
+        "sample/inference_mode": "host_data_parallel",
+        "sample/batches": sum(m["batches"] for m in host_metrics),
         "sample/wall_clock_s": wall_clock_s,
         "sample/gather_s": gather_s,
         "sample/gather_bytes": sum(m["gather_bytes"] for m in host_metrics),
-        "sample/round_time_max_s": max(rounds, default=0.0),
-        "sample/round_time_min_s": min(rounds, default=0.0),
-        "sample/round_time_mean_s": mean_round,
-        "sample/host_imbalance": max(rounds, default=0.0) / mean_round if mean_round > 0 else 1.0,
-        "sample/decode_tokens_per_s": sum(m["tokens_generated"] for m in host_metrics) / max(rounds, default=0.0)
-        if max(rounds, default=0.0) > 0
-        else 0.0,
+        "sample/generate_time_max_s": slowest,
+        "sample/generate_time_min_s": min(times, default=0.0),
+        "sample/generate_time_mean_s": mean,
+        "sample/host_imbalance": slowest / mean if mean > 0 else 1.0,
+        "sample/job_tokens_per_s": sampled / slowest if slowest > 0 else 0.0,
+        "sample/end_to_end_tokens_per_s": tokens / wall_clock_s if wall_clock_s > 0 else 0.0,
     }
     for m in host_metrics:
         for name in HOST_METRICS:
@@ -77,72 +122,23 @@ def build_summary(
     return out
 
 
-def format_table(host_metrics: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """One row per host and a totals row, as aligned text."""
-    header = [title for _, title, _ in TABLE_COLUMNS]
-    rows = [
-        [fmt.format(m[key]) for key, _, fmt in TABLE_COLUMNS] for m in sorted(host_metrics, key=lambda m: m["host"])
-    ]
-    totals = ["all"]
-    for key, _, fmt in TABLE_COLUMNS[1:]:
-        values = [m[key] for m in host_metrics]
-        if key.endswith("_s") or key == "pages_peak":
-            totals.append(fmt.format(max(values, default=0)))
-        elif key == "decode_tokens_per_s":
-            totals.append(fmt.format(summary["sample/decode_tokens_per_s"]))
-        else:
-            totals.append(fmt.format(sum(values)))
-    widths = [max(len(r[i]) for r in [header, *rows, totals]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows, totals]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(len(lines) - 1, lines[1])
+def format_summary(host_metrics: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """One row per host, a totals row (sums; slowest host for times), and the three throughputs."""
+    hosts = sorted(host_metrics, key=lambda m: m["host"])
+    totals: dict[str, Any] = {"host": "all"}
+    for key, _, _ in TABLE_COLUMNS[1:]:
+        values = [m[key] for m in hosts]
+        totals[key] = None if key == "decode_tokens_per_s" else (max if key.endswith("_s") else sum)(values)
+    table = format_table(hosts, TABLE_COLUMNS, totals)
     tail = (
-        f"wall clock {summary['sample/wall_clock_s']:.1f}s, round time max/mean "
-        f"{summary['sample/round_time_max_s']:.1f}/{summary['sample/round_time_mean_s']:.1f}s "
-        f"(imbalance {summary['sample/host_imbalance']:.2f}), gather {summary['sample/gather_s']:.2f}s "
-        f"for {summary['sample/gather_bytes']} bytes"
+        f"decode tok/s per host (above); job {summary['sample/job_tokens_per_s']:.0f} tok/s (sampled tokens / "
+        f"slowest host's generate time {summary['sample/generate_time_max_s']:.1f}s, imbalance "
+        f"{summary['sample/host_imbalance']:.2f}); end to end {summary['sample/end_to_end_tokens_per_s']:.0f} tok/s "
+        f"over {summary['sample/wall_clock_s']:.1f}s; gather {summary['sample/gather_s']:.2f}s for "
+        f"{summary['sample/gather_bytes']} bytes"
     )
-    return "\n".join(lines + [tail])
+    return table + "\n" + tail
 
 
-def host_metrics(
-    host: int,
-    started_at: float,
-    phases: dict[str, tuple[float, float]],
-    shard_size: int,
-    stats,
-    rows_resumed: int,
-    rows: Sequence[dict[str, Any]],
-) -> dict[str, Any]:
-    """The metrics a host sends with its shard (``gather_bytes`` and the gather's end are filled in by the leader).
-
-    ``rows`` are the shard's rows, resumed ones included: ``shard_rows`` and ``shard_tokens`` count them.
-    """
-    round_total = stats.prefill_s + stats.decode_s
-    return {
-        "host": host,
-        "started_at": started_at,
-        "phases": {name: list(span) for name, span in phases.items()},
-        "prompts": shard_size,
-        "sequences": stats.sequences,
-        "rows_resumed": rows_resumed,
-        "shard_rows": len(rows),
-        "shard_tokens": sum(r["generated_token_count"] for r in rows),
-        "tokens_generated": stats.tokens_generated,
-        "model_load_s": _span(phases, "model_load"),
-        "engine_build_s": _span(phases, "engine_build"),
-        "prefill_s": stats.prefill_s,
-        "decode_s": stats.decode_s,
-        "round_total_s": round_total,
-        "decode_tokens_per_s": stats.decode_tokens_per_s,
-        "pages_in_use_after_decode": stats.pages_in_use_after_decode,
-        "pages_free_after_decode": stats.pages_free_after_decode,
-        "pages_peak": stats.pages_peak,
-        "write_s": _span(phases, "write"),
-        "gather_bytes": 0,
-    }
-
-
-def _span(phases: dict[str, tuple[float, float]], name: str) -> float:
-    start, end = phases.get(name, (0.0, 0.0))
-    return end - start
+def _span(phases: dict[str, list[list[float]]], name: str) -> float:
+    return sum(end - start for start, end in phases.get(name, []))

@@ -1,24 +1,29 @@
-"""Leader-only reporting, once, after the gather: tracker summary, samples table, timeline picture.
+"""Leader-only reporting, once, after the merge: the run's config, summary, samples table and timeline picture.
 
 Tracker calls made during generation, or on some hosts and not others, have crashed TPU slices, so nothing here
-runs before the gather or on any host but the leader. Levanter's ``WandbConfig.init`` syncs run metadata across
+runs before the merge or on any host but the leader. Levanter's ``WandbConfig.init`` syncs run metadata across
 hosts (a barrier every host must join), so for wandb the leader opens the run itself from the same config and
-wraps it in Levanter's ``WandbTracker``; other trackers use their own ``init``. Leaves out computing the summary
-(:mod:`levanter_multihost.summary`).
+wraps it in Levanter's ``WandbTracker``; other trackers use their own ``init``. Everything goes through Levanter's
+tracker API (``log_hyperparameters``, ``log``, ``log_summary``); only the table and the picture use wandb types.
 """
 
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from levanter.tracker import CompositeTracker, Tracker, TrackerConfig
 from levanter.tracker.wandb import WandbConfig, WandbTracker
 
+from levanter_multihost.runplan import Reporting
+
 logger = logging.getLogger(__name__)
 
-PHASES = ("startup", "prepare", "model_load", "engine_build", "prefill", "decode", "write", "gather")
-PHASE_COLORS = ("#deddda", "#c0bfbc", "#77767b", "#e5a50a", "#3584e4", "#26a269", "#9141ac", "#c01c28")
+PHASES = ("startup", "prepare", "model_load", "engine_build", "compile", "prefill", "decode", "write", "wait",
+          "send")  # fmt: skip
+"""Timeline segments, in the order they are drawn and listed."""
+PHASE_COLORS = ("#deddda", "#c0bfbc", "#77767b", "#e5a50a", "#f66151", "#3584e4", "#26a269", "#9141ac", "#f6f5f4",
+                "#c01c28")  # fmt: skip
 TABLE_FIELDS = (
     "global_prompt_index",
     "generation_index",
@@ -30,41 +35,32 @@ TABLE_FIELDS = (
 )
 
 
-def open_tracker(tracker_config: TrackerConfig | Sequence[TrackerConfig], run_id: str | None) -> Tracker:
+def open_tracker(tracker_config: TrackerConfig | Sequence[TrackerConfig], reporting: Reporting) -> Tracker:
     """Create the tracker on the leader only, without any cross-host synchronization."""
     if isinstance(tracker_config, (list, tuple)):
-        return CompositeTracker([open_tracker(c, run_id) for c in tracker_config])
+        return CompositeTracker([open_tracker(c, reporting) for c in tracker_config])
     if isinstance(tracker_config, WandbConfig):
         import wandb
 
         run = wandb.init(
             entity=tracker_config.entity,
             project=tracker_config.project,
-            name=tracker_config.name,
+            name=tracker_config.name or reporting.run_name,
             tags=list(tracker_config.tags),
-            id=tracker_config.id or run_id,
+            id=tracker_config.id or reporting.run_id,
             group=tracker_config.group,
             mode=tracker_config.mode,
             resume=tracker_config.resume,
         )
         return WandbTracker(run)
-    return tracker_config.init(run_id)
+    return tracker_config.init(reporting.run_id)
 
 
-def report(
-    tracker_config,
-    run_id: str | None,
-    summary: dict[str, Any],
-    rows: Callable[[], Sequence[dict[str, Any]]],
-    timeline_png: bytes | None,
-    skip_samples_table: bool,
-) -> None:
-    """Log the summary, the samples table and the timeline once, then finish the tracker.
-
-    ``rows`` returns the merged rows; it is called only for a wandb samples table.
-    """
-    tracker = open_tracker(tracker_config, run_id)
+def report(reporting: Reporting, summary: dict[str, Any], samples: Sequence[dict], timeline_png: bytes | None) -> None:
+    """Log the config, the summary, the samples table and the timeline once, then finish the tracker."""
+    tracker = open_tracker(reporting.tracker, reporting)
     try:
+        tracker.log_hyperparameters(reporting.config)
         tracker.log(summary, step=0)
         tracker.log_summary(summary)
         for wandb_tracker in _wandb_trackers(tracker):
@@ -72,9 +68,9 @@ def report(
             from PIL import Image
 
             media: dict[str, Any] = {}
-            if not skip_samples_table:
+            if reporting.samples_table_rows > 0:
                 table = wandb.Table(columns=list(TABLE_FIELDS))
-                for row in rows():
+                for row in samples[: reporting.samples_table_rows]:
                     table.add_data(*[row[f] for f in TABLE_FIELDS])
                 media["samples"] = table
             if timeline_png is not None:
@@ -93,8 +89,9 @@ def _wandb_trackers(tracker: Tracker) -> list[WandbTracker]:
     return []
 
 
-def timeline_png(host_metrics: Sequence[dict[str, Any]]) -> bytes:
-    """A bar per host, one segment per phase, on a shared wall-clock axis (seconds since the first host started)."""
+def timeline_png(host_metrics: Sequence[dict[str, Any]], leader_phases: dict[str, Any] | None = None) -> bytes:
+    """A bar per host, one segment per phase, on a shared wall-clock axis (seconds since the first host started);
+    the leader's own merge and report phases on a bar of their own."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,21 +99,33 @@ def timeline_png(host_metrics: Sequence[dict[str, Any]]) -> bytes:
 
     hosts = sorted(host_metrics, key=lambda m: m["host"])
     t0 = min(m["started_at"] for m in hosts)
-    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.45 * len(hosts)))
-    for y, m in enumerate(hosts):
-        offset = m["started_at"] - t0
-        for phase, color in zip(PHASES, PHASE_COLORS):
-            if phase in m["phases"]:
-                start, end = m["phases"][phase]
+    bars = [(f"host {m['host']}", m["started_at"] - t0, m["phases"]) for m in hosts]
+    if leader_phases is not None:
+        bars.append(("leader", leader_phases["started_at"] - t0, leader_phases["phases"]))
+    leader_colors = {"collect": "#f6f5f4", "merge": "#1c71d8", "timeline": "#813d9c", "tracker": "#a51d2d"}
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.45 * len(bars)))
+    for y, (_, offset, phases) in enumerate(bars):
+        colors = dict(zip(PHASES, PHASE_COLORS)) if y < len(hosts) else leader_colors
+        for phase, color in colors.items():
+            for start, end in _spans(phases.get(phase)):
                 ax.barh(y, max(end - start, 1e-3), left=offset + start, color=color, height=0.6)
-    ax.set_yticks(range(len(hosts)), [f"host {m['host']}" for m in hosts])
+    ax.set_yticks(range(len(bars)), [name for name, _, _ in bars])
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first host started")
     ax.set_title("Per-host timeline")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS]
-    ax.legend(handles, PHASES, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
+    names = [*PHASES, *leader_colors] if leader_phases is not None else list(PHASES)
+    colors = [*PHASE_COLORS, *leader_colors.values()] if leader_phases is not None else list(PHASE_COLORS)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
+    ax.legend(handles, names, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _spans(value) -> list[tuple[float, float]]:
+    """A phase is one [start, end] span or a list of them (one per batch)."""
+    if not value:
+        return []
+    return [tuple(value)] if not isinstance(value[0], (list, tuple)) else [tuple(v) for v in value]

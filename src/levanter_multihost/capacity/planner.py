@@ -1,0 +1,209 @@
+"""The capacity plan of a run: per host, its prompts, its batches and what they need; every problem with its fix.
+
+Pure Python. :func:`plan_capacity` shards the prompts as the sampler does, packs each host's share into
+batches (:class:`~levanter_multihost.capacity.batch.BatchPacker`), forecasts each batch and checks the engine's
+construction rules, the prompts that cannot fit a call at all, the stop sequences and HBM.
+"""
+
+from dataclasses import dataclass
+
+from levanter_multihost.capacity.batch import (
+    BatchLimit,
+    BatchPacker,
+    PromptDemand,
+    batch_limit,
+    forecast,
+    prompt_problems,
+)
+from levanter_multihost.capacity.engine import EngineLimits, Problem, construction_problems, stop_problems
+from levanter_multihost.capacity.hbm import (
+    ModelShape,
+    decode_seconds_bound,
+    effective_max_pages,
+    gib,
+    hbm_bytes_per_chip,
+    step_seconds_bound,
+)
+from levanter_multihost.capacity.tpu import Topology
+from levanter_multihost.sharding import all_shards, prompt_cost
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What is sampled, in global prompt order."""
+
+    demands: tuple[PromptDemand, ...]
+    """Each prompt's tokens, new tokens and generations."""
+    shard_strategy: str = "contiguous"
+    """How prompts are split over hosts (see :mod:`levanter_multihost.sharding`)."""
+    batch_size: int | None = None
+    """The config's cap on sequences per batch; None lets the engine's limits decide."""
+    stop_sequences: int = 0
+    """Stop sequences per sequence (stop strings and EOS ids)."""
+    longest_stop_tokens: int = 0
+    """Tokens of the longest stop sequence."""
+
+    @property
+    def longest(self) -> PromptDemand:
+        """A prompt as long as the longest, with the most new tokens and generations of any: the worst case."""
+        return PromptDemand(
+            max((d.prompt_tokens for d in self.demands), default=1),
+            max((d.max_new_tokens for d in self.demands), default=1),
+            max((d.generations for d in self.demands), default=1),
+        )
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """One host's share, packed into batches."""
+
+    host: int
+    """Host index (JAX process index)."""
+    prompts: int
+    """Prompts on this host."""
+    sequences: int
+    """Sequences on this host (prompts x generations)."""
+    batch_sequences: tuple[int, ...]
+    """Sequences of each batch, in order."""
+    pages_peak: int
+    """Most pages any of its batches holds at full length."""
+    decode_iterations: int
+    """Decode iterations over all batches, if no sequence stops early."""
+    kv_tokens_read: int
+    """Context tokens attended to over all decode iterations."""
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """The planner's answer: per-host plans, problems (empty when the run fits) and notes."""
+
+    engine: EngineLimits
+    run: RunSpec
+    topology: Topology
+    model: ModelShape | None
+    max_pages: int | None
+    """The engine's max_pages, or the HBM-derived estimate when it is unset; None when neither is known."""
+    batch: BatchLimit
+    """The largest batch for the worst-case prompt, and the field that sets it."""
+    hosts: tuple[HostPlan, ...]
+    problems: tuple[Problem, ...]
+    """Everything that would make the run fail or truncate."""
+    notes: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def prompts_per_host(self) -> list[int]:
+        return [h.prompts for h in self.hosts]
+
+    @property
+    def batches_per_host(self) -> list[int]:
+        return [len(h.batch_sequences) for h in self.hosts]
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Pages of the worst-case sequence at full length."""
+        worst = self.run.longest
+        return self.engine.pages_for(worst.prompt_tokens, worst.max_new_tokens)
+
+    @property
+    def pages_required(self) -> int:
+        """Most pages any batch on any host holds at full length."""
+        return max((h.pages_peak for h in self.hosts), default=0)
+
+    @property
+    def hbm_per_chip(self) -> int | None:
+        if self.model is None or self.max_pages is None:
+            return None
+        return hbm_bytes_per_chip(self.engine, self.model, self.max_pages)
+
+    @property
+    def decode_bound_s(self) -> list[float] | None:
+        """Per host, the HBM-bound decode time of all its batches (prefill and compilation left out)."""
+        if self.model is None or self.topology.generation is None:
+            return None
+        return [decode_seconds_bound(self.model, self.topology, h.decode_iterations, h.kv_tokens_read)
+                for h in self.hosts]  # fmt: skip
+
+    @property
+    def step_bound_s(self) -> float | None:
+        """HBM-bound time of one decode iteration of a full batch at half its new tokens (mid-decode)."""
+        if self.model is None:
+            return None
+        worst = self.run.longest
+        context = worst.prompt_tokens + worst.max_new_tokens // 2
+        return step_seconds_bound(self.model, self.topology, self.batch.sequences, context)
+
+
+def plan_capacity(
+    engine: EngineLimits, run: RunSpec, topology: Topology, model: ModelShape | None = None
+) -> CapacityPlan:
+    """Plan ``run`` on ``topology`` with one engine of ``engine`` limits per host."""
+    problems = construction_problems(engine)
+    problems += stop_problems(engine, run.stop_sequences, run.longest_stop_tokens)
+    max_pages, hbm_problems, notes = effective_max_pages(engine, topology, model)
+    problems += _single_prompt_problems(engine, max_pages, run)
+    limit = batch_limit(engine, max_pages, run.longest, run.batch_size)
+    engine_limit = batch_limit(engine, max_pages, run.longest)
+    if run.batch_size is not None and run.batch_size > engine_limit.sequences:
+        field = engine_limit.limited_by
+        problems.append(
+            Problem(
+                "batch_size",
+                f"batch_size ({run.batch_size}) is more sequences than one engine call completes in one wave for "
+                f"these prompts: at most {engine_limit.sequences}, set by {field} "
+                f"({_value(engine, max_pages, field)}). Set batch_size to {engine_limit.sequences} or less, or "
+                "leave it unset.",
+                engine_limit.sequences,
+            )
+        )
+    hosts: tuple[HostPlan, ...] = ()
+    if not problems:
+        hosts = _host_plans(engine, max_pages, run, topology.num_hosts)
+    problems += hbm_problems
+    if model is not None and max_pages is not None and topology.generation is not None and hosts:
+        notes.append(f"HBM per chip: {gib(hbm_bytes_per_chip(engine, model, max_pages))} of "
+                     f"{gib(topology.generation.hbm_bytes_per_chip)} ({model.source}).")  # fmt: skip
+    return CapacityPlan(engine, run, topology, model, max_pages, limit, hosts, tuple(problems), tuple(notes))
+
+
+def _single_prompt_problems(engine: EngineLimits, max_pages: int | None, run: RunSpec) -> list[Problem]:
+    """The first prompt that cannot fit one call, per field (one message each, not one per prompt)."""
+    found: dict[str, Problem] = {}
+    for i, d in enumerate(run.demands):
+        for p in prompt_problems(engine, max_pages, d, f"Prompt {i}"):
+            found.setdefault(p.field, p)
+    return list(found.values())
+
+
+def _host_plans(engine: EngineLimits, max_pages: int | None, run: RunSpec, num_hosts: int) -> tuple[HostPlan, ...]:
+    costs = [prompt_cost(d.prompt_tokens, d.max_new_tokens, d.generations) for d in run.demands]
+    packer = BatchPacker(engine, max_pages, run.batch_size)
+    plans = []
+    for host, shard in enumerate(all_shards(run.shard_strategy, num_hosts, costs)):
+        demands = [run.demands[i] for i in shard]
+        forecasts = [forecast(engine, demands[r.start : r.stop]) for r in packer.pack(demands)]
+        plans.append(
+            HostPlan(
+                host=host,
+                prompts=len(shard),
+                sequences=sum(d.generations for d in demands),
+                batch_sequences=tuple(f.sequences for f in forecasts),
+                pages_peak=max((f.pages_at_full_length for f in forecasts), default=0),
+                decode_iterations=sum(f.decode_iterations for f in forecasts),
+                kv_tokens_read=sum(f.kv_tokens_read for f in forecasts),
+            )
+        )
+    return tuple(plans)
+
+
+def _value(engine: EngineLimits, max_pages: int | None, field: str) -> int | None:
+    """The value in effect of an engine field that bounds the batch."""
+    effective = {
+        "engine.max_pages": max_pages,
+        "engine.max_prefill_size": engine.prefill_size,
+        "engine.max_tokens_per_round": engine.tokens_per_round,
+    }
+    return effective.get(field, getattr(engine, field.split(".", 1)[-1], None))

@@ -1,0 +1,124 @@
+"""The capacity plan as a table for people and as JSON for tools (``levanter-multihost-plan``)."""
+
+from dataclasses import asdict
+
+from levanter_multihost.capacity.hbm import gib
+from levanter_multihost.capacity.planner import CapacityPlan
+
+
+def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
+    """(parameter, value, needed, verdict) lines of the report table."""
+    e, run = plan.engine, plan.run
+    failed = {p.field for p in plan.problems}
+    worst = run.longest
+    out = []
+
+    def add(param: str, value, needed: str, field: str | None = None) -> None:
+        out.append((param, _fmt(value), needed, "FAIL" if field in failed else "ok"))
+
+    need = worst.prompt_tokens + worst.max_new_tokens
+    add("max_seq_len", e.max_seq_len, f"{need:,} (longest prompt {worst.prompt_tokens} + {worst.max_new_tokens} new)",
+        "engine.max_seq_len")  # fmt: skip
+    bounds = ", ".join(f"{k.split('.')[-1]} {v:,}" for k, v in sorted(plan.batch.bounds.items(), key=lambda kv: kv[1]))
+    largest = max((max(h.batch_sequences, default=0) for h in plan.hosts), default=0)
+    add("sequences per batch", largest, f"at most {plan.batch.sequences:,} of the longest prompt, set by "
+        f"{plan.batch.limited_by} ({bounds})", "batch_size")  # fmt: skip
+    if plan.hosts:
+        add("batches per host", _span(plan.batches_per_host), f"for {_span(plan.prompts_per_host)} prompts per host")
+    if plan.max_pages is None:
+        add("max_pages", "unset", f"{plan.pages_required:,} for the largest batch at full length")
+    else:
+        add("max_pages", plan.max_pages,
+            f"{plan.pages_required:,} for the largest batch ({plan.pages_per_seq} per sequence at full length, "
+            f"{e.pages_per_seq_max} at max_seq_len)", "engine.max_pages")  # fmt: skip
+    add("max_prefill_size", e.prefill_size, f">= longest prompt {worst.prompt_tokens}", "engine.max_prefill_size")
+    add("max_queued_tokens", e.max_queued_tokens, f">= {max(e.max_seqs, e.tokens_per_round, e.max_seqs_in_prefill)} "
+        "(max_seqs, max_tokens_per_round, max_seqs_in_prefill)", "engine.max_queued_tokens")  # fmt: skip
+    add("decode budget", e.decode_iterations, f"iterations per call ({e.outer_rounds} outer rounds x max_rounds "
+        f"{e.max_rounds}); a batch needs at most {worst.max_new_tokens - 1} per turn")  # fmt: skip
+    if run.stop_sequences:
+        add("max_stop_seqs", e.max_stop_seqs, f">= {run.stop_sequences} stop sequences", "engine.max_stop_seqs")
+        add("max_stop_tokens", e.max_stop_tokens, f">= {run.longest_stop_tokens} tokens", "engine.max_stop_tokens")
+    gen = plan.topology.generation
+    if plan.hbm_per_chip is not None and gen is not None:
+        out.append((f"HBM per chip ({gen.name})", gib(gen.hbm_bytes_per_chip),
+                    f"{gib(plan.hbm_per_chip)} (weights + KV cache)",
+                    "FAIL" if plan.hbm_per_chip > gen.hbm_bytes_per_chip else "ok"))  # fmt: skip
+    step = plan.step_bound_s
+    if step is not None and gen is not None:
+        tokens_per_s = plan.batch.sequences / step
+        out.append(("decode step (HBM-bound)", f"{step * 1e3:.2f} ms",
+                    f"{plan.batch.sequences} sequences mid-decode: {tokens_per_s:,.0f} tok/s per host at the bound",
+                    "info"))  # fmt: skip
+    return out
+
+
+def text(plan: CapacityPlan) -> str:
+    """A summary line, the table, the problems with their fixes, and the notes."""
+    worst = plan.run.longest
+    head = (
+        f"{'OK' if plan.ok else 'FAIL'}: {len(plan.run.demands)} prompts x up to {worst.generations} generation(s), "
+        f"up to {worst.max_new_tokens} new tokens, on {plan.topology.describe()}"
+    )
+    table = [("parameter", "value", "needed", "verdict"), *rows(plan)]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    lines = [head, ""]
+    for r in table:
+        lines.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3]]).rstrip())
+    if plan.problems:
+        lines += ["", "Problems (field to change: suggested value):"]
+        for p in plan.problems:
+            lines += [f"- {p.field}: {'-' if p.suggested is None else p.suggested}", f"  {p.message}"]
+    if plan.notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in plan.notes]]
+    return "\n".join(lines)
+
+
+def to_dict(plan: CapacityPlan) -> dict:
+    """The plan as JSON-ready data."""
+    gen = plan.topology.generation
+    decode = plan.decode_bound_s
+    return {
+        "ok": plan.ok,
+        "tpu_type": plan.topology.name,
+        "num_hosts": plan.topology.num_hosts,
+        "chips_per_host": plan.topology.chips_per_host,
+        "prompts": len(plan.run.demands),
+        "prompts_per_host": plan.prompts_per_host,
+        "batches_per_host": plan.batches_per_host,
+        "batch": {"sequences": plan.batch.sequences, "limited_by": plan.batch.limited_by,
+                  "bounds": plan.batch.bounds},  # fmt: skip
+        "pages_per_seq_max": plan.engine.pages_per_seq_max,
+        "pages_per_seq": plan.pages_per_seq,
+        "pages_required": plan.pages_required,
+        "max_pages": plan.max_pages,
+        "decode_budget": {"outer_rounds": plan.engine.outer_rounds, "iterations": plan.engine.decode_iterations},
+        "hosts": [asdict(h) for h in plan.hosts],
+        "hbm": None if plan.hbm_per_chip is None or gen is None else {
+            "bytes_per_chip_needed": plan.hbm_per_chip,
+            "bytes_per_chip": gen.hbm_bytes_per_chip,
+            "weight_bytes": plan.model.weight_bytes,
+            "weight_bytes_per_chip": plan.model.weight_bytes_per_chip,
+            "kv_bytes_per_token": plan.model.kv_bytes_per_token,
+            "kv_bytes_per_token_per_chip": plan.model.kv_bytes_per_token_per_chip,
+            "source": plan.model.source,
+        },  # fmt: skip
+        "roofline": None if decode is None else {
+            "step_s": plan.step_bound_s,
+            "tokens_per_s_per_host": plan.batch.sequences / plan.step_bound_s if plan.step_bound_s else None,
+            "decode_s_per_host": decode,
+        },  # fmt: skip
+        "problems": [asdict(p) for p in plan.problems],
+        "notes": list(plan.notes),
+    }
+
+
+def _span(values: list[int]) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+
+
+def _fmt(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)

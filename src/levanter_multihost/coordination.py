@@ -1,0 +1,324 @@
+"""Everything that crosses hosts, all through the JAX distributed key-value store: no collective is ever run.
+
+What crosses, in order (``docs/architecture.md`` draws it):
+
+1. ``READY`` — the leader (host 0) has checked and prepared the run directory; the message carries the attempt
+   id and the attempts whose rows belong to the run. The other hosts wait for it before reading or writing it.
+2. parts — after every batch a host sends the part it just made durable (and, on resume, the rows it keeps),
+   as checksummed chunks and then a manifest (the commit point); the leader's :class:`Collector` drains them into
+   a local spool while it samples its own share, so the store never holds more than a few parts.
+3. end — each host's metrics, or its error: the leader then knows every part has arrived, or why not.
+4. ``DONE`` — the leader has merged and reported; the others may exit.
+
+Every host bumps a heartbeat key from a background thread. A wait for another host gives up when that host's
+heartbeat has not moved for ``silent_host_s`` (a SIGKILLed process cannot say goodbye, and JAX's own liveness
+query blocks until its 100 s heartbeat timeout), naming it; slow hosts are waited for however long they take.
+Chunk encoding lives in :mod:`levanter_multihost.payload`.
+"""
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from levanter_multihost.payload import Manifest, decode_payload, encode_payload, verify_chunk
+from levanter_multihost.runplan import Timeouts
+
+logger = logging.getLogger(__name__)
+
+READY = "ready"
+"""Leader to all: the run directory is ready (or why not)."""
+DONE = "done"
+"""Leader to all: the merged output is written (or why not)."""
+LEADER = 0
+POLL_INTERVAL_S = 0.05
+PREFIX = "levanter_multihost"
+
+
+class CoordinationError(RuntimeError):
+    """Another host failed or went silent; the message names it and why."""
+
+
+class KeyValueClient(Protocol):
+    """The part of JAX's ``DistributedRuntimeClient`` used here."""
+
+    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None: ...
+
+    def key_value_try_get_bytes(self, key: str) -> bytes: ...
+
+    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes: ...
+
+    def key_value_delete(self, key: str) -> None: ...
+
+
+@dataclass
+class HostArrivals:
+    """What the leader has received from one host."""
+
+    parts: int = 0
+    """Parts received."""
+    bytes: int = 0
+    """Compressed bytes received through the store."""
+    end: dict[str, Any] | None = None
+    """The host's end message (``status``, ``metrics`` or ``error``), once it came."""
+    ended_at: float | None = None
+    """``time.time()`` on the leader when the end message arrived."""
+
+
+class Coordinator:
+    """This host's view of the job's key-value store."""
+
+    def __init__(self, client: KeyValueClient, host: int, num_hosts: int, chunk_bytes: int, timeouts: Timeouts):
+        self.client = client
+        self.host = host
+        self.num_hosts = num_hosts
+        self.chunk_bytes = chunk_bytes
+        self.timeouts = timeouts
+        self.parts_sent = 0
+        self.bytes_sent = 0
+
+    @property
+    def is_leader(self) -> bool:
+        return self.host == LEADER
+
+    def _key(self, host: int, *names: str) -> str:
+        return "/".join((PREFIX, f"host{host:05d}", *names))
+
+    # -- barriers ----------------------------------------------------------------------------------------------
+
+    def announce(self, name: str, message: dict[str, Any]) -> None:
+        """Leader: tell every other host that ``name`` happened, with ``message``."""
+        self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": True, **message}).encode())
+
+    def announce_failure(self, error: str) -> None:
+        """Leader: tell every other host, whatever it waits for, that the run failed."""
+        for name in (READY, DONE):
+            with contextlib.suppress(Exception):  # one may be announced already; the other still tells them
+                self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": False, "error": error}).encode())
+
+    def wait_for(self, name: str) -> dict[str, Any]:
+        """Wait for the leader's ``name`` announcement while its heartbeat moves; return the message."""
+        watch = _Silence(self, LEADER)
+        while True:
+            raw = self._try_get(f"{PREFIX}/{name}")
+            if raw is not None:
+                message = json.loads(raw)
+                if not message.get("ok"):
+                    raise CoordinationError(f"The leader (host 0) failed: {message.get('error')}")
+                return message
+            if watch.silent_for() > self.timeouts.silent_host_s:
+                raise CoordinationError(
+                    f"The leader (host 0) went silent while this host waited for '{name}' (no heartbeat for "
+                    f"{watch.silent_for():.0f}s > silent_host_s {self.timeouts.silent_host_s:.0f}s): it died or hung. "
+                    "This host's parts are durable in the run directory; rerun with resume: true."
+                )
+            time.sleep(POLL_INTERVAL_S)
+
+    # -- liveness ----------------------------------------------------------------------------------------------
+
+    def start_heartbeat(self, also: Callable[[], None] | None = None) -> threading.Event:
+        """Bump this host's heartbeat every ``heartbeat_interval_s`` (and call ``also``) until the returned event
+        is set: a killed process stops bumping it."""
+        stop = threading.Event()
+
+        def beat():
+            count = 0
+            while not stop.is_set():
+                count += 1
+                with contextlib.suppress(Exception):  # the store going away ends the job anyway
+                    self.client.key_value_set_bytes(self._key(self.host, "heartbeat"), str(count).encode(), True)
+                    if also is not None:
+                        also()
+                stop.wait(self.timeouts.heartbeat_interval_s)
+
+        threading.Thread(target=beat, name=f"heartbeat-{self.host}", daemon=True).start()
+        return stop
+
+    # -- rows to the leader ------------------------------------------------------------------------------------
+
+    def send_part(self, header: dict[str, Any], data: bytes) -> None:
+        """Non-leader: send one part (a header and the part file's bytes) as chunks, then its manifest."""
+        manifest, chunks = encode_payload(self.host, header, data, self.chunk_bytes)
+        part = f"part{self.parts_sent:06d}"
+        for i, chunk in enumerate(chunks):
+            self.client.key_value_set_bytes(self._key(self.host, part, f"chunk{i:06d}"), chunk)
+        self.client.key_value_set_bytes(self._key(self.host, part, "manifest"), manifest.to_bytes())
+        self.parts_sent += 1
+        self.bytes_sent += manifest.total_bytes
+
+    def send_end(self, metrics: dict[str, Any]) -> None:
+        """Non-leader: every part is sent; here are this host's metrics."""
+        end = {"status": "ok", "parts": self.parts_sent, "metrics": metrics}
+        self.client.key_value_set_bytes(self._key(self.host, "end"), json.dumps(end).encode())
+
+    def send_failure(self, error: str) -> None:
+        """Non-leader: this host failed, so the leader reports the error instead of waiting for it."""
+        end = {"status": "failed", "parts": self.parts_sent, "error": error}
+        self.client.key_value_set_bytes(self._key(self.host, "end"), json.dumps(end).encode(), True)
+
+    @contextlib.contextmanager
+    def failures_reported(self):
+        """Tell the other hosts when this one fails, so nobody waits for it until the timeout."""
+        try:
+            yield
+        except BaseException as e:
+            message = f"{type(e).__name__}: {e}"
+            try:
+                self.announce_failure(message) if self.is_leader else self.send_failure(message)
+            except Exception:
+                logger.exception("host %d: could not report its failure to the other hosts", self.host)
+            raise
+
+    def _try_get(self, key: str) -> bytes | None:
+        try:
+            return bytes(self.client.key_value_try_get_bytes(key))
+        except Exception as e:  # JAX raises a generic error whose message says NOT_FOUND
+            if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+
+
+class _Silence:
+    """How long a host's heartbeat has not moved, as seen from here."""
+
+    def __init__(self, coordinator: Coordinator, host: int):
+        self.coordinator, self.host = coordinator, host
+        self.beat: bytes | None = None
+        self.since = time.monotonic()
+
+    def silent_for(self) -> float:
+        beat = self.coordinator._try_get(self.coordinator._key(self.host, "heartbeat"))
+        if beat != self.beat:
+            self.beat, self.since = beat, time.monotonic()
+        return time.monotonic() - self.since
+
+
+class Collector:
+    """Leader: drains the other hosts' parts into ``receive`` from a background thread, until each host ends.
+
+    ``receive(host, header, data)`` is called on the collector's thread, one part at a time, in the order each host
+    sent them. :meth:`finish` waits for every host and raises :class:`CoordinationError` naming the hosts that
+    failed or went silent.
+    """
+
+    def __init__(self, coordinator: Coordinator, receive: Callable[[int, dict, bytes], None]):
+        self.c = coordinator
+        self.receive = receive
+        self.arrivals = {h: HostArrivals() for h in range(coordinator.num_hosts) if h != LEADER}
+        self.silent: list[int] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
+
+    def start(self) -> "Collector":
+        self._thread.start()
+        return self
+
+    def finish(self) -> dict[int, HostArrivals]:
+        """Wait until every host has ended or gone silent; return what arrived from each."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        failed = {h: a.end.get("error", "unknown error") for h, a in self.arrivals.items()
+                  if a.end is not None and a.end.get("status") != "ok"}  # fmt: skip
+        if failed or self.silent:
+            parts = [f"host {h} failed: {error}" for h, error in sorted(failed.items())]
+            if self.silent:
+                parts.append(f"host(s) {sorted(self.silent)} went silent (no heartbeat for silent_host_s="
+                             f"{self.c.timeouts.silent_host_s:.0f}s: dead or hung)")  # fmt: skip
+            raise CoordinationError("Gather incomplete: " + "; ".join(parts) + ". No merged output was written.")
+        return self.arrivals
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        watches = {h: _Silence(self.c, h) for h in self.arrivals}
+        pending = set(self.arrivals)
+        try:
+            while pending and not self._stop.is_set():
+                progressed = False
+                for host in sorted(pending):
+                    if self._drain(host):
+                        progressed = True
+                    elif self.arrivals[host].end is not None:
+                        pending.discard(host)
+                    elif watches[host].silent_for() > self.c.timeouts.silent_host_s:
+                        self.silent.append(host)
+                        pending.discard(host)
+                if not progressed:
+                    time.sleep(POLL_INTERVAL_S)
+        except BaseException as e:  # reported by finish() on the leader's main thread
+            self.error = e
+
+    def _drain(self, host: int) -> bool:
+        """Receive the host's next part, or its end message once every part it sent is in; True if a part came."""
+        arrivals = self.arrivals[host]
+        part = f"part{arrivals.parts:06d}"
+        raw = self.c._try_get(self.c._key(host, part, "manifest"))
+        if raw is None:
+            end = self.c._try_get(self.c._key(host, "end"))
+            if end is not None:
+                message = json.loads(end)
+                # the end message is written after the host's last part, so it can only be ahead on a failure
+                if message.get("status") != "ok" or message.get("parts") == arrivals.parts:
+                    arrivals.end, arrivals.ended_at = message, time.time()
+            return False
+        manifest = Manifest.from_bytes(raw, host)
+        chunks = []
+        deadline = time.monotonic() + self.c.timeouts.silent_host_s
+        for i in range(manifest.num_chunks):
+            key = self.c._key(host, part, f"chunk{i:06d}")
+            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            chunk = bytes(self.c.client.blocking_key_value_get_bytes(key, remaining_ms))
+            verify_chunk(manifest, i, chunk)
+            chunks.append(chunk)
+        header, data = decode_payload(manifest, chunks)
+        self.receive(host, header, data)
+        for i in range(manifest.num_chunks):
+            self.c.client.key_value_delete(self.c._key(host, part, f"chunk{i:06d}"))
+        self.c.client.key_value_delete(self.c._key(host, part, "manifest"))
+        arrivals.parts += 1
+        arrivals.bytes += manifest.total_bytes
+        return True
+
+
+class InMemoryKeyValue:
+    """A single-process stand-in for the JAX key-value store (one host, no ``jax.distributed``)."""
+
+    def __init__(self):
+        self.store: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None:
+        with self.lock:
+            if key in self.store and not allow_overwrite:
+                raise RuntimeError(f"ALREADY_EXISTS: key {key} already set")
+            self.store[key] = bytes(value)
+
+    def key_value_try_get_bytes(self, key: str) -> bytes:
+        with self.lock:
+            if key not in self.store:
+                raise RuntimeError(f"NOT_FOUND: key {key}")
+            return self.store[key]
+
+    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes:
+        return self.key_value_try_get_bytes(key)
+
+    def key_value_delete(self, key: str) -> None:
+        with self.lock:
+            self.store.pop(key, None)
+
+
+def connect(client: KeyValueClient | None, host: int, num_hosts: int, chunk_bytes: int, timeouts: Timeouts):
+    """The coordinator of the running job: JAX's store when distributed (``client``), an in-memory one for a
+    single process."""
+    if client is None:
+        if num_hosts != 1:
+            raise RuntimeError("jax.distributed is not initialized but there are several hosts.")
+        client = InMemoryKeyValue()
+    return Coordinator(client, host, num_hosts, chunk_bytes, timeouts)

@@ -1,0 +1,127 @@
+"""Turning prompts into the token ids the engine is given, and stop strings and EOS into stop sequences.
+
+Covers chat rendering (the tokenizer's chat template, or one from the config), the BOS convention, tokenizing
+with the prompt's index in every error, and the stop condition: stop strings tokenized without special tokens,
+EOS ids from the tokenizer and the checkpoint's ``generation_config.json``. No JAX import.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from levanter_multihost.errors import ConfigError
+from levanter_multihost.prompts import PromptError, PromptRecords
+from levanter_multihost.runplan import PromptSet, StopCondition, TokenTable
+
+
+def bos_wanted(tokenizer, add_bos: bool | None) -> bool:
+    """Whether text prompts start with BOS: ``add_bos`` if set, else what the tokenizer itself does."""
+    if add_bos is not None:
+        if add_bos and tokenizer.bos_token_id is None:
+            raise ConfigError("add_bos is true but the tokenizer has no BOS token. Set add_bos: false or leave it "
+                              "unset.")  # fmt: skip
+        return add_bos
+    if tokenizer.bos_token_id is None:
+        return False
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def encode_prompts(
+    records: PromptRecords,
+    tokenizer,
+    *,
+    chat_template: str | None,
+    add_bos: bool | None,
+    max_new_tokens: int,
+    temperature: float,
+    n_generations: int,
+) -> PromptSet:
+    """Render chats, tokenize every prompt and apply the per-row overrides on the config's defaults."""
+    bos = bos_wanted(tokenizer, add_bos)
+    texts = [t if t is not None else _render(m, tokenizer, chat_template, i)
+             for i, (t, m) in enumerate(zip(records.texts, records.messages))]  # fmt: skip
+    ids = _tokenize(texts, tokenizer)
+    for i, prompt_ids in enumerate(ids):
+        # a chat template usually writes BOS itself; add it only where the prompt does not start with it
+        if bos and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
+            ids[i] = [tokenizer.bos_token_id, *prompt_ids]
+        if not ids[i]:
+            raise PromptError(f"Prompt {i} tokenizes to nothing. Remove it or give it text.")
+
+    def column(name: str, default, dtype) -> np.ndarray:
+        values = records.overrides.get(name)
+        if values is None:
+            return np.full(len(texts), default, dtype=dtype)
+        return np.array([default if v is None else v for v in values], dtype=dtype)
+
+    return PromptSet(
+        texts=texts,
+        tokens=TokenTable(ids),
+        max_new_tokens=column("max_new_tokens", max_new_tokens, np.int32),
+        temperature=column("temperature", temperature, np.float32),
+        n_generations=column("n_generations", n_generations, np.int32),
+        extra_json=records.extra_json,
+    )
+
+
+def _render(messages, tokenizer, chat_template: str | None, index: int) -> str:
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise PromptError(
+            f"Prompt {index} is a chat (messages), but the tokenizer has no chat template. Set chat_template in the "
+            "config (a Jinja template), or give text prompts."
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # Jinja errors come in many types
+        raise PromptError(f"Prompt {index}: the chat template fails on its messages ({type(e).__name__}: {e}).") from None
+
+
+def _tokenize(texts: list[str], tokenizer) -> list[list[int]]:
+    try:
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    except Exception:  # the batch call does not say which prompt failed: find it
+        for i, text in enumerate(texts):
+            try:
+                tokenizer(text, add_special_tokens=False)
+            except Exception as e:
+                raise PromptError(f"Prompt {i} cannot be tokenized ({type(e).__name__}: {e}).") from None
+        raise
+
+
+def stop_condition(
+    tokenizer, stop_sequences: list[str], stop_at_eos: bool, include_stop_in_text: bool, checkpoint: str | None
+) -> StopCondition:
+    """The stop strings' tokens and the EOS ids, each checked: nothing empty, nothing unknown to the tokenizer."""
+    token_ids = []
+    for s in stop_sequences:
+        if not isinstance(s, str):
+            raise ConfigError(f"stop_sequences holds {s!r}, not a string.")
+        ids = tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ConfigError(f"stop_sequences entry {s!r} tokenizes to nothing. Remove it or change it.")
+        unk = tokenizer.unk_token_id
+        if unk is not None and unk in ids and s != tokenizer.unk_token:
+            raise ConfigError(
+                f"stop_sequences entry {s!r} tokenizes to the unknown token {tokenizer.unk_token!r}: the tokenizer "
+                "cannot spell it, so it would stop at any unknown character instead. Remove it or change it."
+            )
+        token_ids.append(ids)
+    eos = eos_ids(tokenizer, checkpoint) if stop_at_eos else ()
+    return StopCondition(tuple(stop_sequences), tuple(token_ids), eos, include_stop_in_text)
+
+
+def eos_ids(tokenizer, checkpoint: str | None) -> tuple[int, ...]:
+    """EOS ids of the tokenizer, then of the checkpoint's ``generation_config.json`` (local directory only)."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    path = None if checkpoint is None else os.path.join(checkpoint, "generation_config.json")
+    if path is not None and os.path.isfile(path):
+        with open(path) as f:
+            value = json.load(f).get("eos_token_id")
+        for e in value if isinstance(value, list) else [] if value is None else [value]:
+            if int(e) not in ids:
+                ids.append(int(e))
+    return tuple(ids)

@@ -1,0 +1,294 @@
+"""The run directory (``output_dir``, a local path or any fsspec URL): every file name, read and write in it.
+
+Layout::
+
+    output_dir/
+      merged.jsonl | merged.parquet   the run's rows, sorted by (global_prompt_index, generation_index)
+      summary.json  timeline.png      the leader's report
+      run.json                        the run's fingerprint and the attempts whose parts belong to it
+      .lock                           held by the running leader (see :meth:`RunDir.lock`)
+      parts/                          one sorted JSONL file per batch sampled (or rows kept on resume)
+
+A part's name says what it holds: ``{first:010d}-{last:010d}.{fingerprint}.{attempt}.h{host:04d}b{batch:06d}.jsonl``
+— its first and last global prompt index, the run's fingerprint, the attempt that wrote it, the host and the
+batch. Every file is written under a temporary name and moved into place, so a reader never sees half a file.
+The fresh / resume / refuse decision (:func:`decide`) is made by the leader alone, once. No JAX import.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from levanter_multihost.errors import UserError
+
+MERGED_JSONL = "merged.jsonl"
+MERGED_PARQUET = "merged.parquet"
+SUMMARY = "summary.json"
+TIMELINE = "timeline.png"
+RUN_FILE = "run.json"
+LOCK = ".lock"
+PARTS = "parts"
+LOCK_REFRESH_S = 60.0
+"""How often the running leader rewrites ``.lock``; a lock not rewritten for 5 times this is stale."""
+PART_NAME = re.compile(r"(\d{10})-(\d{10})\.([0-9a-f]{16})\.([0-9a-f]{8})\.h(\d{4})b(\d{6})\.jsonl$")
+
+logger = logging.getLogger(__name__)
+
+
+class RunDirError(UserError):
+    """The run directory holds something this run may not use or replace; the message says what to do."""
+
+
+@dataclass(frozen=True, order=True)
+class Part:
+    """One part file, as its name describes it."""
+
+    first: int
+    """Smallest global prompt index in the part."""
+    last: int
+    """Largest global prompt index in the part."""
+    fingerprint: str
+    attempt: str
+    host: int
+    batch: int
+    path: str
+    """Full path (or URL) of the file."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the leader decided about the run directory before anything is written."""
+
+    attempt: str
+    """This attempt's id: every part it writes carries it."""
+    attempts: tuple[str, ...]
+    """Attempts whose parts belong to this run: earlier ones when resuming, then this one."""
+    replaces: bool
+    """An earlier run's outputs are there and are replaced once this run's merge is written."""
+
+
+def fingerprint_hash(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+class RunDir:
+    """``output_dir`` and everything in it."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/") if url not in ("/", "") else url
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+        self.is_local = type(self.fs).__name__ == "LocalFileSystem"
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    def path(self, name: str) -> str:
+        """Path of ``name`` inside the run directory, as the filesystem names it."""
+        return f"{self.root}/{name}"
+
+    def url_of(self, name: str) -> str:
+        """URL of ``name`` inside the run directory, as the user named the directory."""
+        return f"{self.url}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open(self.path(name), "rb") as f:
+            return f.read()
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        with self.open_atomic(name) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def open_atomic(self, name: str):
+        """A binary file to stream into; it appears under ``name`` only when the block ends without error."""
+        final = self.path(name)
+        parent = os.path.dirname(final)
+        if parent:
+            self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                yield f
+            self.fs.mv(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm(tmp)
+            raise
+
+    def check_writable(self, host: int) -> None:
+        """Write and delete a probe file; raise :class:`RunDirError` naming the directory if that fails."""
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            probe = self.path(f".write_probe_{host}_{uuid.uuid4().hex[:8]}")
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"")
+            self.fs.rm(probe)
+        except OSError as e:
+            raise RunDirError(f"output_dir ({self.url}) is not writable: {e}. Choose another output_dir.") from None
+
+    # -- the run's identity ------------------------------------------------------------------------------------
+
+    def read_run_file(self) -> dict[str, Any] | None:
+        if not self.exists(RUN_FILE):
+            return None
+        try:
+            return json.loads(self.read_bytes(RUN_FILE))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{self.url_of(RUN_FILE)} is not valid JSON ({e}). Use overwrite: true.") from None
+
+    def decide(self, fields: dict[str, Any], resume: bool, overwrite: bool, attempt: str) -> Decision:
+        """Fresh, resume or refuse, from what the directory holds; nothing is written.
+
+        Earlier outputs must belong to this run (``resume``, same fingerprint) or be replaced (``overwrite``);
+        otherwise one message says what is there and the three ways on.
+        """
+        run = self.read_run_file()
+        earlier = [n for n in (MERGED_JSONL, MERGED_PARQUET, RUN_FILE) if self.exists(n)]
+        parts = self.list_parts()
+        if parts:
+            earlier.append(f"{len(parts)} part file(s) in {PARTS}/")
+        if not earlier:
+            return Decision(attempt, (attempt,), replaces=False)
+        if overwrite:
+            return Decision(attempt, (attempt,), replaces=True)
+        if not resume:
+            raise RunDirError(
+                f"output_dir ({self.url}) holds outputs of an earlier run ({', '.join(earlier)}). Set resume: true "
+                "to continue it, overwrite: true to replace it (once this run's merge is written), or choose "
+                "another output_dir."
+            )
+        if run is None:
+            raise RunDirError(
+                f"Cannot resume: output_dir ({self.url}) has no {RUN_FILE} to check its outputs "
+                f"({', '.join(earlier)}) against this run. Use overwrite: true or another output_dir."
+            )
+        here = fingerprint_hash(fields)
+        if run.get("fingerprint") != here:
+            old = run.get("fields", {})
+            changed = sorted(k for k in set(fields) | set(old) if old.get(k) != fields.get(k))
+            raise RunDirError(
+                f"Cannot resume: output_dir ({self.url}) holds a run with fingerprint {run.get('fingerprint')}, this "
+                f"config has {here} (differs in {changed}). Outputs of different configs are never mixed: use "
+                "another output_dir or overwrite: true."
+            )
+        return Decision(attempt, (*run.get("attempts", ()), attempt), replaces=False)
+
+    def record(self, fields: dict[str, Any], decision: Decision) -> None:
+        """Leader: write ``run.json`` for this attempt."""
+        data = {"fingerprint": fingerprint_hash(fields), "fields": fields, "attempts": list(decision.attempts)}
+        self.write_atomic(RUN_FILE, json.dumps(data, indent=2).encode("utf-8"))
+
+    # -- parts -------------------------------------------------------------------------------------------------
+
+    def write_part(self, data: bytes, first: int, last: int, fingerprint: str, attempt: str, host: int,
+                   batch: int) -> Part:  # fmt: skip
+        name = f"{first:010d}-{last:010d}.{fingerprint}.{attempt}.h{host:04d}b{batch:06d}.jsonl"
+        self.write_atomic(f"{PARTS}/{name}", data)
+        return Part(first, last, fingerprint, attempt, host, batch, self.path(f"{PARTS}/{name}"))
+
+    def list_parts(self) -> list[Part]:
+        """Every part file, sorted by first prompt; temporary files and other names are left out."""
+        folder = self.path(PARTS)
+        if not self.fs.exists(folder):
+            return []
+        parts = []
+        for path in self.fs.ls(folder, detail=False):
+            m = PART_NAME.search(path)
+            if m and not path.endswith(".tmp"):
+                first, last, fp, attempt, host, batch = m.groups()
+                parts.append(Part(int(first), int(last), fp, attempt, int(host), int(batch), path))
+        return sorted(parts)
+
+    def read_part(self, part: Part) -> bytes:
+        with self.fs.open(part.path, "rb") as f:
+            return f.read()
+
+    def remove_parts_except(self, attempts: tuple[str, ...]) -> int:
+        """Delete parts written by other attempts (a replaced run's); return how many."""
+        stale = [p for p in self.list_parts() if p.attempt not in attempts]
+        for p in stale:
+            self.fs.rm(p.path)
+        return len(stale)
+
+    # -- one run at a time -------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, attempt: str, refresh_s: float = LOCK_REFRESH_S):
+        """Hold ``.lock`` (created atomically, holding the attempt, host, pid and time) while the block runs;
+        refuse if another run holds it.
+
+        The holder rewrites the lock every ``refresh_s``. A lock is stale, and taken over with a warning, when it
+        has not been rewritten for 5 x ``refresh_s`` or was written on this machine by a process that is gone;
+        otherwise the run is refused, naming the holder. Delete ``.lock`` by hand only if that run is really gone.
+        """
+        self.fs.makedirs(self.root, exist_ok=True)
+        try:
+            with self.fs.open(self.path(LOCK), "xb") as f:
+                f.write(_holder(attempt))
+        except FileExistsError:
+            other = self._lock_holder()
+            if not _is_stale(other, 5 * refresh_s):
+                raise RunDirError(
+                    f"output_dir ({self.url}) is in use by run {other.get('attempt')} (pid {other.get('pid')} on "
+                    f"{other.get('host')}, {LOCK} written {time.time() - other.get('time', 0):.0f}s ago). Wait for "
+                    f"it, choose another output_dir, or delete {self.url_of(LOCK)} if that run is gone."
+                ) from None
+            logger.warning("Taking over the stale lock of run %s in %s.", other.get("attempt"), self.url)
+            self.write_atomic(LOCK, _holder(attempt))
+        stop = threading.Event()
+
+        def refresh():
+            while not stop.wait(refresh_s):
+                with contextlib.suppress(OSError):
+                    self.write_atomic(LOCK, _holder(attempt))
+
+        threading.Thread(target=refresh, name="lock-refresh", daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+            with contextlib.suppress(OSError):
+                if self._lock_holder().get("attempt") == attempt:
+                    self.fs.rm(self.path(LOCK))
+
+    def _lock_holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.read_bytes(LOCK))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+
+
+def new_attempt() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def _holder(attempt: str) -> bytes:
+    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+
+
+def _is_stale(holder: dict[str, Any], stale_after_s: float) -> bool:
+    if not holder or time.time() - holder.get("time", 0) > stale_after_s:
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+    return False

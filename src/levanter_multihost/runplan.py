@@ -1,0 +1,186 @@
+"""The run plan: everything the stages need, resolved and checked once from the config before the model loads.
+
+Frozen, typed values only. ``config.resolve`` builds a :class:`RunPlan`; ``main`` hands each stage the pieces it
+needs, so no stage reads the config.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from levanter.compat.hf_checkpoints import RepoRef
+from levanter.inference.engine import InferenceEngineConfig
+from levanter.models.lm_model import LmConfig
+from levanter.trainer import TrainerConfig
+
+from levanter_multihost.capacity import EngineLimits
+from levanter_multihost.rundir import RunDir
+
+
+class TokenTable:
+    """Token ids of many prompts in one flat array (a Python list per prompt would cost ~40 bytes a token)."""
+
+    def __init__(self, token_ids: Sequence[Sequence[int]]):
+        lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int32, count=int(self.offsets[-1]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]].tolist()
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The run's prompts in global order, with what each one asks for."""
+
+    texts: list[str]
+    """Each prompt as written into its output rows (the rendered text of a chat prompt)."""
+    tokens: TokenTable
+    """Each prompt's token ids, exactly as the engine is given them."""
+    max_new_tokens: np.ndarray
+    """New tokens per sequence, per prompt (the config's value unless the row overrides it)."""
+    temperature: np.ndarray
+    """Sampling temperature per prompt; 0 is greedy."""
+    n_generations: np.ndarray
+    """Sequences sampled per prompt."""
+    extra_json: list[bytes] | None = None
+    """Per prompt, its carried input columns as JSON object members (``b', "id": 3'``), or None for none."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def total_sequences(self) -> int:
+        return int(self.n_generations.sum())
+
+
+@dataclass(frozen=True)
+class StopCondition:
+    """When a sequence stops before ``max_new_tokens``."""
+
+    strings: tuple[str, ...] = ()
+    """Stop strings, in config order."""
+    token_ids: tuple[tuple[int, ...], ...] = ()
+    """Token ids of each stop string, aligned with ``strings``."""
+    eos_ids: tuple[int, ...] = ()
+    """End-of-sequence token ids that stop a sequence (empty when ``stop_at_eos`` is false)."""
+    include_stop_in_text: bool = False
+    """Keep the stop string in ``generated_text`` (token ids always keep what the model produced)."""
+
+    @property
+    def sequences(self) -> tuple[tuple[int, ...], ...]:
+        """Every stop sequence the engine watches for: the stop strings' tokens, then each EOS id alone."""
+        return self.token_ids + tuple((e,) for e in self.eos_ids)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How every sequence is sampled (per-prompt values live in :class:`PromptSet`)."""
+
+    seed: int
+    """Seed of the per-sequence keys; a key depends only on this, the global prompt index and the generation."""
+    stop: StopCondition
+    """Stop strings and EOS."""
+    logprobs: bool = False
+    """Record the log-probability of every generated token."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The engine each host builds, and how its work is cut into batches."""
+
+    config: InferenceEngineConfig
+    """Levanter's engine config, as given."""
+    limits: EngineLimits
+    """The same numbers as the capacity planner sees them."""
+    max_pages: int | None
+    """``max_pages`` in effect (the planner's HBM estimate when unset, None when unknown)."""
+    batch_size: int | None
+    """The config's cap on sequences per batch; None lets the engine's limits decide."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from and how they are laid out on a host's chips."""
+
+    hf_checkpoint: RepoRef | None
+    """Hugging Face checkpoint (local path made absolute, fsspec URL or hub id), or None."""
+    checkpoint_path: str | None
+    """Levanter checkpoint, or None."""
+    model: LmConfig
+    """Architecture (read from the checkpoint's config for an HF checkpoint)."""
+    trainer: TrainerConfig
+    """Per-host mesh (``model_axis_size``), axis mapping and precision."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every wait between hosts, one name per meaning."""
+
+    heartbeat_interval_s: float
+    """How often every host shows the others it is alive."""
+    silent_host_s: float
+    """A host (leader included) whose heartbeat has not moved for this long is dead or hung."""
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """What the leader reports and where."""
+
+    tracker: Any
+    """Levanter tracker config(s) (``trainer.tracker``)."""
+    run_name: str
+    """Name of the run in the tracker and the summary."""
+    run_id: str | None
+    """Tracker run id (``trainer.id``, or ``RUN_ID``), None to let the tracker choose."""
+    config: dict
+    """The resolved config, logged as the tracker run's config."""
+    samples_table_rows: int
+    """Rows of the samples table (the first ones of the merged output); 0 for none."""
+    task: str | None
+    """Task whose exact-answer checker scores the merged rows (``addition``), or None."""
+    progress_interval_s: float
+    """Seconds between each host's progress lines; 0 turns them off."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything resolved from the config before the model loads, the same on every host."""
+
+    prompts: PromptSet
+    sampling: Sampling
+    engine: EngineSettings
+    model: ModelSource
+    tokenizer: Any
+    """The loaded Hugging Face tokenizer."""
+    run_dir: RunDir
+    """Owner of ``output_dir``."""
+    fingerprint: dict[str, Any]
+    """What identifies the run's outputs: a resume accepts only rows written under the same fingerprint."""
+    resume: bool
+    """Keep the rows already in the run directory and sample only the missing ones."""
+    overwrite: bool
+    """Replace an earlier run's outputs (once this run's merge is written)."""
+    shard_strategy: str
+    """How prompts are split over hosts (:mod:`levanter_multihost.sharding`)."""
+    timeouts: Timeouts
+    reporting: Reporting
+    chunk_bytes: int
+    """Largest value written to the key-value store in one piece."""
+    output_format: str = "jsonl"
+    """Format of the merged output: ``jsonl`` or ``parquet``."""
+
+    @property
+    def merged_name(self) -> str:
+        return f"merged.{self.output_format}"

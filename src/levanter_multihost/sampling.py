@@ -1,0 +1,163 @@
+"""A host's work: its share of the prompts, the rows it keeps from earlier attempts, and its batches.
+
+Covers which prompts a host samples (:mod:`levanter_multihost.sharding`), reading and verifying the rows earlier
+attempts left in the run directory (a resume samples only what is missing, whatever the old host count and batch
+size were), packing what is left into batches the engine completes in one call
+(:class:`~levanter_multihost.capacity.BatchPacker`), and, after every batch, making its rows durable as a part
+and handing the part on (``deliver``). Progress lines cover the whole share: batches, tokens, tokens/s and an ETA
+measured from the first decode round, so compiling does not skew them. No cross-host communication here.
+"""
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from levanter_multihost.capacity import BatchPacker, PromptDemand
+from levanter_multihost.errors import UserError
+from levanter_multihost.generation import WorkItem
+from levanter_multihost.outputs import keyed_lines, row_line
+from levanter_multihost.rundir import Part, RunDir
+from levanter_multihost.runplan import EngineSettings, PromptSet, StopCondition
+from levanter_multihost.sharding import prompt_cost, shard_for_host
+
+logger = logging.getLogger(__name__)
+
+Deliver = Callable[[dict, bytes], None]
+"""Hands a part (header, the part's bytes) to the leader."""
+
+
+class ResumeError(UserError):
+    """A row on disk that does not belong to this run; the message names the file and line."""
+
+
+def host_share(prompts: PromptSet, host: int, num_hosts: int, strategy: str) -> list[int]:
+    """Global indices of the prompts ``host`` samples."""
+    costs = [prompt_cost(prompts.tokens.length(i), int(prompts.max_new_tokens[i]), int(prompts.n_generations[i]))
+             for i in range(len(prompts))]  # fmt: skip
+    return shard_for_host(strategy, num_hosts, host, costs)
+
+
+def keep_earlier_rows(
+    run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str, share: list[int], prompts: PromptSet,
+    stop: StopCondition, deliver: Deliver,
+) -> tuple[set[tuple[int, int]], int]:  # fmt: skip
+    """Verify and deliver the rows of earlier attempts that fall in ``share``; return their (prompt, generation)
+    and their tokens.
+
+    Parts of other runs or of replaced attempts are left alone. Every kept row must be one this run could have
+    written: raises :class:`ResumeError` naming the file and line otherwise, before anything is sampled.
+    """
+    if not share:
+        return set(), 0
+    wanted = set(share)
+    kept: dict[tuple[int, int], str] = {}
+    tokens = 0
+    lo, hi = min(share), max(share)
+    for part in run_dir.list_parts():
+        if part.fingerprint != fingerprint or part.attempt not in attempts or part.last < lo or part.first > hi:
+            continue
+        lines = []
+        for number, (key, line) in enumerate(keyed_lines(run_dir.read_part(part), part.path), start=1):
+            row = _verify(line, key, part, number, prompts, stop)
+            if key[0] not in wanted:
+                continue
+            if key in kept:
+                raise ResumeError(f"{part.path} line {number}: (prompt, generation) {key} is also in {kept[key]}. "
+                                  "One of them was not written by this run: remove it or use overwrite: true.")  # fmt: skip
+            kept[key] = part.path
+            tokens += row["generated_token_count"]
+            lines.append(line)
+        if lines:
+            deliver({"kind": "kept", "rows": len(lines)}, b"".join(lines))
+    return set(kept), tokens
+
+
+def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts: PromptSet,
+            stop: StopCondition) -> dict:  # fmt: skip
+    """A row read back must be one this run writes for its prompt; return it parsed."""
+    where = f"{part.path} line {number}"
+    prompt, generation = key
+    problem = None
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise ResumeError(f"{where}: not valid JSON ({e}). Remove the file or use overwrite: true.") from None
+    if not part.first <= prompt <= part.last or prompt >= len(prompts):
+        problem = f"prompt {prompt} is outside the part's range {part.first}-{part.last} or the prompts"
+    elif generation >= prompts.n_generations[prompt]:
+        problem = f"generation {generation} is out of range (n_generations {prompts.n_generations[prompt]})"
+    elif row.get("prompt") != prompts.texts[prompt]:
+        problem = f"its prompt differs from prompt {prompt} of the input"
+    elif not isinstance(row.get("generated_token_ids"), list) or row.get("generated_token_count") != len(
+        row["generated_token_ids"]
+    ):
+        problem = "generated_token_count does not match generated_token_ids"
+    elif row["generated_token_count"] > prompts.max_new_tokens[prompt]:
+        problem = f"it has more than max_new_tokens ({prompts.max_new_tokens[prompt]}) tokens"
+    elif row.get("finish_reason") == "length" and row["generated_token_count"] != prompts.max_new_tokens[prompt]:
+        problem = "finish_reason is length but it is shorter than max_new_tokens"
+    elif row.get("finish_reason") == "stop" and row.get("stop_reason") not in (*stop.strings, *stop.eos_ids):
+        problem = f"its stop_reason {row.get('stop_reason')!r} is none of this run's stop strings or EOS ids"
+    elif row.get("finish_reason") not in ("length", "stop", "truncated"):
+        problem = f"finish_reason {row.get('finish_reason')!r} is not length, stop or truncated"
+    if problem:
+        raise ResumeError(f"{where}: {problem}. The row was not written by this run: remove the file or use "
+                          "overwrite: true.")  # fmt: skip
+    return row
+
+
+def work_items(prompts: PromptSet, share: list[int], kept: set[tuple[int, int]]) -> list[WorkItem]:
+    """The prompts of ``share`` with generations still to sample, in global order."""
+    items = []
+    for p in share:
+        n = int(prompts.n_generations[p])
+        missing = tuple(g for g in range(n) if (p, g) not in kept)
+        if missing:
+            extra = prompts.extra_json[p] if prompts.extra_json is not None else None
+            items.append(WorkItem(p, prompts.texts[p], prompts.tokens[p], missing, n, int(prompts.max_new_tokens[p]),
+                                  float(prompts.temperature[p]), extra))  # fmt: skip
+    return items
+
+
+def batches(items: list[WorkItem], engine: EngineSettings) -> list[list[WorkItem]]:
+    """``items`` cut into batches one engine call completes in one wave."""
+    packer = BatchPacker(engine.limits, engine.max_pages, engine.batch_size)
+    demands = [PromptDemand(len(i.token_ids), i.max_new_tokens, len(i.generations)) for i in items]
+    return [items[r.start : r.stop] for r in packer.pack(demands)]
+
+
+class Progress:
+    """Host-local progress over the whole share, logged at most every ``interval_s`` (0: never)."""
+
+    def __init__(self, host: int, total_batches: int, total_tokens: int, interval_s: float):
+        self.host, self.total_batches, self.total_tokens, self.interval_s = host, total_batches, total_tokens, interval_s
+        self.batches_done = 0
+        self.tokens_done = 0
+        self.decode_started: float | None = None
+        self.last_line = 0.0
+
+    def on_round(self, tokens_in_batch: int) -> None:
+        now = time.perf_counter()
+        if self.decode_started is None:
+            self.decode_started = now  # rates and the ETA start at the first decode round, after compiling
+        if self.interval_s <= 0 or now - self.last_line < self.interval_s:
+            return
+        self.last_line = now
+        done = self.tokens_done + tokens_in_batch
+        elapsed = now - self.decode_started
+        rate = done / elapsed if elapsed > 0 and done else 0.0
+        eta = f"{(self.total_tokens - done) / rate:.0f}s" if rate > 0 else "-"
+        logger.info(
+            "host %d: batch %d/%d, %d/%d tokens (%.0f%%), %.1f tok/s, ETA %s",
+            self.host, self.batches_done + 1, self.total_batches, done, self.total_tokens,
+            100.0 * done / max(self.total_tokens, 1), rate, eta,
+        )  # fmt: skip
+
+    def batch_done(self, tokens: int) -> None:
+        self.batches_done += 1
+        self.tokens_done += tokens
+
+
+def part_bytes(rows: list[tuple[dict, bytes | None]]) -> bytes:
+    return b"".join(row_line(row, extra) for row, extra in rows)
