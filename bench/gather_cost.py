@@ -8,26 +8,29 @@
 JAX distributed on loopback, host i pinned to core i % cores by ``bench/pin.py``). In the same 4 processes,
 rotating the order each repeat, the leader gets every host's rows into ``merged.jsonl`` three ways:
 
-* project: what the sampler does. Each host already has its shard file's bytes (``outputs.jsonl_bytes``, made
-  once for the shard file, before the clock starts); hosts 1..3 send them with ``KvGather.send`` (zlib level 1 of
-  a small JSON header + those bytes, 4 MiB chunks, SHA-256 per chunk in a manifest, bytes API, keys deleted); the
-  leader keeps its own shard, collects hosts 1..3 (``collect``), merges the lines with ``outputs.merge_jsonl``
-  (prefix regex, completeness check, sort) and writes ``merged.jsonl`` (``merge``).
-* project+jsonl: the same, with every host making its shard bytes from its rows inside the clock, so the cost of
-  producing the JSONL is counted too (the sampler pays it anyway for the shard file).
+* project: what the sampler does. Each host already has its parts' bytes (one part of ``BATCH_ROWS`` rows per
+  batch, ``outputs.row_line`` per row, made before the clock starts, as the sampler has them once each part is
+  durable); hosts 1..3 send every part with ``Coordinator.send_part`` (zlib level 1 of a small JSON header + the
+  bytes, 4 MiB chunks, SHA-256 per chunk in a manifest, bytes API) and then ``send_end``; the leader's
+  ``Collector`` drains them into a ``leader.Spool`` (every line's key checked, keys deleted), its own parts go
+  straight into the spool, and ``collector.finish()`` ends the "gather". ``leader.write_merged`` then streams the
+  heap merge with the completeness check into ``merged.jsonl`` in a ``RunDir`` ("merge").
+* project+jsonl: the same, with every host making its parts' bytes from its rows inside the clock, so the cost of
+  producing the JSONL is counted too (the sampler pays it anyway for the part files).
 * reference: the seed's path. Every host, the leader included: ``json.dumps`` (default separators) of its rows ->
   ``zlib.compress`` (default level) -> base64, one string key per host through ``key_value_set`` /
-  ``blocking_key_value_get`` (keys deleted); the leader decodes every payload, checks completeness
-  (``outputs.check_complete``), sorts the dicts, ``outputs.jsonl_bytes`` and writes ``merged.jsonl``.
+  ``blocking_key_value_get`` (keys deleted); the leader decodes every payload, sorts the dicts, checks
+  completeness (``outputs.check_complete``), ``outputs.jsonl_bytes`` and writes ``merged.jsonl`` with the same
+  ``RunDir.write_atomic``.
 
 Each starts from a barrier (``wait_at_barrier``); the leader's clock runs from the barrier to every payload
-decoded ("gather"), then to ``merged.jsonl`` written ("merge"). Each host also reports its own encode + send
-time. The three merged files are checked to be byte for byte the same. Ratios are the median over repeats of
-reference / project, each measured back to back in the same processes. Also reported: gather + merge as a
-fraction of the seed's 107 s of generation per host, and single-core costs of each step.
-
-Caveat: 4 hosts share 2 cores here, and loopback is not the data-center network between TPU hosts; the bytes
-column says what would cross it.
+decoded ("gather"), then to ``merged.jsonl`` written ("merge"); each host also reports its own encode + send time.
+The three merged files are checked to be byte for byte the same. Ratios are the median over repeats of
+reference / project, measured back to back in the same processes. Also reported: gather + merge as a fraction of
+the seed's 107 s of generation per host, and single-core costs of each step. In the sampler the collector drains
+parts while the leader samples its own share, so most of the "gather" overlaps generation; here all of it is on
+the clock. Caveat: 4 hosts share 2 cores here, and loopback is not the data-center network between TPU hosts; the
+bytes column says what would cross it.
 """
 
 import argparse
@@ -35,6 +38,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic_rows import synthetic_row  # shared with the tests, found through the path above
 
 NUM_PROMPTS = 1024
+BATCH_ROWS = 64
+"""Rows a part: a batch of the seed's shape (256 prompts a host in 4 batches)."""
+CHUNK_BYTES = 4 * 1024 * 1024
 TIMEOUT_S = 300
 TRANSPORTS = ("project", "project+jsonl", "reference")
 
@@ -56,39 +63,84 @@ TRANSPORTS = ("project", "project+jsonl", "reference")
 # --------------------------------------------------------------------------------------------- worker (each host)
 
 
-def _project(client, host: int, n: int, rows: list[dict], shard: bytes | None, prefix: str, out_dir: str) -> dict:
-    """The sampler's path; ``shard`` None: make the shard bytes from ``rows`` inside the clock."""
-    from levanter_multihost import outputs
-    from levanter_multihost.gather import KvGather
+def make_parts(rows: list[dict]) -> list[tuple[dict, bytes]]:
+    """A host's parts as the sampler makes them: one sorted JSONL part (header, bytes) per batch."""
+    from levanter_multihost.outputs import row_line
 
-    kv = KvGather(client, prefix, n)
+    batches = [rows[i : i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
+    return [({"kind": "batch", "batch": b, "rows": len(batch)}, b"".join(row_line(r) for r in batch))
+            for b, batch in enumerate(batches)]  # fmt: skip
+
+
+def write_merged(parts_by_host: list[list[tuple[dict, bytes]]], out_dir: str) -> None:
+    """The leader's merge of every host's parts into ``merged.jsonl``: spool, heap merge, completeness, write."""
+    from levanter_multihost import leader
+    from levanter_multihost.rundir import RunDir
+
+    spool = leader.Spool()
+    try:
+        for host, parts in enumerate(parts_by_host):
+            for header, data in parts:
+                spool.add(host, header, data)
+        leader.write_merged(spool, RunDir(out_dir), [1] * NUM_PROMPTS, "jsonl", _reporting())
+    finally:
+        spool.close()
+
+
+def _reporting():
+    """Nothing reported, no task, no samples: the merge alone."""
+    from levanter_multihost.runplan import Reporting
+
+    return Reporting(tracker=None, run_name="gather_cost", run_id=None, config={}, samples_table_rows=0, task=None,
+                     progress_interval_s=0.0)  # fmt: skip
+
+
+def _project(client, host: int, n: int, rows: list[dict], parts: list | None, prefix: str, out_dir: str) -> dict:
+    """The sampler's path; ``parts`` None: make the parts' bytes from ``rows`` inside the clock."""
+    from levanter_multihost import leader
+    from levanter_multihost.coordination import Collector, Coordinator
+    from levanter_multihost.rundir import MERGED_JSONL, RunDir
+    from levanter_multihost.runplan import Timeouts
+
+    link = Coordinator(client, host, n, CHUNK_BYTES, Timeouts(heartbeat_interval_s=2.0, silent_host_s=TIMEOUT_S))
     start = time.perf_counter()
-    data = outputs.jsonl_bytes(rows) if shard is None else shard
+    mine = make_parts(rows) if parts is None else parts
     if host != 0:
-        sent = kv.send(host, {"metrics": {"host": host}}, data)
-        result = {"send_s": time.perf_counter() - start, "bytes": sent.bytes_sent}
-        kv.wait_for("done", TIMEOUT_S)
+        for header, data in mine:
+            link.send_part(header, data)
+        link.send_end({"host": host})
+        result = {"send_s": time.perf_counter() - start, "bytes": link.bytes_sent}
+        client.blocking_key_value_get(f"{prefix}/done", TIMEOUT_S * 1000)
         return result
-    got = kv.collect(TIMEOUT_S, hosts=range(1, n))
-    gathered = time.perf_counter()
-    merged = outputs.merge_jsonl([data] + [got[h].data for h in range(1, n)], NUM_PROMPTS, 1)
-    outputs.write_atomic(os.path.join(out_dir, "merged.jsonl"), merged)
-    end = time.perf_counter()
-    kv.publish("done", True)
+    spool = leader.Spool()
+    try:
+        collector = Collector(link, spool.add).start()
+        for header, data in mine:
+            spool.add(0, header, data)
+        arrivals = collector.finish()
+        gathered = time.perf_counter()
+        merged = leader.write_merged(spool, RunDir(out_dir), [1] * NUM_PROMPTS, "jsonl", _reporting())
+        end = time.perf_counter()
+    finally:
+        spool.close()
+    for h in arrivals:  # the next repeat's hosts end again under the same keys
+        client.key_value_delete(link._key(h, "end"))
+    data = RunDir(out_dir).read_bytes(MERGED_JSONL)
+    client.key_value_set(f"{prefix}/done", "ok")
     return {
         "send_s": 0.0,
         "bytes": 0,
         "gather_s": gathered - start,
         "merge_s": end - gathered,
-        "bytes_all": sum(g.bytes for g in got.values()),
-        "rows_merged": merged.count(b"\n"),
-        "sha256": hashlib.sha256(merged).hexdigest(),
+        "bytes_all": sum(a.bytes for a in arrivals.values()),
+        "rows_merged": merged.rows,
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
 
 
-def _reference(client, host: int, n: int, rows: list[dict], shard: bytes | None, prefix: str, out_dir: str) -> dict:
+def _reference(client, host: int, n: int, rows: list[dict], parts: list | None, prefix: str, out_dir: str) -> dict:
     """The seed's path: every host's rows as JSON -> zlib (default level) -> base64 through string keys."""
-    from levanter_multihost import outputs
+    from levanter_multihost.rundir import MERGED_JSONL, RunDir
 
     start = time.perf_counter()
     blob = base64.b64encode(zlib.compress(json.dumps({"rows": rows}).encode("utf-8"))).decode("ascii")
@@ -105,7 +157,7 @@ def _reference(client, host: int, n: int, rows: list[dict], shard: bytes | None,
         client.key_value_delete(f"{prefix}/host{h}")
     gathered = time.perf_counter()
     merged = _seed_merge(got)
-    outputs.write_atomic(os.path.join(out_dir, "merged.jsonl"), merged)
+    RunDir(out_dir).write_atomic(MERGED_JSONL, merged)
     end = time.perf_counter()
     client.key_value_set(f"{prefix}/done", "ok")
     return {
@@ -119,18 +171,21 @@ def _reference(client, host: int, n: int, rows: list[dict], shard: bytes | None,
 
 
 def _seed_merge(rows: list[dict]) -> bytes:
-    """The seed's merge of decoded rows: completeness check, sort the dicts, one JSON line each."""
+    """The seed's merge of decoded rows: sort the dicts, completeness check, one JSON line each."""
     from levanter_multihost import outputs
 
-    outputs.check_complete(((r["global_prompt_index"], r["generation_index"]) for r in rows), NUM_PROMPTS, 1)
-    return outputs.jsonl_bytes(sorted(rows, key=lambda r: (r["global_prompt_index"], r["generation_index"])))
+    ordered = sorted(rows, key=lambda r: (r["global_prompt_index"], r["generation_index"]))
+    outputs.check_complete(((r["global_prompt_index"], r["generation_index"]) for r in ordered), [1] * NUM_PROMPTS)
+    return outputs.jsonl_bytes(ordered)
 
 
 def worker(repeats: int) -> None:
     import jax
     from jax._src import distributed
 
-    from levanter_multihost import outputs
+    from levanter_multihost import leader  # noqa: F401 - imported here, before any clock starts
+    from levanter_multihost.coordination import Coordinator
+    from levanter_multihost.runplan import Timeouts
     from levanter_multihost.sharding import contiguous_shard
 
     jax.distributed.initialize(
@@ -140,11 +195,13 @@ def worker(repeats: int) -> None:
     )
     host, n = jax.process_index(), jax.process_count()
     client = distributed.global_state.client
+    # every host beats for the whole bench, as in the sampler (the collector names a host whose beat stops)
+    beat = Coordinator(client, host, n, CHUNK_BYTES, Timeouts(2.0, TIMEOUT_S)).start_heartbeat()
     rows = [synthetic_row(i, n) for i in contiguous_shard(NUM_PROMPTS, n, host)]
-    shard = outputs.jsonl_bytes(rows)  # the shard file's bytes, which the sampler has made before it gathers
+    parts = make_parts(rows)  # the parts' bytes, which the sampler has made (and made durable) before it sends
     sizes = {
         "raw_json_bytes": len(json.dumps({"rows": rows}, separators=(",", ":")).encode("utf-8")),
-        "jsonl_bytes": len(shard),
+        "jsonl_bytes": sum(len(data) for _, data in parts),
     }
     transports = {"project": _project, "project+jsonl": _project, "reference": _reference}
     results = []
@@ -154,7 +211,7 @@ def worker(repeats: int) -> None:
         for name in order:
             prefix = f"bench_gather/{rep}/{name}"
             client.wait_at_barrier(f"{prefix}/start", TIMEOUT_S * 1000)
-            given = None if name == "project+jsonl" else shard
+            given = None if name == "project+jsonl" else parts
             res = transports[name](client, host, n, rows, given, prefix, out_dir)
             stats = {"send_s": res["send_s"], "bytes": res["bytes"]}
             client.key_value_set(f"{prefix}/stats{host}", json.dumps(stats))
@@ -176,6 +233,8 @@ def worker(repeats: int) -> None:
             client.wait_at_barrier(f"{prefix}/end", TIMEOUT_S * 1000)
     totals = {key: client.key_value_increment(f"bench_gather/{key}", value) for key, value in sizes.items()}
     client.wait_at_barrier("bench_gather/sizes", TIMEOUT_S * 1000)
+    beat.set()
+    shutil.rmtree(out_dir, ignore_errors=True)
     if host == 0:
         totals = {key: client.key_value_increment(f"bench_gather/{key}", 0) for key in sizes}
         print("RESULT " + json.dumps({"hosts": n, **totals, "results": results}), flush=True)
@@ -186,26 +245,32 @@ def worker(repeats: int) -> None:
 
 def single_core_costs(hosts: int, repeats: int = 3) -> dict:
     """Each step of both paths in this process, on one core, median: one host's rows (encode, decode) or all of
-    them (merge, without the write)."""
-    from levanter_multihost import outputs
+    them (merge and write)."""
+    from levanter_multihost import leader  # noqa: F401 - imported here, before any clock starts
     from levanter_multihost.payload import decode_payload, encode_payload
+    from levanter_multihost.rundir import MERGED_JSONL, RunDir
     from levanter_multihost.sharding import contiguous_shard
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     all_rows = [[synthetic_row(i, hosts) for i in contiguous_shard(NUM_PROMPTS, hosts, h)] for h in range(hosts)]
-    shards = [outputs.jsonl_bytes(rows) for rows in all_rows]
+    parts_by_host = [make_parts(rows) for rows in all_rows]
     rows = all_rows[0]
+    out_dir = tempfile.mkdtemp(prefix="gather_cost_single_")
+
+    def ref_merge():
+        RunDir(out_dir).write_atomic(MERGED_JSONL, _seed_merge([r for host_rows in all_rows for r in host_rows]))
+
     steps = {
-        "jsonl": lambda: outputs.jsonl_bytes(rows),
-        "project_encode": lambda: encode_payload(0, {"metrics": {"host": 0}}, shards[0]),
-        "project_merge": lambda: outputs.merge_jsonl(shards, NUM_PROMPTS, 1),
+        "jsonl": lambda: make_parts(rows),
+        "project_encode": lambda: [encode_payload(0, header, data, CHUNK_BYTES) for header, data in parts_by_host[0]],
+        "project_merge": lambda: write_merged(parts_by_host, out_dir),
         "ref_encode": lambda: base64.b64encode(zlib.compress(json.dumps({"rows": rows}).encode("utf-8"))),
-        "ref_merge": lambda: _seed_merge([r for shard_rows in all_rows for r in shard_rows]),
+        "ref_merge": ref_merge,
     }
-    manifest, chunks = encode_payload(0, {"metrics": {"host": 0}}, shards[0])
+    encoded = steps["project_encode"]()
     text = steps["ref_encode"]().decode("ascii")
-    steps["project_decode"] = lambda: decode_payload(manifest, chunks)
+    steps["project_decode"] = lambda: [decode_payload(manifest, chunks) for manifest, chunks in encoded]
     steps["ref_decode"] = lambda: json.loads(zlib.decompress(base64.b64decode(text)).decode("utf-8"))
     times: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
@@ -213,6 +278,7 @@ def single_core_costs(hosts: int, repeats: int = 3) -> dict:
             start = time.perf_counter()
             step()
             times[key].append(time.perf_counter() - start)
+    shutil.rmtree(out_dir, ignore_errors=True)
     return {key: statistics.median(v) for key, v in times.items()}
 
 
@@ -273,7 +339,7 @@ def main() -> None:
         r["fraction_of_seed"] = r["total_s"] / SEED_GENERATION_S
         r["MB"] = r["bytes"] / 1e6
     print(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {NUM_PROMPTS} rows x 2048 tokens; "
-          f"raw compact JSON {data['raw_json_bytes'] / 1e6:.1f} MB, shard JSONL {data['jsonl_bytes'] / 1e6:.1f} MB; "
+          f"raw compact JSON {data['raw_json_bytes'] / 1e6:.1f} MB, parts' JSONL {data['jsonl_bytes'] / 1e6:.1f} MB; "
           "merged.jsonl identical on every path")  # fmt: skip
     print(format_table(results, COLUMNS))
     summary = summarize(results)
@@ -301,7 +367,7 @@ def main() -> None:
     print(
         "one host's rows on one core (no other host running): "
         + ", ".join(f"{key} {value:.3f}s" for key, value in one.items() if "merge" not in key)
-        + f"; merging all {NUM_PROMPTS} rows: project {one['project_merge']:.3f}s, "
+        + f"; merging and writing all {NUM_PROMPTS} rows: project {one['project_merge']:.3f}s, "
         f"reference {one['ref_merge']:.3f}s.\n"
         f"With a core per host, the leader's path is about encode + {others} x decode + merge = "
         f"{estimate['project']:.2f}s = {100 * estimate['project'] / SEED_GENERATION_S:.2f}% (project; "
@@ -318,7 +384,8 @@ def main() -> None:
             "hosts": args.hosts,
             "rows": NUM_PROMPTS,
             "raw_json_bytes": data["raw_json_bytes"],
-            "shard_jsonl_bytes": data["jsonl_bytes"],
+            "parts_jsonl_bytes": data["jsonl_bytes"],
+            "batch_rows": BATCH_ROWS,
             "launcher_wall_s": wall,
             "results": results,
             "summary": summary,

@@ -228,8 +228,9 @@ def run_local(
 ) -> int:
     """Run ``command`` as ``num_hosts`` processes of one JAX job; return the first non-zero status, else 0.
 
-    A failed host stops the others at once, unless ``keep_going``: then every host runs to its own end, as on a
-    real slice where nobody stops the survivors (used to test how they cope with a dead peer). A caught signal
+    A failed host stops the others, unless ``keep_going``: they get ``grace_s`` to stop on their own, then a
+    signal. With ``keep_going`` every host runs to its own end, as on a real slice where nobody stops the
+    survivors (used to test how they cope with a dead peer). A caught signal
     stops every host and returns 128 + its number.
     """
     port = free_port()
@@ -250,6 +251,11 @@ def run_local(
                 if failed and not keep_going:
                     host, status = failed[0]
                     say(f"host {host} exited with status {status}; stopping the others")
+                    # the sampler's hosts hear of a failed peer through JAX's store and stop on their own, each
+                    # saying why; signals come only for those still running after the grace period
+                    deadline = time.monotonic() + grace_s
+                    while hosts.running() and time.monotonic() < deadline and not caught:
+                        time.sleep(poll_s)
                     return status
                 if all(c is not None for c in codes):
                     for host, code in failed:

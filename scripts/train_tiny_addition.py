@@ -52,6 +52,8 @@ logger = logging.getLogger("train_tiny_addition")
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 CHARACTERS = "0123456789+-*=. (),?"
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+"""The model has no chat format: a chat's messages are its prompt, concatenated (lets the sampler's chat path run)."""
 TRAIN_POSITIONS = addition.MAX_PROMPT_CHARS + addition.MAX_ANSWER_CHARS + 1
 
 
@@ -113,6 +115,7 @@ def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         model_max_length=model_max_length,
         model_input_names=["input_ids", "attention_mask"],
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -4,7 +4,9 @@ Each multi-host run below starts real processes (``infra/launch.py --local_hosts
 distributed job on loopback; it runs once per session and many tests assert on its outputs.
 """
 
+import json
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -13,10 +15,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest
-from multihost import compile_cache_env, launch
+from multihost import REPO, compile_cache_env, launch
 
-GREEDY_FLAGS = ()
-SAMPLED_FLAGS = ("--temperature=0.8", "--seed=7", "--gather_chunk_bytes=512", "--trainer.model_axis_size=1")
+TINY = REPO / "assets" / "tiny-addition"
+FEATURE_ROWS = [
+    {"prompt": "12+30=", "id": "r0", "answer": "42"},
+    {"messages": [{"role": "user", "content": "7+5="}], "id": "r1", "answer": "12"},
+    {"prompt": "100+23=", "id": "r2", "max_new_tokens": 3},
+    {"prompt": "2269+795=", "id": "r3", "temperature": 0.0},
+    {"prompt": "9+9=", "id": "r4", "n_generations": 3},
+    {"prompt": "4821+377=", "id": "r5", "meta": {"source": "held-out", "tags": ["a", "b"]}},
+    {"messages": [{"role": "system", "content": "1"}, {"role": "user", "content": "5+5="}], "id": "r6"},
+    {"prompt": "999+1=", "id": "r7", "answer": None},
+    {"prompt": "58+67=", "id": "r8"},
+    {"prompt": "3+4=", "id": "r9"},
+]
+"""Text and chat prompts, carried columns of several types, and per-row overrides."""
+FEATURE_FLAGS = (
+    "--temperature=0.8", "--seed=7", "--n_generations=2", '--stop_sequences=["9", "0"]', "--logprobs=true",
+    "--max_new_tokens=6", "--gather_chunk_bytes=512", "--trainer.model_axis_size=1", "--task=null",
+)  # fmt: skip
+"""Sampled, several generations, two stop strings (plus EOS), log-probabilities, tiny store chunks."""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,44 +48,78 @@ def shared_compile_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def greedy_4x4(tmp_path_factory):
-    """The README's job: 4 hosts x 4 devices, 256 prompts, greedy, tracked to wandb (offline)."""
+    """The README's job: 4 hosts x 4 devices, 256 prompts, greedy, one batch per host, tracked to wandb (offline)."""
     out = tmp_path_factory.mktemp("greedy_4x4")
     wandb_dir = tmp_path_factory.mktemp("wandb")
     tracker = "{type: wandb, mode: offline, project: levanter-multihost-test, tags: [host-dp, test]}"
-    run = launch(out, "--trainer.tracker", tracker, *GREEDY_FLAGS, hosts=4, env_extra={"WANDB_DIR": str(wandb_dir)})
+    run = launch(out, "--trainer.tracker", tracker, "--run_name=readme-job", hosts=4,
+                 env_extra={"WANDB_DIR": str(wandb_dir)})  # fmt: skip
     run.wandb_dir = wandb_dir
     return run
 
 
 @pytest.fixture(scope="session")
 def greedy_2x4(tmp_path_factory):
-    """The same on 2 hosts, logging compilations, to show the programs come from the 4x4 run's cache entries."""
-    return launch(tmp_path_factory.mktemp("greedy_2x4"), *GREEDY_FLAGS, hosts=2, env_extra={"JAX_LOG_COMPILES": "1"})
+    """The same on 2 hosts in batches of 24 sequences (6 per host), into a ``file://`` URL, logging compilations to
+    show the programs come from the 4x4 run's cache entries."""
+    out = tmp_path_factory.mktemp("greedy_2x4")
+    run = launch(f"file://{out}", "--batch_size=24", hosts=2, env_extra={"JAX_LOG_COMPILES": "1"})
+    run.output_dir = out
+    return run
 
 
 @pytest.fixture(scope="session")
 def greedy_1x4(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("greedy_1x4"), *GREEDY_FLAGS, hosts=1)
-
-
-def _sampled(tmp_path_factory, hosts: int, *flags: str):
-    out = tmp_path_factory.mktemp(f"sampled_{hosts}")
-    prompts = "--prompts_file=config/prompts/addition_10.txt"
-    return launch(out, prompts, *SAMPLED_FLAGS, *flags, hosts=hosts, devices_per_host=1)
+    """The same on 1 host in batches of 100, with only heads and mlp sharded (q/k/v, vocab and the KV cache whole)."""
+    out = tmp_path_factory.mktemp("greedy_1x4")
+    return launch(out, "--batch_size=100", '--trainer.tensor_parallel_axes=["heads", "mlp"]', hosts=1)
 
 
 @pytest.fixture(scope="session")
-def sampled_4(tmp_path_factory):
-    """10 prompts at temperature 0.8 on 4 hosts (3, 3, 2, 2), gathered in 512-byte chunks."""
-    return _sampled(tmp_path_factory, 4)
+def eos_checkpoint(tmp_path_factory):
+    """The tiny model with a generation_config.json whose EOS ids are </s> and "." (the answer's terminator)."""
+    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny-eos"
+    shutil.copytree(TINY, ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 18]}))
+    return ckpt
 
 
 @pytest.fixture(scope="session")
-def sampled_2(tmp_path_factory):
-    """The same on 2 hosts, sharded by estimated cost instead of contiguously."""
-    return _sampled(tmp_path_factory, 2, "--shard_strategy=balanced")
+def feature_inputs(tmp_path_factory):
+    """FEATURE_ROWS as a .jsonl file, a .parquet file and a Hugging Face dataset directory."""
+    import datasets
+    import pandas as pd
+
+    folder = tmp_path_factory.mktemp("inputs")
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FEATURE_ROWS))
+    frame = pd.DataFrame(FEATURE_ROWS)
+    frame.to_parquet(folder / "rows.parquet")
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(folder / "rows_dataset"))
+    return folder
+
+
+def _features(tmp_path_factory, eos_checkpoint, hosts: int, source: str, *flags: str):
+    out = tmp_path_factory.mktemp(f"features_{hosts}")
+    return launch(out, f"--hf_checkpoint={eos_checkpoint}", source, *FEATURE_FLAGS, *flags, hosts=hosts,
+                  devices_per_host=1)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def sampled_1(tmp_path_factory):
-    return _sampled(tmp_path_factory, 1)
+def features_4(tmp_path_factory, eos_checkpoint, feature_inputs):
+    """FEATURE_ROWS from JSONL on 4 hosts (contiguous)."""
+    return _features(tmp_path_factory, eos_checkpoint, 4, f"--prompts_file={feature_inputs / 'rows.jsonl'}")
+
+
+@pytest.fixture(scope="session")
+def features_2(tmp_path_factory, eos_checkpoint, feature_inputs):
+    """The same from Parquet on 2 hosts, sharded by cost, merged into merged.parquet."""
+    source = f"--prompts_file={feature_inputs / 'rows.parquet'}"
+    return _features(tmp_path_factory, eos_checkpoint, 2, source, "--shard_strategy=balanced",
+                     "--output_format=parquet")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
+    """The same from a dataset directory on 1 host, in batches of 3 sequences."""
+    source = f"--prompts_dataset={feature_inputs / 'rows_dataset'}"
+    return _features(tmp_path_factory, eos_checkpoint, 1, source, "--batch_size=3")

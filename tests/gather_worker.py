@@ -1,73 +1,237 @@
-"""One emulated host of the JAX key-value gather test (run by tests/test_gather_jax.py through infra/launch.py).
+"""One emulated host of tests/test_gather_jax.py: Coordinator and Collector over JAX's real key-value store.
 
-python infra/launch.py --local_hosts 3 --devices_per_host 1 -- python tests/gather_worker.py ok|corrupt|silent
+    python tests/gather_worker.py MODE OUT_DIR SILENT_HOST_S    (environment: launch_env's three variables)
+
+Each host prints one ``RESULT {json}`` line. Modes (host 0 leads):
+
+* ``parts``: every other host sends ``PARTS`` parts of many chunks; the leader checks each arrived exactly, in
+  order, and that every key was deleted once read.
+* ``corrupt``: host 1 puts a part with a flipped byte in chunk 2; the leader names it, and its failure reaches host
+  1 waiting for DONE.
+* ``failed_and_killed``: host 1 fails with an error; host 2 sends a part and SIGKILLs itself (its heartbeat
+  stops). The leader names both, host 2 within ``silent_host_s`` of its death.
+* ``leader_silent``: the leader's heartbeat stops (a hung leader); host 1 waits for READY, then for DONE, and
+  names the leader each time.
+* ``leader_killed``: the leader SIGKILLs itself (the store dies with it) while host 1 waits for DONE.
+* ``largest``: the seed's largest shape (1024 rows x 2048 tokens over 4 hosts, two parts each) through the
+  collector, the leader's spool and ``write_merged``, checked byte for byte.
+
+Hosts leave through :func:`leave`: the leader's process serves the store, so it waits for the others' goodbye
+before it exits (a host that loses the store is killed by JAX), and nobody runs JAX's shutdown barrier.
 """
 
 import json
 import os
+import random
+import signal
 import sys
+import time
 
 import jax
+from jax._src import distributed
 from synthetic_rows import synthetic_row
 
-from levanter_multihost.gather import GatherError, KvGather, for_this_job
-from levanter_multihost.outputs import jsonl_bytes, merge_jsonl, parse_jsonl
+from levanter_multihost.coordination import DONE, READY, Collector, CoordinationError, Coordinator
+from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from levanter_multihost.payload import PayloadError, encode_payload
-from levanter_multihost.sharding import contiguous_shard
+from levanter_multihost.runplan import Timeouts
 
-mode = sys.argv[1]
-jax.distributed.initialize(
-    os.environ["LEVANTER_MULTIHOST_COORDINATOR"],
-    int(os.environ["LEVANTER_MULTIHOST_NUM_PROCESSES"]),
-    int(os.environ["LEVANTER_MULTIHOST_PROCESS_ID"]),
-)
-host, n = jax.process_index(), jax.process_count()
-if mode == "largest":  # as the sampler does it: the leader keeps its own shard and merges the others' lines
-    gather = for_this_job(n, chunk_bytes=4 * 1024 * 1024, prefix="test/largest")
-    own = jsonl_bytes(synthetic_row(i, n) for i in contiguous_shard(1024, n, host))
-    if host != 0:
-        gather.send(host, {"metrics": {"host": host}}, own)
-        gather.wait_for("done", 120)
-        sys.exit(0)
-    got = gather.collect(timeout_s=120, hosts=range(1, n))
-    merged = parse_jsonl(merge_jsonl([own] + [got[h].data for h in range(1, n)], 1024, 1))
-    exact = [row["global_prompt_index"] for row in merged] == list(range(1024)) and all(
-        row == synthetic_row(row["global_prompt_index"], n) for row in merged
-    )
-    headers = all(got[h].header == {"metrics": {"host": h}} for h in range(1, n))
-    gather.publish("done", True)
-    result = {"rows": len(merged), "exact": exact, "headers": headers, "bytes": sum(g.bytes for g in got.values())}
-    print("RESULT " + json.dumps(result))
-    sys.exit(0)
+PARTS = 6
+PART_BYTES = 30_000
+CHUNK_BYTES = 1000
+LARGEST_PROMPTS = 1024
+BYE_TIMEOUT_MS = 120_000
 
-gather: KvGather = for_this_job(n, chunk_bytes=1000, prefix=f"test/{mode}")
-rows = [{"global_prompt_index": host * 1000 + i, "generated_token_ids": list(range(i, i + 300))} for i in range(40)]
-data = json.dumps(rows).encode("utf-8")
-header = {"metrics": {"host": host}}
 
-if host != 0:
-    if mode == "corrupt" and host == 1:
-        manifest, chunks = encode_payload(host, header, data, gather.chunk_bytes)
-        chunks[2] = chunks[2][:-1] + bytes([chunks[2][-1] ^ 0xFF])
-        for i, chunk in enumerate(chunks):
-            gather.client.key_value_set_bytes(f"test/{mode}/host{host:05d}/chunk{i:06d}", chunk)
-        gather.client.key_value_set_bytes(f"test/{mode}/host{host:05d}/manifest", manifest.to_bytes())
-    elif not (mode == "silent" and host == 2):
-        gather.send(host, header, data)
-    gather.wait_for("done", 60)
-    sys.exit(0)
+def part_data(host: int, batch: int) -> bytes:
+    """Incompressible bytes, so every part is ~30 chunks (the transport does not look inside)."""
+    return random.Random(host * 1000 + batch).randbytes(PART_BYTES)
 
-gather.send(0, header, data)  # the transport carries the leader's own payload too, though the sampler keeps it
-try:
-    got = gather.collect(timeout_s=3 if mode == "silent" else 60)
-    result = {
-        "ok": True,
-        "hosts": sorted(got),
-        "rows": {h: json.loads(got[h].data) for h in got},
-        "headers": {h: got[h].header for h in got},
-        "chunks": {h: got[h].bytes for h in got},
-    }
-except (GatherError, PayloadError) as e:
-    result = {"ok": False, "error": str(e)}
-gather.publish("done", True)
-print("RESULT " + json.dumps(result))
+
+def result(**fields) -> None:
+    print("RESULT " + json.dumps(fields), flush=True)
+
+
+def leave(link: Coordinator, others: list[int], code: int = 0) -> None:
+    """Exit without JAX's shutdown barrier; the leader first waits for the goodbye of every host in ``others``."""
+    client = link.client
+    if link.is_leader:
+        for h in others:
+            client.blocking_key_value_get_bytes(f"test/bye/{h}", BYE_TIMEOUT_MS)
+        time.sleep(0.2)  # their os._exit follows their goodbye
+    else:
+        client.key_value_set_bytes(f"test/bye/{link.host}", b"1")
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def parts(link: Coordinator) -> None:
+    if not link.is_leader:
+        link.wait_for(READY)
+        for b in range(PARTS):
+            link.send_part({"kind": "batch", "batch": b}, part_data(link.host, b))
+        link.send_end({"host": link.host, "bytes_sent": link.bytes_sent})
+        result(message=link.wait_for(DONE))
+        leave(link, [])
+    received: dict[int, list] = {h: [] for h in range(1, link.num_hosts)}
+    collector = Collector(link, lambda h, header, data: received[h].append((header, data))).start()
+    link.announce(READY, {"attempt": "0000000a"})
+    arrivals = collector.finish()
+    exact = all(received[h] == [({"kind": "batch", "batch": b}, part_data(h, b)) for b in range(PARTS)]
+                for h in received)  # fmt: skip
+    keys = [link._key(h, f"part{b:06d}", name) for h in received for b in range(PARTS)
+            for name in ("manifest", "chunk000000", "chunk000001")]  # fmt: skip
+    result(exact=exact, parts={h: a.parts for h, a in arrivals.items()},
+           bytes={h: a.bytes for h, a in arrivals.items()}, ends={h: a.end for h, a in arrivals.items()},
+           left=[k for k in keys if link._try_get(k) is not None])  # fmt: skip
+    link.announce(DONE, {})
+    leave(link, list(received))
+
+
+def corrupt(link: Coordinator) -> None:
+    if link.is_leader:
+        collector = Collector(link, lambda h, header, data: None).start()
+        try:
+            collector.finish()
+            result(error=None)
+        except PayloadError as e:
+            result(error=str(e))
+            link.announce_failure(f"{type(e).__name__}: {e}")
+        leave(link, [1])
+    manifest, chunks = encode_payload(1, {"kind": "batch", "batch": 0}, part_data(1, 0), CHUNK_BYTES)
+    chunks[2] = chunks[2][:-1] + bytes([chunks[2][-1] ^ 0xFF])
+    for i, chunk in enumerate(chunks):
+        link.client.key_value_set_bytes(link._key(1, "part000000", f"chunk{i:06d}"), chunk)
+    link.client.key_value_set_bytes(link._key(1, "part000000", "manifest"), manifest.to_bytes())
+    link.send_end({})
+    try:
+        link.wait_for(DONE)
+        result(error=None)
+    except CoordinationError as e:
+        result(error=str(e))
+    leave(link, [])
+
+
+def failed_and_killed(link: Coordinator) -> None:
+    if link.host == 1:
+        try:
+            with link.failures_reported():
+                link.send_part({"kind": "batch", "batch": 0}, part_data(1, 0))
+                raise ValueError("out of pages on batch 1")
+        except ValueError:
+            pass
+        result(reported=True)
+        leave(link, [])
+    elif link.host == 2:
+        link.send_part({"kind": "batch", "batch": 0}, part_data(2, 0))
+        link.client.key_value_set_bytes("test/killed_at", str(time.time()).encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+    collector = Collector(link, lambda h, header, data: None).start()
+    try:
+        collector.finish()
+        result(error=None)
+    except CoordinationError as e:
+        killed_at = float(link.client.blocking_key_value_get_bytes("test/killed_at", 1000))
+        result(error=str(e), named_after_s=time.time() - killed_at, parts={h: a.parts for h, a in
+                                                                         collector.arrivals.items()})  # fmt: skip
+    leave(link, [1])
+
+
+def leader_silent(link: Coordinator, heartbeat) -> None:
+    if link.is_leader:
+        time.sleep(1.0)
+        heartbeat.set()  # hung: alive, but its heartbeat no longer moves
+        link.client.key_value_set_bytes("test/stopped_at", str(time.time()).encode())
+        leave(link, [1])
+    stopped_at = named_after_s = None
+    errors = {}
+    for name in (READY, DONE):
+        try:
+            link.wait_for(name)
+            errors[name] = None
+        except CoordinationError as e:
+            stopped_at = stopped_at or float(link.client.blocking_key_value_get_bytes("test/stopped_at", 1000))
+            errors[name] = str(e)
+            if name == READY:
+                named_after_s = time.time() - stopped_at
+    result(errors=errors, named_after_s=named_after_s)
+    leave(link, [])
+
+
+def leader_killed(link: Coordinator) -> None:
+    if link.is_leader:
+        link.announce(READY, {})
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    link.wait_for(READY)
+    result(waiting_for=DONE)
+    started = time.time()
+    try:
+        link.wait_for(DONE)
+        result(error=None)
+    except CoordinationError as e:
+        result(error=str(e), after_s=time.time() - started)
+    sys.stdout.flush()
+    os._exit(3)
+
+
+def largest(link: Coordinator, out_dir: str) -> None:
+    from levanter_multihost.outputs import row_line
+    from levanter_multihost.sharding import contiguous_shard
+
+    n = link.num_hosts
+    share = contiguous_shard(LARGEST_PROMPTS, n, link.host)
+    half = len(share) // 2
+    batches = (share[:half], share[half:])
+    mine = [(b, [row_line(synthetic_row(i, n)) for i in indices]) for b, indices in enumerate(batches)]
+    if not link.is_leader:
+        for b, lines in mine:
+            link.send_part({"kind": "batch", "batch": b, "rows": len(lines)}, b"".join(lines))
+        link.send_end({"host": link.host})
+        link.wait_for(DONE)
+        leave(link, [])
+    from levanter_multihost import leader
+    from levanter_multihost.rundir import RunDir
+    from levanter_multihost.runplan import Reporting
+
+    spool = leader.Spool()
+    headers = []
+    collector = Collector(link, lambda h, header, data: (headers.append((h, header)), spool.add(h, header, data)))
+    collector.start()
+    for b, lines in mine:
+        spool.add(0, {"kind": "batch", "batch": b, "rows": len(lines)}, b"".join(lines))
+    arrivals = collector.finish()
+    reporting = Reporting(tracker=None, run_name="largest", run_id=None, config={}, samples_table_rows=2, task=None,
+                          progress_interval_s=0.0)  # fmt: skip
+    merged = leader.write_merged(spool, RunDir(out_dir), [1] * LARGEST_PROMPTS, "jsonl", reporting)
+    spool.close()
+    data = RunDir(out_dir).read_bytes("merged.jsonl")
+    exact = data == b"".join(row_line(synthetic_row(i, n)) for i in range(LARGEST_PROMPTS))
+    result(rows=merged.rows, exact=exact, samples=[r["global_prompt_index"] for r in merged.samples],
+           headers=sorted((h, hd["batch"], hd["rows"]) for h, hd in headers),
+           bytes=sum(a.bytes for a in arrivals.values()))  # fmt: skip
+    link.announce(DONE, {})
+    leave(link, list(range(1, n)))
+
+
+def main() -> None:
+    mode, out_dir, silent_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    jax.distributed.initialize(os.environ[ENV_COORDINATOR], int(os.environ[ENV_NUM_PROCESSES]),
+                               int(os.environ[ENV_PROCESS_ID]))  # fmt: skip
+    chunk_bytes = 4 * 1024 * 1024 if mode == "largest" else CHUNK_BYTES
+    timeouts = Timeouts(heartbeat_interval_s=min(0.25, silent_s / 4), silent_host_s=silent_s)
+    link = Coordinator(distributed.global_state.client, jax.process_index(), jax.process_count(), chunk_bytes,
+                       timeouts)  # fmt: skip
+    heartbeat = link.start_heartbeat()
+    if mode == "leader_silent":
+        leader_silent(link, heartbeat)
+    elif mode == "largest":
+        largest(link, out_dir)
+    else:
+        {"parts": parts, "corrupt": corrupt, "failed_and_killed": failed_and_killed, "leader_killed": leader_killed}[
+            mode
+        ](link)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,26 @@ class Run:
     def rows(self, name: str = "merged.jsonl") -> list[dict]:
         path = self.output_dir / name
         assert path.exists(), f"{path} missing; launcher output:\n{self.tail()}"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(path)
+
+    def parts(self, host: int | None = None) -> list[Path]:
+        """Part files in the run directory, sorted by first prompt; only ``host``'s when given."""
+        paths = sorted((self.output_dir / "parts").glob("*.jsonl"))
+        return [p for p in paths if host is None or f".h{host:04d}b" in p.name]
+
+    def part_rows(self, host: int | None = None) -> list[dict]:
+        return [row for part in self.parts(host) for row in read_jsonl(part)]
 
     def summary(self) -> dict:
         return json.loads((self.output_dir / "summary.json").read_text())
 
     def tail(self, n: int = 15000) -> str:
         return self.output[-n:]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file, split at newlines only (generated text may hold U+2028)."""
+    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line.strip()]
 
 
 def compile_cache_env(cache_dir: Path) -> dict[str, str]:
@@ -88,14 +102,16 @@ def launch(
 
 
 def launch_and_kill(
-    output_dir: Path, victim: int, *overrides: str, hosts: int = 4, devices_per_host: int = 1, timeout: float = 600
-) -> tuple[Run, float]:
-    """Run with ``--keep_going`` and SIGKILL host ``victim`` as soon as it reports decoding progress.
+    output_dir: Path, victim: int, *overrides: str, after_parts: int = 0, hosts: int = 4, devices_per_host: int = 1,
+    timeout: float = 600, sig: int = signal.SIGKILL,
+) -> tuple[Run, float]:  # fmt: skip
+    """Run with ``--keep_going`` and send ``sig`` to host ``victim`` once it has written ``after_parts`` parts and
+    reports decoding progress again (so it dies mid-batch).
 
-    Returns the run and the seconds from the kill to the launcher's exit.
+    Returns the run and the seconds from the signal to the launcher's exit.
     """
     command = [
-        sys.executable, str(REPO / "infra" / "launch.py"), "--keep_going",
+        sys.executable, str(REPO / "infra" / "launch.py"), "--keep_going", "--grace_s", "5",
         "--local_hosts", str(hosts), "--devices_per_host", str(devices_per_host), "--",
         sys.executable, "-m", "levanter_multihost.sample_lm_multihost",
         "--config_path", str(TINY_CONFIG), f"--output_dir={output_dir}", *cache_flags(), *overrides,
@@ -107,16 +123,19 @@ def launch_and_kill(
     pid = None
     killed_at = None
     deadline = time.monotonic() + timeout
+    parts = Path(output_dir) / "parts"
     try:
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
             lines.append(line)
             if pid is None and f"host {victim} of {hosts} (pid " in line:
                 pid = int(line.split("(pid ", 1)[1].split(")", 1)[0])
-            if killed_at is None and pid is not None and f"host {victim}: " in line and "tokens (" in line:
-                os.kill(pid, signal.SIGKILL)
+            decoding = f"host {victim}: batch " in line and "tokens (" in line
+            written = len(list(parts.glob(f"*.h{victim:04d}b*.jsonl"))) if parts.exists() else 0
+            if killed_at is None and pid is not None and decoding and written >= after_parts:
+                os.kill(pid, sig)
                 killed_at = time.monotonic()
-                lines.append(f"[test] killed host {victim} (pid {pid})\n")
+                lines.append(f"[test] sent signal {sig} to host {victim} (pid {pid}) after {written} parts\n")
             if time.monotonic() > deadline:
                 raise AssertionError("timed out:\n" + "".join(lines)[-15000:])
         proc.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -127,3 +146,58 @@ def launch_and_kill(
     output = "".join(lines)
     assert killed_at is not None, f"host {victim} never reported progress:\n{output[-15000:]}"
     return Run(proc.returncode, output, Path(output_dir)), time.monotonic() - killed_at
+
+
+class Background:
+    """The launcher running in the background, its output collected by a thread; for faults injected mid-run."""
+
+    def __init__(self, output_dir: Path, *overrides: str, hosts: int = 2, grace_s: float = 10,
+                 config: Path = TINY_CONFIG):  # fmt: skip
+        command = [
+            sys.executable, str(REPO / "infra" / "launch.py"), "--grace_s", str(grace_s),
+            "--local_hosts", str(hosts), "--devices_per_host", "1", "--",
+            sys.executable, "-m", "levanter_multihost.sample_lm_multihost", "--config_path", str(config),
+            f"--output_dir={output_dir}", "--trainer.model_axis_size=1", *cache_flags(), *overrides,
+        ]  # fmt: skip
+        self.output_dir = Path(output_dir)
+        self.proc = subprocess.Popen(command, cwd=REPO, env=host_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace"))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def pid(self, host: int, timeout: float = 120) -> int:
+        """The process id host ``host`` logs at start-up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if f"host {host} of " in line and "(pid " in line:
+                    return int(line.split("(pid ", 1)[1].split(")", 1)[0])
+            time.sleep(0.1)
+        raise AssertionError(f"host {host} never started:\n{self.output[-10000:]}")
+
+    def wait_for_parts(self, count: int, host: int | None = None, timeout: float = 300) -> None:
+        pattern = "*.jsonl" if host is None else f"*.h{host:04d}b*.jsonl"
+        deadline = time.monotonic() + timeout
+        while len(list((self.output_dir / "parts").glob(pattern))) < count:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"never saw {count} parts:\n{self.output[-10000:]}")
+            time.sleep(0.1)
+
+    def wait(self, timeout: float = 300) -> Run:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"launcher did not end within {timeout}s:\n{self.output[-15000:]}") from None
+        self.reader.join(timeout=10)
+        return Run(self.proc.returncode, self.output, self.output_dir)

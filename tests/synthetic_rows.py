@@ -17,4 +17,5 @@ def synthetic_row(index: int, num_hosts: int) -> dict:
         "generated_text": " ".join(str(t) for t in ids[:1500]),
         "generated_token_count": 2048,
         "finish_reason": "length",
+        "stop_reason": None,
     }

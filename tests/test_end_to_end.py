@@ -1,61 +1,72 @@
-"""End to end on emulated hosts: shard files, the merged output, and outputs independent of the host count."""
+"""End to end on emulated hosts: parts, the merged output, and outputs independent of host count, batch size and
+how the model is sharded."""
 
 import json
 
-import draccus
 import pytest
-from multihost import REPO, TINY_CONFIG, launch
+from multihost import REPO, launch, read_jsonl
 from transformers import AutoTokenizer
 
 from levanter_multihost.addition import accuracy, extract_answer
-from levanter_multihost.config import SampleLmMultihostConfig
+from levanter_multihost.capacity import EngineLimits, PromptDemand, forecast
 from levanter_multihost.outputs import ROW_FIELDS
-from levanter_multihost.plan import predict_pages_peak
 from levanter_multihost.sharding import contiguous_shard
 
 pytestmark = pytest.mark.multihost
 
 MAX_NEW_TOKENS = 6
 NUM_PROMPTS = 256
+PROMPTS = (REPO / "config" / "prompts" / "addition_256.txt").read_text().splitlines()
 
 
 def tokens(rows):
     return [(r["global_prompt_index"], r["generation_index"], r["generated_token_ids"]) for r in rows]
 
 
-def test_four_hosts_write_four_shards_of_64_and_a_merged_file_in_order(greedy_4x4):
+def test_four_hosts_write_one_part_of_64_each_and_a_merged_file_in_order(greedy_4x4):
     for host in range(4):
-        shard = greedy_4x4.rows(f"host_{host:04d}_of_0004.jsonl")
-        assert len(shard) == 64
-        assert [r["global_prompt_index"] for r in shard] == contiguous_shard(NUM_PROMPTS, 4, host)
-        assert {r["process_index"] for r in shard} == {host}
+        (part,) = greedy_4x4.parts(host)
+        rows = read_jsonl(part)
+        assert [r["global_prompt_index"] for r in rows] == contiguous_shard(NUM_PROMPTS, 4, host)
+        assert {r["process_index"] for r in rows} == {host}
+        assert part.name.startswith(f"{64 * host:010d}-{64 * host + 63:010d}.")
     merged = greedy_4x4.rows()
     assert [(r["global_prompt_index"], r["generation_index"]) for r in merged] == [(i, 0) for i in range(256)]
-    prompts = (REPO / "config" / "prompts" / "addition_256.txt").read_text().splitlines()
-    assert [r["prompt"] for r in merged] == prompts
+    assert [r["prompt"] for r in merged] == PROMPTS
     for r in merged:
         assert tuple(r) == ROW_FIELDS
         assert r["generated_token_count"] == MAX_NEW_TOKENS == len(r["generated_token_ids"])
-        assert r["finish_reason"] == "length"
+        assert (r["finish_reason"], r["stop_reason"]) == ("length", None)
 
 
-def test_merged_rows_equal_the_shard_rows(greedy_4x4):
-    shards = [r for h in range(4) for r in greedy_4x4.rows(f"host_{h:04d}_of_0004.jsonl")]
-    assert sorted(shards, key=lambda r: r["global_prompt_index"]) == greedy_4x4.rows()
+def test_merged_rows_equal_the_part_rows(greedy_4x4, greedy_2x4):
+    for run in (greedy_4x4, greedy_2x4):
+        assert sorted(run.part_rows(), key=lambda r: r["global_prompt_index"]) == run.rows()
 
 
-def test_greedy_outputs_do_not_depend_on_the_host_count(greedy_4x4, greedy_2x4, greedy_1x4):
+def test_several_batches_per_host_each_made_durable_as_a_part(greedy_2x4):
+    for host in (0, 1):
+        parts = greedy_2x4.parts(host)
+        assert len(parts) == 6  # 128 prompts in batches of at most 24 sequences
+        sizes = [len(read_jsonl(p)) for p in parts]
+        assert sum(sizes) == 128 and max(sizes) <= 24
+        assert [int(p.name.split("b")[-1].split(".")[0]) for p in parts] == list(range(6))
+    hosts = {h["host"]: h for h in greedy_2x4.summary()["hosts"]}
+    assert [hosts[h]["batches"] for h in (0, 1)] == [6, 6]
+    assert all(b["sequences"] <= 24 for h in hosts.values() for b in h["batch_stats"])
+
+
+def test_greedy_outputs_do_not_depend_on_host_count_batch_size_or_sharding(greedy_4x4, greedy_2x4, greedy_1x4):
+    """4 hosts in one batch each, 2 in batches of 24, 1 in batches of 100 with q/k/v, vocab and the KV cache whole."""
     assert tokens(greedy_4x4.rows()) == tokens(greedy_2x4.rows()) == tokens(greedy_1x4.rows())
     assert {r["process_index"] for r in greedy_2x4.rows()} == {0, 1}
+    assert len(greedy_1x4.parts()) == 3
 
 
-def test_sampled_outputs_do_not_depend_on_the_host_count_or_the_shard_strategy(sampled_4, sampled_2, sampled_1):
-    assert tokens(sampled_4.rows()) == tokens(sampled_2.rows()) == tokens(sampled_1.rows())
-    balanced = [
-        sorted(r["global_prompt_index"] for r in sampled_2.rows(f"host_{h:04d}_of_0002.jsonl")) for h in (0, 1)
-    ]
-    assert sorted(balanced[0] + balanced[1]) == list(range(10))
-    assert balanced[0] != list(range(5))  # not the contiguous split
+def test_an_fsspec_url_run_directory_works_end_to_end(greedy_2x4):
+    assert "file://" in greedy_2x4.output and "Merged 256 rows into file://" in greedy_2x4.output
+    assert json.loads((greedy_2x4.output_dir / "run.json").read_text())["fields"]["num_prompts"] == 256
+    assert (greedy_2x4.output_dir / "summary.json").exists() and (greedy_2x4.output_dir / "timeline.png").exists()
 
 
 def test_compilation_cache_is_filled_by_one_run_and_reused_by_the_next_on_every_host(
@@ -72,32 +83,15 @@ def test_compilation_cache_is_filled_by_one_run_and_reused_by_the_next_on_every_
             assert any(line.startswith(f"[host {host}]") and hit in line for line in lines), greedy_2x4.tail()
 
 
-def test_sampling_at_temperature_differs_from_greedy(sampled_1, greedy_1x4):
-    sampled = {r["global_prompt_index"]: r["generated_token_ids"] for r in sampled_1.rows()}
-    prompts = (REPO / "config" / "prompts" / "addition_10.txt").read_text().splitlines()
-    greedy = {r["prompt"]: r["generated_token_ids"] for r in greedy_1x4.rows()}
-    assert (
-        any(sampled[i] != greedy[p] for i, p in enumerate(prompts) if p in greedy)
-        or len({tuple(v) for v in sampled.values()}) > 1
-    )
-
-
-def test_ten_prompts_on_four_hosts_split_3_3_2_2(sampled_4):
-    sizes = [len(sampled_4.rows(f"host_{h:04d}_of_0004.jsonl")) for h in range(4)]
-    assert sizes == [3, 3, 2, 2]
-    assert len(sampled_4.rows()) == 10
-
-
 def test_three_prompts_on_four_hosts_leave_one_host_idle(tmp_path):
     prompts = json.dumps(["12+30=", "7+5=", "100+23="])
     one_device = "--trainer.model_axis_size=1"
-    run = launch(tmp_path, f"--prompts={prompts}", "--prompts_file=null", one_device, hosts=4, devices_per_host=1)
-    sizes = [len(run.rows(f"host_{h:04d}_of_0004.jsonl")) for h in range(4)]
-    assert sizes == [1, 1, 1, 0]
+    run = launch(tmp_path, f"--prompts={prompts}", one_device, hosts=4, devices_per_host=1)  # inline wins over the file
+    assert [len(run.parts(h)) for h in range(4)] == [1, 1, 1, 0]
     assert [r["prompt"] for r in run.rows()] == json.loads(prompts)
     hosts = run.summary()["hosts"]
     assert [h["host"] for h in hosts] == [0, 1, 2, 3]
-    assert hosts[3]["prompts"] == 0 and hosts[3]["tokens_generated"] == 0
+    assert hosts[3]["prompts"] == 0 and hosts[3]["tokens_generated"] == 0 and hosts[3]["model_load_s"] == 0
 
 
 def test_tiny_model_answers_held_out_additions_on_four_hosts_as_on_one(greedy_4x4, greedy_1x4):
@@ -109,13 +103,21 @@ def test_tiny_model_answers_held_out_additions_on_four_hosts_as_on_one(greedy_4x
     assert "Task addition:" in greedy_4x4.output and "exact answers" in greedy_4x4.output
 
 
-def test_planner_predicts_the_pages_each_host_held(greedy_4x4):
-    """The capacity planner's page prediction equals the peak the engine's page table showed on every host."""
-    config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=[])
+def test_the_planner_forecasts_what_the_engine_did_in_every_batch(greedy_4x4, greedy_2x4):
+    """One admission wave, the pages after prefill and the decode rounds of every batch, as forecast in closed form."""
+    limits = EngineLimits(max_seq_len=32, page_size=8, max_pages=1024, max_seqs=256, max_seqs_in_prefill=256,
+                          max_prefill_size=4096, max_queued_tokens=256, max_tokens_per_round=256, max_rounds=8)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(str(REPO / "assets" / "tiny-addition"))
-    prompts = (REPO / "config" / "prompts" / "addition_256.txt").read_text().splitlines()
-    counts = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    predicted = predict_pages_peak(config, counts, num_hosts=4)
-    observed = [h["pages_peak"] for h in greedy_4x4.summary()["hosts"]]
-    assert observed == predicted
-    assert all(p > 0 for p in observed)
+    counts = [len(ids) for ids in tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]]
+    for run in (greedy_4x4, greedy_2x4):
+        for host in run.summary()["hosts"]:
+            rows = run.part_rows(host["host"])
+            first = 0
+            for batch in host["batch_stats"]:
+                batch_rows = rows[first : first + batch["sequences"]]
+                first += batch["sequences"]
+                demands = [PromptDemand(counts[r["global_prompt_index"]], MAX_NEW_TOKENS) for r in batch_rows]
+                expected = forecast(limits, demands)
+                observed = (batch["waves"], batch["pages_after_prefill"], batch["outer_rounds"])
+                assert observed == (1, expected.pages_after_prefill, expected.outer_rounds), (host["host"], batch)
+                assert all(r["finish_reason"] == "length" for r in batch_rows)

@@ -1,51 +1,148 @@
-"""The gather through the real JAX distributed key-value store, with three processes on loopback."""
+"""Coordinator and Collector over JAX's real distributed key-value store: N processes on loopback, one per
+emulated host (tests/gather_worker.py), each printing one RESULT line."""
 
 import json
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from multihost import REPO, host_env
 
+from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
 pytestmark = pytest.mark.multihost
 
-
-def run_gather(mode: str, hosts: int = 3) -> dict:
-    command = [sys.executable, "infra/launch.py", "--local_hosts", str(hosts), "--devices_per_host", "1", "--",
-               sys.executable, "tests/gather_worker.py", mode]  # fmt: skip
-    proc = subprocess.run(command, cwd=REPO, env=host_env(), capture_output=True, text=True, timeout=180)
-    lines = [line for line in proc.stdout.splitlines() if "RESULT " in line]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[0].split("RESULT ", 1)[1])
+WORKER = Path(__file__).resolve().parent / "gather_worker.py"
+SILENT_HOST_S = 3.0
+TIMEOUT_S = 240
 
 
-def test_many_chunk_payloads_arrive_exactly():
-    result = run_gather("ok")
-    assert result["ok"], result
-    assert result["hosts"] == [0, 1, 2]
-    for host in range(3):
-        rows = result["rows"][str(host)]
-        assert [r["global_prompt_index"] for r in rows] == [host * 1000 + i for i in range(40)]
-        assert rows[7]["generated_token_ids"] == list(range(7, 307))
-        assert result["headers"][str(host)] == {"metrics": {"host": host}}
-        assert result["chunks"][str(host)] > 2 * 1000  # several 1000-byte chunks
+@dataclass
+class Hosts:
+    returncodes: list[int]
+    outputs: list[str]
+
+    def result(self, host: int) -> dict:
+        lines = [line for line in self.outputs[host].splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, f"host {host} printed {len(lines)} RESULT lines\n{self.log}"
+        return json.loads(lines[0].split("RESULT ", 1)[1])
+
+    @property
+    def log(self) -> str:
+        """Every host's exit status and output, for failure messages."""
+        return "\n".join(f"--- host {h} (exit {rc}):\n{out[-6000:]}"
+                         for h, (rc, out) in enumerate(zip(self.returncodes, self.outputs, strict=True)))  # fmt: skip
 
 
-def test_corrupted_chunk_is_named():
-    result = run_gather("corrupt")
-    assert not result["ok"]
-    assert "Host 1 chunk 2/" in result["error"] and "checksum mismatch" in result["error"]
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def test_silent_host_is_named_after_the_timeout():
-    result = run_gather("silent")
-    assert not result["ok"]
-    assert "host(s) [2] sent no rows and no heartbeat for gather_timeout_s=3s" in result["error"]
+def run_hosts(mode: str, hosts: int, tmp_path: Path) -> Hosts:
+    """Start ``hosts`` worker processes forming one JAX job on a free loopback port; wait for all of them."""
+    port = free_port()
+    logs = [tmp_path / f"host{h}.log" for h in range(hosts)]
+    procs = []
+    for h in range(hosts):
+        env = host_env(**{ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(hosts),
+                          ENV_PROCESS_ID: str(h), "JAX_PLATFORMS": "cpu",
+                          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})  # fmt: skip
+        with open(logs[h], "wb") as log:
+            command = [sys.executable, str(WORKER), mode, str(tmp_path / "out"), str(SILENT_HOST_S)]
+            procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    timed_out = False
+    try:
+        for proc in procs:
+            proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    run = Hosts([p.returncode for p in procs], [log.read_text(errors="replace") for log in logs])
+    assert not timed_out, f"{mode}: hosts still running after {TIMEOUT_S}s\n{run.log}"
+    return run
 
 
-def test_largest_shape_is_carried_and_verified():
-    """The seed's largest shape: 1024 prompts x 2048 tokens over 4 hosts, the leader's own shard kept, the other
-    three carried, merged line by line and every row checked."""
-    result = run_gather("largest", hosts=4)
-    assert result == {"rows": 1024, "exact": True, "headers": True, "bytes": result["bytes"]}
-    assert result["bytes"] > 3 * 2 * 1024 * 1024  # ~3 MB of compressed shard from each of hosts 1-3
+def test_many_parts_of_many_chunks_arrive_exactly_and_in_order(tmp_path):
+    run = run_hosts("parts", 3, tmp_path)
+    assert run.returncodes == [0, 0, 0], run.log
+    leader = run.result(0)
+    assert leader["exact"], run.log
+    assert leader["parts"] == {"1": 6, "2": 6}, run.log
+    for h in ("1", "2"):
+        assert leader["bytes"][h] == leader["ends"][h]["metrics"]["bytes_sent"] > 6 * 30 * 1000  # >= 30 chunks each
+        assert leader["ends"][h] == {"status": "ok", "parts": 6, "metrics": leader["ends"][h]["metrics"]}
+    assert leader["left"] == [], run.log  # every manifest and chunk deleted once read
+    assert run.result(1) == run.result(2) == {"message": {"ok": True}}
+
+
+def test_a_corrupted_chunk_is_named_by_host_and_chunk_and_the_failure_reaches_the_sender(tmp_path):
+    run = run_hosts("corrupt", 2, tmp_path)
+    assert run.returncodes == [0, 0], run.log
+    error = run.result(0)["error"]
+    assert re.fullmatch(r"Host 1 chunk 2/\d+: checksum mismatch \(corrupted\)\.", error or ""), run.log
+    assert run.result(1)["error"] == f"The leader (host 0) failed: PayloadError: {error}", run.log
+
+
+def test_a_failed_host_is_named_with_its_error_and_a_killed_one_within_silent_host_s(tmp_path):
+    run = run_hosts("failed_and_killed", 3, tmp_path)
+    assert run.returncodes == [0, 0, -signal.SIGKILL], run.log
+    leader = run.result(0)
+    assert leader["error"] == (
+        "Gather incomplete: host 1 failed: ValueError: out of pages on batch 1; host(s) [2] went silent (no "
+        "heartbeat for silent_host_s=3s: dead or hung). No merged output was written."
+    ), run.log
+    assert leader["parts"] == {"1": 1, "2": 1}, run.log  # what came before the failure and the death
+    # named once its heartbeat had been still for silent_host_s, not at JAX's own 100 s heartbeat timeout
+    assert SILENT_HOST_S - 1 < leader["named_after_s"] < SILENT_HOST_S + 30, run.log
+    assert run.result(1) == {"reported": True}
+
+
+def test_a_host_waiting_for_a_silent_leader_names_it(tmp_path):
+    run = run_hosts("leader_silent", 2, tmp_path)
+    assert run.returncodes == [0, 0], run.log
+    result = run.result(1)
+    for name in ("ready", "done"):
+        error = result["errors"][name]
+        assert error.startswith(f"The leader (host 0) went silent while this host waited for '{name}' (no heartbeat "
+                                "for "), run.log  # fmt: skip
+        assert "rerun with resume: true" in error, run.log
+    assert SILENT_HOST_S - 1 < result["named_after_s"] < SILENT_HOST_S + 30, run.log
+
+
+def test_a_killed_leader_takes_the_store_with_it_and_the_waiting_host_stops(tmp_path):
+    """The leader's process serves JAX's store: when it dies, a host waiting for it either names the lost leader
+    or is stopped by JAX itself; either way it exits with an error instead of waiting."""
+    run = run_hosts("leader_killed", 2, tmp_path)
+    assert run.returncodes[0] == -signal.SIGKILL, run.log
+    assert run.returncodes[1] != 0, run.log
+    named = "lost contact with the leader (host 0)" in run.outputs[1]
+    stopped_by_jax = "Terminating process because the JAX distributed service detected fatal errors" in run.outputs[1]
+    assert named or stopped_by_jax, run.log
+
+
+def test_the_largest_shape_is_carried_merged_and_verified(tmp_path):
+    """The seed's largest shape: 1024 prompts x 2048 tokens over 4 hosts, two parts each; the leader's own parts
+    go straight to its spool, the other six through the store in 4 MiB chunks, and merged.jsonl is checked byte
+    for byte against the rows as the hosts wrote them."""
+    run = run_hosts("largest", 4, tmp_path)
+    assert run.returncodes == [0, 0, 0, 0], run.log
+    leader = run.result(0)
+    assert leader["exact"] and leader["rows"] == 1024, run.log
+    assert leader["samples"] == [0, 1]
+    assert leader["headers"] == [[h, b, 128] for h in (1, 2, 3) for b in (0, 1)]
+    assert leader["bytes"] > 3 * 2 * 1024 * 1024  # ~3 MB of compressed rows from each of hosts 1-3

@@ -305,7 +305,7 @@ def test_no_host_outlives_a_launcher_killed_with_its_whole_group(launch):
 
 
 def test_a_failed_host_stops_the_others_with_its_status(launch):
-    run = launch("fail:1")
+    run = launch("fail:1", "--grace_s", "1")  # the fake hosts never stop on their own: signalled after 1 s
     status = run.finish()
     assert status == 3, run.output
     assert "[launch] host 1 exited with status 3; stopping the others" in run.output

@@ -1,52 +1,42 @@
-"""The config adapter and the levanter-multihost-plan CLI (run in-process through ``main(argv)``), and the check that
-every YAML under ``config/`` fits the topology it declares."""
+"""The adapter from the sampler's config to the planner (``levanter_multihost.plan``), the
+``levanter-multihost-plan`` CLI run in-process through ``main(argv)`` (exit codes, JSON, text, token counting),
+the model's bytes per chip from its real partition specs, and the check that every YAML under ``config/`` fits
+the topology it declares."""
 
 import json
 from pathlib import Path
 
 import draccus
+import jmp
 import pytest
 import yaml
+from levanter.inference.engine import InferenceEngineConfig
+from levanter.trainer import TrainerConfig
 
+from levanter_multihost import plan
+from levanter_multihost.capacity import PromptDemand, RunSpec, parse_tpu_type, plan_capacity
 from levanter_multihost.config import SampleLmMultihostConfig
-from levanter_multihost.plan import CapacityError, check_capacity, main, plan_config, predict_pages_peak
+from levanter_multihost.errors import ConfigError, UserError
+from levanter_multihost.footprint import HeadTilingError
+from levanter_multihost.plan_cli import main
+from levanter_multihost.runplan import StopCondition
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "assets" / "tiny-addition"
 # Sampler configs: the YAMLs under config/ that name prompts.
-CONFIGS = [
-    p
-    for p in sorted(REPO.glob("config/**/*.yaml"))
-    if {"prompts", "prompts_file"} & set(yaml.safe_load(p.read_text()))
-]
-
-SEED_ENGINE = {
-    "max_seq_len": 2560,
-    "page_size": 128,
-    "max_pages": 2304,
-    "max_seqs": 128,
-    "max_seqs_in_prefill": 128,
-    "max_prefill_size": 2048,
-    "max_queued_tokens": 128,
-    "max_tokens_per_round": 128,
-    "max_rounds": 64,
-}
-TENSOR_PARALLEL = {
-    "model_axis_size": 4,
-    "tensor_parallel_axes": ["mlp", "heads", "kv_head"],
-    "mp": "p=f32,c=bfloat16",
-}
+CONFIGS = [p for p in sorted(REPO.glob("config/**/*.yaml"))
+           if {"prompts", "prompts_file"} & set(yaml.safe_load(p.read_text()))]  # fmt: skip
+SEED_ENGINE = {"max_seq_len": 2560, "page_size": 128, "max_pages": 2304, "max_seqs": 128, "max_seqs_in_prefill": 128,
+               "max_prefill_size": 2048, "max_queued_tokens": 128, "max_tokens_per_round": 128,
+               "max_rounds": 64}  # fmt: skip
+ALL_AXES = ["heads", "mlp", "kv_head", "vocab"]
+TENSOR_PARALLEL = {"model_axis_size": 4, "tensor_parallel_axes": ALL_AXES, "mp": "p=f32,c=bfloat16"}
 
 
 def write_config(tmp_path: Path, n_prompts: int, engine: dict, **extra) -> Path:
-    config = {
-        "hf_checkpoint": "meta-llama/Meta-Llama-3-8B",
-        "tpu_type": "v5p-32",
-        "max_new_tokens": 2048,
-        "prompts": [f"Prompt {i}: tell me a story." for i in range(n_prompts)],
-        "trainer": TENSOR_PARALLEL,
-        "engine": engine,
-        **extra,
-    }
+    config = {"hf_checkpoint": "meta-llama/Meta-Llama-3-8B", "tpu_type": "v5p-32", "max_new_tokens": 2048,
+              "prompts": [f"Prompt {i}: tell me a story." for i in range(n_prompts)], "trainer": TENSOR_PARALLEL,
+              "engine": engine, **extra}  # fmt: skip
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -57,166 +47,200 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+def trainer(axes=ALL_AXES, model_axis_size: int = 4) -> TrainerConfig:
+    return TrainerConfig(model_axis_size=model_axis_size, tensor_parallel_axes=axes,
+                         mp=jmp.get_policy("p=f32,c=bfloat16"))  # fmt: skip
+
+
+def tiny_checkpoint(tmp_path: Path, kv_heads: int) -> Path:
+    checkpoint = tmp_path / f"tiny_kv{kv_heads}"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "hidden_size": 64,
+        "intermediate_size": 128, "vocab_size": 1000, "tie_word_embeddings": True}))  # fmt: skip
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CLI
+
+
 def test_cli_json_seed_v5p32_256_prompts(tmp_path, capsys):
-    path = write_config(tmp_path, 256, SEED_ENGINE)
-    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "32", "--json")
+    code, out = run_cli(capsys, "--config_path", str(write_config(tmp_path, 256, SEED_ENGINE)), "--prompt_tokens",
+                        "32", "--json")  # fmt: skip
     data = json.loads(out)
-    assert code == 0 and data["ok"], out
-    assert data["num_hosts"] == 4 and data["chips_per_host"] == 4
-    assert data["prompts_per_host"] == [64, 64, 64, 64]
-    assert data["pages_per_seq_max"] == 20
-    assert data["pages_needed"] == 1280
-    assert data["max_pages"] == 2304
-    assert data["free_pages"] == 1024
-    assert data["new_tokens_per_prompt"] == [2048] * 256
-    assert data["problems"] == []
+    assert code == 0 and data["ok"] and data["problems"] == [], out
+    assert (data["num_hosts"], data["chips_per_host"]) == (4, 4)
+    assert data["prompts_per_host"] == [64] * 4 and data["batches_per_host"] == [1] * 4
+    assert [h["batch_sequences"] for h in data["hosts"]] == [[64]] * 4
+    assert (data["pages_per_seq_max"], data["pages_required"], data["max_pages"]) == (20, 1088, 2304)
     assert data["hbm"]["bytes_per_chip_needed"] < data["hbm"]["bytes_per_chip"]
+    assert data["roofline"]["step_s"] <= 2.4e-3
+    assert "--prompt_tokens: every prompt counted as 32 tokens." in data["notes"]
 
 
 def test_cli_text_names_the_field_and_a_passing_value(tmp_path, capsys):
-    path = write_config(tmp_path, 1024, SEED_ENGINE)
-    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "16")
+    path = write_config(tmp_path, 256, SEED_ENGINE, batch_size=100)
+    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "32")
     assert code == 1
-    assert out.startswith("FAIL: 1024 prompts")
-    assert "- engine.max_seqs: 256" in out
-    assert "max_seqs (128) is below the 256 sequences on host 0" in out
+    assert out.startswith("FAIL: 256 prompts")
+    assert "- batch_size: 64" in out.splitlines()
+    assert "batch_size (100) is more sequences than one engine call completes" in out
+    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "32", "--batch_size", "64")
+    assert code == 0 and out.startswith("OK: 256 prompts")
 
 
 def test_cli_num_hosts_and_tpu_type_override(tmp_path, capsys):
-    path = write_config(tmp_path, 256, SEED_ENGINE)
-    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "32", "--tpu_type", "v5p-16", "--json")
-    assert json.loads(out)["prompts_per_host"] == [128, 128]
-    assert code == 0
-    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "32", "--num_hosts", "8", "--json")
+    path = str(write_config(tmp_path, 256, SEED_ENGINE))
+    code, out = run_cli(capsys, "--config_path", path, "--prompt_tokens", "32", "--tpu_type", "v5p-16", "--json")
     data = json.loads(out)
-    assert data["prompts_per_host"] == [32] * 8
-    assert any("planned for the 8 given" in n for n in data["notes"])
+    assert code == 0 and data["prompts_per_host"] == [128, 128] and data["batches_per_host"] == [2, 2]
+    code, out = run_cli(capsys, "--config_path", path, "--prompt_tokens", "32", "--num_hosts", "8", "--json")
+    assert code == 0 and json.loads(out)["prompts_per_host"] == [32] * 8
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--prompt_tokens", "0"], "--prompt_tokens (0) must be an integer >= 1"),
+    (["--num_hosts", "0"], "--num_hosts (0) must be an integer >= 1"),
+    (["--tpu_type", "v9-8"], "tpu_type 'v9-8' is not a slice name like v5p-32"),
+    (["--engine.max_seqs", "0"], "engine.max_seqs (0) must be >= 1"),
+    # the engine's own InferenceEngineConfig.__post_init__ refuses it while the config is parsed
+    (["--engine.max_seqs", "256"], "max_queued_tokens must be >= max_seqs"),
+    (["--trainer.model_axis_size", "3"], "splits heads (32) 3 ways"),
+])  # fmt: skip
+def test_cli_bad_input_exits_2_with_the_reason(tmp_path, capsys, argv, says):
+    code, out = run_cli(capsys, "--config_path", str(write_config(tmp_path, 4, SEED_ENGINE)), *argv)
+    assert code == 2 and out.startswith("levanter-multihost-plan: ") and says in out, out
+
+
+def test_cli_cannot_read_the_config(tmp_path, capsys):
+    code, out = run_cli(capsys, "--config_path", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "cannot read" in out
 
 
 def test_cli_estimates_tokens_when_the_tokenizer_is_not_offline(tmp_path, capsys):
     path = write_config(tmp_path, 4, SEED_ENGINE, hf_checkpoint="no-such-org/no-such-model", tpu_type=None)
     code, out = run_cli(capsys, "--config_path", str(path), "--json")
     data = json.loads(out)
-    assert code == 0
-    assert data["num_hosts"] == 1
-    assert data["hbm"] is None
+    assert code == 0 and data["num_hosts"] == 1 and data["hbm"] is None
     assert any("UTF-8 bytes + 1" in n for n in data["notes"])
+    code, out = run_cli(capsys, "--config_path", str(path))
     prompt = "Prompt 0: tell me a story."
-    assert data["rows"][0]["needed"].startswith(f"{len(prompt) + 1 + 2048:,}")
-
-
-def test_cli_reads_the_model_shape_from_a_local_checkpoint(tmp_path, capsys):
-    checkpoint = tmp_path / "tiny"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text(
-        json.dumps(
-            {
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "vocab_size": 1000,
-                "tie_word_embeddings": True,
-            }
-        )
-    )
-    engine = {**SEED_ENGINE, "page_size": 16, "max_pages": 640}
-    path = write_config(tmp_path, 8, engine, hf_checkpoint=str(checkpoint), tpu_type="v5e-4", max_new_tokens=32)
-    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "10", "--json")
-    data = json.loads(out)
-    assert code == 0, out
-    # 2 layers x 2 kv heads x 16 head dim x 2 (K, V) x 2 bytes (engine.compute_dtype bfloat16) x 16 tokens x 640 pages
-    assert data["hbm"]["kv_cache_bytes"] == 2 * 2 * 16 * 2 * 2 * 16 * 640
-    # weights in the trainer's compute dtype (bfloat16): tied embeddings + 2 layers + final norm
-    params = 1000 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
-    assert data["hbm"]["weight_bytes"] == params * 2
-    assert any("config.json of" in n for n in data["notes"])
+    assert f"(longest prompt {len(prompt) + 1} + 2048 new)" in out
+    # EOS counts as one more stop sequence even when the tokenizer cannot say which
+    stops = write_config(tmp_path, 4, {**SEED_ENGINE, "max_stop_seqs": 4}, hf_checkpoint="no-such-org/no-such-model",
+                         tpu_type=None, stop_sequences=["A", "B", "C", "\n\nUser:"])  # fmt: skip
+    code, out = run_cli(capsys, "--config_path", str(stops), "--json")
+    assert code == 1
+    assert [(p["field"], p["suggested"]) for p in json.loads(out)["problems"]] == [("engine.max_stop_seqs", 5)]
 
 
 def test_cli_counts_tokens_with_an_offline_tokenizer(tmp_path, capsys):
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    engine = {"max_seq_len": 16, "page_size": 4, "max_pages": 64, "max_seqs": 4, "max_seqs_in_prefill": 4,
+              "max_queued_tokens": 4, "max_rounds": 4, "max_stop_tokens": 1}  # fmt: skip
+    path = write_config(tmp_path, 0, engine, tpu_type=None, hf_checkpoint=str(TINY),
+                        prompts=["12+3=", "4+4=", "9999+1="], stop_sequences=["."], max_new_tokens=6)  # fmt: skip
+    code, out = run_cli(capsys, "--config_path", str(path))
+    assert code == 0, out
+    assert "13 (longest prompt 7 + 6 new)" in out  # one token per character, as the sampler counts them
+    assert ">= 2 stop sequences" in out  # "." and the tokenizer's EOS
+    assert "Prompt token counts from the tokenizer, as the sampler counts them." in out
 
-    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate("0123456789+=.")}}
-    chars = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    chars.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=chars, unk_token="[UNK]").save_pretrained(tmp_path / "chars")
-    engine = {
-        "max_seq_len": 16,
-        "page_size": 4,
-        "max_pages": 64,
-        "max_seqs": 4,
-        "max_seqs_in_prefill": 4,
-        "max_queued_tokens": 4,
-        "max_rounds": 4,
-        "max_stop_tokens": 1,
-    }
-    path = write_config(
-        tmp_path,
-        0,
-        engine,
-        tpu_type=None,
-        hf_checkpoint=str(tmp_path / "chars"),
-        prompts=["12+3=", "4+4=", "9999+1="],
-        stop_sequence=".",
-        max_new_tokens=6,
-    )
-    code, out = run_cli(capsys, "--config_path", str(path), "--json")
+
+def test_cli_reads_the_model_shape_from_a_local_checkpoint(tmp_path, capsys):
+    engine = {**SEED_ENGINE, "page_size": 16, "max_pages": 640}
+    heads_mlp = {**TENSOR_PARALLEL, "tensor_parallel_axes": ["heads", "mlp"]}
+    path = write_config(tmp_path, 8, engine, hf_checkpoint=str(tiny_checkpoint(tmp_path, 2)), tpu_type="v5e-4",
+                        max_new_tokens=32, trainer=heads_mlp)  # fmt: skip
+    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "10", "--json")
     data = json.loads(out)
     assert code == 0, out
-    assert data["rows"][0]["needed"] == "13 (longest prompt 7 + 6 new)"
-    assert any("as the sampler counts them" in n for n in data["notes"])
+    # 2 layers x 2 KV heads x 16 head dim x 2 (K, V) x 2 bytes (engine.compute_dtype bfloat16); kv_head not sharded
+    assert data["hbm"]["kv_bytes_per_token"] == data["hbm"]["kv_bytes_per_token_per_chip"] == 2 * 2 * 16 * 2 * 2
+    # weights in the trainer's compute dtype (bfloat16): tied embeddings + 2 layers + final norm
+    params = 1000 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    assert data["hbm"]["weight_bytes"] == params * 2
+    assert data["hbm"]["source"].startswith("config.json of")
 
 
-def test_cli_explains_a_config_the_engine_refuses(tmp_path, capsys):
-    path = write_config(tmp_path, 4, {**SEED_ENGINE, "max_seqs": 256})
-    code, out = run_cli(capsys, "--config_path", str(path), "--json")
+def test_a_sharding_the_kernel_cannot_tile_is_refused_with_a_value_that_works(tmp_path, capsys):
+    """One KV head split 4 ways: JAX refuses the uneven shard; unsharded, 2 combined K/V heads tile."""
+    checkpoint = str(tiny_checkpoint(tmp_path, 1))
+    limits = plan.engine_limits(InferenceEngineConfig(max_seq_len=2560))
+    with pytest.raises(ConfigError) as info:
+        plan.model_shape(checkpoint, trainer(), limits)
+    cause = info.value.__cause__
+    assert isinstance(cause, HeadTilingError) and (cause.field, cause.suggested) == ("trainer.model_axis_size", 1)
+    fix = "Set trainer.model_axis_size: 1 or trainer.tensor_parallel_axes: ['heads', 'mlp', 'vocab']"
+    assert fix in str(info.value)
+    assert plan.model_shape(checkpoint, trainer(["heads", "mlp", "vocab"]), limits) is not None
+    path = write_config(tmp_path, 4, SEED_ENGINE, hf_checkpoint=checkpoint, tpu_type="v5e-4")
+    code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "8")
+    assert code == 2 and "trainer.model_axis_size" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the adapter
+
+
+def test_llama3_8b_per_chip_from_partition_specs_and_the_decode_step():
+    """The seed's shape: 64 sequences of 32-token prompts per v5p-32 host, mid-way through 2048 new tokens."""
+    limits = plan.engine_limits(InferenceEngineConfig(**SEED_ENGINE))
+    spec = RunSpec(tuple([PromptDemand(32, 2048)] * 256))
+    v5p_32 = parse_tpu_type("v5p-32")
+    sharded = plan.model_shape("meta-llama/Meta-Llama-3-8B", trainer(), limits)
+    assert sharded.source.startswith("known shape for meta-llama/Meta-Llama-3-8B")
+    assert sharded.weight_bytes == 8_030_261_248 * 2 and sharded.kv_bytes_per_token == 131_072
+    assert sharded.weight_bytes_per_chip <= 0.27 * sharded.weight_bytes
+    assert sharded.kv_bytes_per_token_per_chip <= 0.26 * sharded.kv_bytes_per_token
+    heads_mlp = plan.model_shape("meta-llama/Meta-Llama-3-8B", trainer(["heads", "mlp"]), limits)
+    assert heads_mlp.kv_bytes_per_token_per_chip == heads_mlp.kv_bytes_per_token  # every chip holds all KV heads
+    fast = plan_capacity(limits, spec, v5p_32, sharded)
+    slow = plan_capacity(limits, spec, v5p_32, heads_mlp)
+    assert fast.ok and slow.ok and fast.largest_batch == slow.largest_batch == 64
+    assert fast.step_bound_s <= 2.4e-3
+    assert 4.5e-3 < slow.step_bound_s < 6e-3
+    with pytest.raises(ConfigError, match="Set trainer.model_axis_size: 1"):
+        plan.model_shape("meta-llama/Meta-Llama-3-8B", trainer(model_axis_size=3), limits)
+
+
+def test_engine_limits_topology_and_check_capacity(tmp_path):
+    overrides = ["--engine.compute_dtype", "float32", "--engine.max_tokens_per_round", "null"]
+    config = draccus.parse(SampleLmMultihostConfig, config_path=str(write_config(tmp_path, 256, SEED_ENGINE)),
+                           args=overrides)  # fmt: skip
+    limits = plan.engine_limits(config.engine)
+    assert (limits.kv_dtype_bytes, limits.tokens_per_round, limits.prefill_size) == (4, 128, 2048)
+    topology = plan.topology("v5p-32", 2, 4)  # the job's host count wins (with a warning)
+    assert (topology.num_hosts, topology.chips_per_host, topology.generation.name) == (2, 4, "v5p")
+    assert plan.topology(None, 3, 2).generation is None
+    with pytest.raises(UserError, match="tpu_type"):
+        plan.topology("v5p-7", 1, 4)
+    spec = plan.run_spec_of([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", 100)
+    with pytest.raises(plan.CapacityError) as info:
+        plan.check_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None)
+    assert isinstance(info.value, UserError)
+    assert "batch_size (100)" in str(info.value) and info.value.plan.problems[0].suggested == 64
+    spec = plan.run_spec_of([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", None)
+    fits = plan.check_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None)
+    assert fits.ok and fits.batches_per_host == [1] * 4
+
+
+@pytest.mark.parametrize("argv", [["--prompt_tokens", "32"], []], ids=["32_tokens", "byte_estimate"])
+def test_1024_prompts_on_v5p32_fit_in_several_batches_per_host(argv, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = "config/sampler/llama8b_v5p32_1024x2048.yaml"
+    code, out = run_cli(capsys, "--config_path", config, "--json", *argv)
     data = json.loads(out)
-    assert code == 1 and data["ok"] is False
-    assert [(p["field"], p["suggested"]) for p in data["problems"]] == [("engine.max_queued_tokens", 256)]
-
-
-def parse(path: Path) -> SampleLmMultihostConfig:
-    return draccus.parse(SampleLmMultihostConfig, config_path=str(path), args=[])
-
-
-def test_check_capacity_raises_with_the_planners_messages(tmp_path):
-    config = parse(write_config(tmp_path, 1024, SEED_ENGINE))
-    with pytest.raises(CapacityError) as info:
-        check_capacity(config, [16] * 1024, num_hosts=4, stop_token_count=0)
-    assert isinstance(info.value, ValueError)
-    assert "Increase max_seqs to 256" in str(info.value)
-    assert not info.value.plan.ok
-    plan = check_capacity(parse(write_config(tmp_path, 256, SEED_ENGINE)), [32] * 256, 4, 0)
-    assert plan.ok and plan.prompts_per_host == [64] * 4
-
-
-def test_stop_sequence_tokens_are_checked(tmp_path):
-    config = parse(write_config(tmp_path, 4, {**SEED_ENGINE, "max_stop_tokens": 4}))
-    plan = plan_config(config, [16] * 4, stop_token_count=6)
-    assert [(p.field, p.suggested) for p in plan.problems] == [("engine.max_stop_tokens", 6)]
-
-
-def test_predict_pages_peak(tmp_path):
-    """What GenerationStats.pages_peak reads: pages at each outer-round start and after generate (engine-checked)."""
-    engine = {
-        "max_seq_len": 48,
-        "page_size": 8,
-        "max_pages": 400,
-        "max_seqs": 8,
-        "max_seqs_in_prefill": 8,
-        "max_queued_tokens": 8,
-        "max_tokens_per_round": 4,
-        "max_rounds": 4,
-    }
-    config = parse(write_config(tmp_path, 8, engine, max_new_tokens=30, tpu_type=None))
-    assert predict_pages_peak(config, [5, 9, 3, 12, 7, 6, 8, 10], num_hosts=1) == [34]
+    assert code == 0 and data["prompts_per_host"] == [256] * 4, out
+    assert data["batches_per_host"] == [2] * 4 and data["batch"]["sequences"] == 128
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_every_config_fits_the_topology_it_declares(path, capsys, monkeypatch):
     """tpu_type sets the hosts; a config without one is planned on 1 host (the hardest case for the same prompts)."""
     monkeypatch.chdir(REPO)
-    code, out = run_cli(capsys, "--config_path", str(path))
+    code, out = run_cli(capsys, "--config_path", str(path), "--json")
+    data = json.loads(out)
     assert code == 0, out
+    tpu_type = yaml.safe_load(path.read_text()).get("tpu_type")
+    assert data["num_hosts"] == (parse_tpu_type(tpu_type).num_hosts if tpu_type else 1)

@@ -53,3 +53,18 @@ def summary_and_history(run_dir: Path) -> tuple[dict, list[dict]]:
                 {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             )
     return summary, history
+
+
+def config(run_dir: Path) -> dict:
+    """The run's config (``wandb.config``), with JSON values decoded."""
+    (log,) = run_dir.glob("run-*.wandb")
+    out: dict = {}
+    for record in records(log):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif record.WhichOneof("record_type") == "run":
+            out.setdefault("_run_name", record.run.display_name)
+            for item in record.run.config.update:
+                out.setdefault(item.key or "/".join(item.nested_key), json.loads(item.value_json))
+    return out

@@ -4,15 +4,21 @@ One dataclass, read from YAML by draccus (one file per topology under ``config/s
 the only code that reads it: every check that needs no model runs there, on every host, before anything loads.
 """
 
+import contextlib
+import dataclasses
+import difflib
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 
 import draccus
 import jax.numpy as jnp
+import levanter
 from levanter.compat.hf_checkpoints import RepoRef
 from levanter.inference.engine import InferenceEngineConfig
 from levanter.models.llama import LlamaConfig
@@ -51,17 +57,8 @@ class SampleLmMultihostConfig:
     """Hugging Face checkpoint (local directory, fsspec URL or hub id) to load. Set this or `checkpoint_path`."""
     checkpoint_path: str | None = None
     """Levanter checkpoint to load instead of `hf_checkpoint`; `model` then gives its architecture."""
-    model: LmConfig = field(default_factory=LlamaConfig)
-    """Model architecture; with `hf_checkpoint` it is read from the checkpoint's config."""
     tokenizer: str | None = None
     """Tokenizer to load; defaults to the one stored with `hf_checkpoint`."""
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    """Levanter runtime settings: per-host mesh (`model_axis_size`), precision (`mp`), tracker, distributed."""
-    engine: InferenceEngineConfig = field(default_factory=lambda: InferenceEngineConfig(max_seq_len=2560))
-    """Levanter InferenceEngine sizing: pages, sequences, prefill and decode budgets (one engine per host)."""
-    ragged_attention: seams.RaggedAttentionConfig = field(default_factory=seams.RaggedAttentionConfig)
-    """Block sizes and VMEM limit of the TPU ragged paged-attention kernel."""
-
     prompts: list[str] | None = None
     """Prompts, inline; they win over `prompts_file` and `prompts_dataset`."""
     prompts_file: str | None = None
@@ -128,6 +125,65 @@ class SampleLmMultihostConfig:
     """Largest value written to the key-value store in one piece."""
     task: str | None = None
     """Score the merged outputs with a task's exact-answer checker (`addition`); the accuracy joins the summary."""
+
+    # nested settings last, so that --help lists the sampler's own fields first
+    model: LmConfig = field(default_factory=LlamaConfig)
+    """Model architecture; with `hf_checkpoint` it is read from the checkpoint's config."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Levanter runtime settings: per-host mesh (`model_axis_size`), precision (`mp`), tracker, distributed."""
+    engine: InferenceEngineConfig = field(default_factory=lambda: InferenceEngineConfig(max_seq_len=2560))
+    """Levanter InferenceEngine sizing: pages, sequences, prefill and decode budgets (one engine per host)."""
+    ragged_attention: seams.RaggedAttentionConfig = field(default_factory=seams.RaggedAttentionConfig)
+    """Block sizes and VMEM limit of the TPU ragged paged-attention kernel."""
+
+
+def parse_command_line(argv: list[str]) -> SampleLmMultihostConfig:
+    """The config from ``--config_path`` (a path or fsspec URL, as Levanter reads it) and draccus overrides.
+
+    A key the config does not have is a :class:`ConfigError` of one line naming it and the closest valid keys,
+    instead of argparse's usage (hundreds of lines) or a traceback. ``--help`` prints the usage as usual.
+    """
+    if any(a in ("-h", "--help") for a in argv):
+        return levanter.config.main(_parsed, args=argv)()
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return levanter.config.main(_parsed, args=argv)()
+    except draccus.utils.ParsingError as e:
+        raise ConfigError(_with_closest_keys(str(e))) from None
+    except SystemExit as e:
+        if e.code == 0:
+            raise
+        lines = stderr.getvalue().strip().splitlines()
+        raise ConfigError(_with_closest_keys(lines[-1].split("error: ", 1)[-1] if lines else str(e))) from None
+
+
+def _parsed(config: SampleLmMultihostConfig) -> SampleLmMultihostConfig:
+    return config
+
+
+def _with_closest_keys(message: str) -> str:
+    """``message`` and, for each unknown key in it, the closest keys the config has."""
+    unknown = re.findall(r"`([\w.]+)`", message) + re.findall(r"--([\w.]+)", message)
+    known = _keys(SampleLmMultihostConfig())
+    hints = []
+    for key in dict.fromkeys(unknown):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            close = close or difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=3)
+            hints.append(f"`{key}`: did you mean {' or '.join(close)}?" if close else f"`{key}` is not a key.")
+    return f"{message}. {' '.join(hints)}" if hints else message
+
+
+def _keys(config, prefix: str = "") -> list[str]:
+    """Every key of ``config``, nested ones dotted (``engine.max_seqs``)."""
+    keys = []
+    for f in dataclasses.fields(config):
+        keys.append(prefix + f.name)
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            keys += _keys(value, f"{prefix}{f.name}.")
+    return keys
 
 
 def timeouts(config: SampleLmMultihostConfig) -> Timeouts:

@@ -34,6 +34,8 @@ READY = "ready"
 """Leader to all: the run directory is ready (or why not)."""
 DONE = "done"
 """Leader to all: the merged output is written (or why not)."""
+FAILED = "failed"
+"""Leader to all: the run failed; every host watches for it from its heartbeat thread and stops at once."""
 LEADER = 0
 POLL_INTERVAL_S = 0.05
 PREFIX = "levanter_multihost"
@@ -95,8 +97,8 @@ class Coordinator:
         self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": True, **message}).encode())
 
     def announce_failure(self, error: str) -> None:
-        """Leader: tell every other host, whatever it waits for, that the run failed."""
-        for name in (READY, DONE):
+        """Leader: tell every other host, whatever it waits for or does, that the run failed."""
+        for name in (READY, DONE, FAILED):
             with contextlib.suppress(Exception):  # one may be announced already; the other still tells them
                 self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": False, "error": error}).encode())
 
@@ -104,25 +106,32 @@ class Coordinator:
         """Wait for the leader's ``name`` announcement while its heartbeat moves; return the message."""
         watch = _Silence(self, LEADER)
         while True:
-            raw = self._try_get(f"{PREFIX}/{name}")
+            try:
+                raw = self._try_get(f"{PREFIX}/{name}")
+                silent = watch.silent_for() if raw is None else 0.0
+            except Exception as e:  # the leader's process hosts the store: an error here means it is gone
+                raise CoordinationError(f"This host lost contact with the leader (host 0) while it waited for "
+                                        f"'{name}' ({type(e).__name__}): the leader died. This host's parts are "
+                                        "durable in the run directory; rerun with resume: true.") from None  # fmt: skip
             if raw is not None:
                 message = json.loads(raw)
                 if not message.get("ok"):
                     raise CoordinationError(f"The leader (host 0) failed: {message.get('error')}")
                 return message
-            if watch.silent_for() > self.timeouts.silent_host_s:
+            if silent > self.timeouts.silent_host_s:
                 raise CoordinationError(
                     f"The leader (host 0) went silent while this host waited for '{name}' (no heartbeat for "
-                    f"{watch.silent_for():.0f}s > silent_host_s {self.timeouts.silent_host_s:.0f}s): it died or hung. "
-                    "This host's parts are durable in the run directory; rerun with resume: true."
+                    f"{silent:.0f}s > silent_host_s {self.timeouts.silent_host_s:g}s): it died or hung. This "
+                    "host's parts are durable in the run directory; rerun with resume: true."
                 )
             time.sleep(POLL_INTERVAL_S)
 
     # -- liveness ----------------------------------------------------------------------------------------------
 
-    def start_heartbeat(self, also: Callable[[], None] | None = None) -> threading.Event:
-        """Bump this host's heartbeat every ``heartbeat_interval_s`` (and call ``also``) until the returned event
-        is set: a killed process stops bumping it."""
+    def start_heartbeat(self, on_leader_failure: Callable[[str], None] | None = None) -> threading.Event:
+        """Bump this host's heartbeat every ``heartbeat_interval_s`` until the returned event is set (a killed
+        process stops bumping it). A non-leader also watches for the leader's failure announcement and calls
+        ``on_leader_failure(error)`` from this thread: a host in the middle of a batch hears of it within a beat."""
         stop = threading.Event()
 
         def beat():
@@ -131,12 +140,36 @@ class Coordinator:
                 count += 1
                 with contextlib.suppress(Exception):  # the store going away ends the job anyway
                     self.client.key_value_set_bytes(self._key(self.host, "heartbeat"), str(count).encode(), True)
-                    if also is not None:
-                        also()
+                    failed = None if self.is_leader else self._try_get(f"{PREFIX}/{FAILED}")
+                    if failed is not None and on_leader_failure is not None:
+                        on_leader_failure(json.loads(failed).get("error", "unknown error"))
                 stop.wait(self.timeouts.heartbeat_interval_s)
 
         threading.Thread(target=beat, name=f"heartbeat-{self.host}", daemon=True).start()
         return stop
+
+    def leave(self) -> None:
+        """Non-leader, on its way out after a failure: say so, so the leader need not wait for it."""
+        with contextlib.suppress(Exception):
+            self.client.key_value_set_bytes(self._key(self.host, "left"), b"1", True)
+
+    def wait_for_others_to_leave(self, timeout_s: float) -> list[int]:
+        """Leader, after announcing a failure: wait until every other host has left or gone silent (at most
+        ``timeout_s``), so none of them sees the leader's store vanish and dies with JAX's fatal-error dumps.
+        Returns the hosts still there."""
+        watches = {h: _Silence(self, h) for h in range(self.num_hosts) if h != self.host}
+        deadline = time.monotonic() + timeout_s
+        while watches and time.monotonic() < deadline:
+            for h in list(watches):
+                try:
+                    gone = self._try_get(self._key(h, "left")) is not None
+                    gone = gone or watches[h].silent_for() > 3 * self.timeouts.heartbeat_interval_s
+                except Exception:
+                    gone = True
+                if gone:
+                    del watches[h]
+            time.sleep(POLL_INTERVAL_S)
+        return sorted(watches)
 
     # -- rows to the leader ------------------------------------------------------------------------------------
 
@@ -211,6 +244,8 @@ class Collector:
         self.arrivals = {h: HostArrivals() for h in range(coordinator.num_hosts) if h != LEADER}
         self.silent: list[int] = []
         self.error: BaseException | None = None
+        self.trouble = threading.Event()
+        """Set as soon as a host failed or went silent, so the leader can stop early (:meth:`check`)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
 
@@ -218,9 +253,19 @@ class Collector:
         self._thread.start()
         return self
 
+    def check(self) -> None:
+        """Raise now if a host has failed or gone silent (the leader calls this between its own batches)."""
+        if self.trouble.is_set():
+            self._thread.join(timeout=5 * POLL_INTERVAL_S)
+            self._raise()
+
     def finish(self) -> dict[int, HostArrivals]:
         """Wait until every host has ended or gone silent; return what arrived from each."""
         self._thread.join()
+        self._raise()
+        return self.arrivals
+
+    def _raise(self) -> None:
         if self.error is not None:
             raise self.error
         failed = {h: a.end.get("error", "unknown error") for h, a in self.arrivals.items()
@@ -229,9 +274,8 @@ class Collector:
             parts = [f"host {h} failed: {error}" for h, error in sorted(failed.items())]
             if self.silent:
                 parts.append(f"host(s) {sorted(self.silent)} went silent (no heartbeat for silent_host_s="
-                             f"{self.c.timeouts.silent_host_s:.0f}s: dead or hung)")  # fmt: skip
+                             f"{self.c.timeouts.silent_host_s:g}s: dead or hung)")  # fmt: skip
             raise CoordinationError("Gather incomplete: " + "; ".join(parts) + ". No merged output was written.")
-        return self.arrivals
 
     def stop(self) -> None:
         self._stop.set()
@@ -247,13 +291,17 @@ class Collector:
                         progressed = True
                     elif self.arrivals[host].end is not None:
                         pending.discard(host)
+                        if self.arrivals[host].end.get("status") != "ok":
+                            self.trouble.set()
                     elif watches[host].silent_for() > self.c.timeouts.silent_host_s:
                         self.silent.append(host)
                         pending.discard(host)
+                        self.trouble.set()
                 if not progressed:
                     time.sleep(POLL_INTERVAL_S)
         except BaseException as e:  # reported by finish() on the leader's main thread
             self.error = e
+            self.trouble.set()
 
     def _drain(self, host: int) -> bool:
         """Receive the host's next part, or its end message once every part it sent is in; True if a part came."""
@@ -314,11 +362,21 @@ class InMemoryKeyValue:
             self.store.pop(key, None)
 
 
+_current: Coordinator | None = None
+
+
 def connect(client: KeyValueClient | None, host: int, num_hosts: int, chunk_bytes: int, timeouts: Timeouts):
     """The coordinator of the running job: JAX's store when distributed (``client``), an in-memory one for a
-    single process."""
+    single process. It is also :func:`current` for the rest of the process."""
+    global _current
     if client is None:
         if num_hosts != 1:
             raise RuntimeError("jax.distributed is not initialized but there are several hosts.")
         client = InMemoryKeyValue()
-    return Coordinator(client, host, num_hosts, chunk_bytes, timeouts)
+    _current = Coordinator(client, host, num_hosts, chunk_bytes, timeouts)
+    return _current
+
+
+def current() -> Coordinator | None:
+    """The process's coordinator, once connected (the command-line entry uses it to leave after a failure)."""
+    return _current

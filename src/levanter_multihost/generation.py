@@ -1,7 +1,7 @@
 """One batch through Levanter's paged-attention ``InferenceEngine``: requests in, rows out, the engine checked.
 
-Covers building the host's engine once, one request per prompt of a batch (its generations as the engine's
-clones, or one request per missing generation on resume), sampling keys that depend only on the seed, the
+Covers building the host's engine once, one request per sequence of a batch (the engine's clones are avoided,
+see :func:`build_requests`), sampling keys that depend only on the seed, the
 global prompt index and the generation, turning the engine's tokens into rows (stop strings, EOS, finish
 reasons), and checking the engine's state after every call: its own checks run as NaN poisoning
 (:func:`levanter_multihost.seams.checks_as_nan`), so a violated one shows only in the state it leaves. Everything
@@ -98,17 +98,18 @@ def build_requests(items: Sequence[WorkItem], sampling: Sampling) -> tuple[list[
     stop = stop_array(sampling.stop)
     requests, order = [], []
     for item in items:
-        full = item.generations == tuple(range(item.n_generations))
-        groups = [(0, item.n_generations)] if full else [(g, 1) for g in item.generations]
-        for first_gen, count in groups:
+        # One request per generation, never the engine's clones: the pinned engine sets a clone up before its
+        # parent's prompt pages exist, so for prompts of page_size tokens or more a clone samples from the wrong
+        # context or leaks pages (tests/test_batch_engine.py pins it). The keys are the ones it would give clones.
+        for generation in item.generations:
             params = SeqDecodingParams(
                 max_num_tokens=jnp.array(len(item.token_ids) + item.max_new_tokens, dtype=jnp.int32),
                 stop_tokens=stop,
                 temperature=jnp.array(item.temperature, dtype=jnp.float32),
-                key=prompt_key(sampling.seed, item.global_index, first_gen),
+                key=prompt_key(sampling.seed, item.global_index, generation),
             )
-            requests.append(Request(list(item.token_ids), len(requests), params, count, sampling.logprobs))
-            order.extend((item.global_index, first_gen + k) for k in range(count))
+            requests.append(Request(list(item.token_ids), len(requests), params, 1, sampling.logprobs))
+            order.append((item.global_index, generation))
     return requests, order
 
 
@@ -170,7 +171,8 @@ def finish(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) 
 
     The stop string that appears first in the text wins (the engine matches stop strings as tokens, and a string
     can also be spelled by other tokens); then EOS as the last token; then ``length`` at max_new_tokens; anything
-    shorter is ``truncated`` (the engine's decode budget ran out, which the planner rules out).
+    shorter is ``truncated`` (the engine's decode budget ran out, which the planner rules out). ``stop_reason`` is
+    the stop string, or the EOS token's text.
     """
     eos = bool(ids) and ids[-1] in stop.eos_ids
     text = tokenizer.decode(ids[:-1] if eos else ids, skip_special_tokens=True)
@@ -180,8 +182,8 @@ def finish(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) 
         s = stop.strings[k]
         text = text[: at + len(s)] if stop.include_stop_in_text else text[:at]
         reason, stop_reason = "stop", s
-    elif eos:
-        reason, stop_reason = "stop", ids[-1]
+    elif eos:  # the EOS token's own text ("</s>", "<|eot_id|>"): stop_reason is always a string or null
+        reason, stop_reason = "stop", tokenizer.convert_ids_to_tokens(ids[-1])
     else:
         reason, stop_reason = ("length" if len(ids) >= max_new_tokens else "truncated"), None
     return {"generated_text": text, "generated_token_count": len(ids), "finish_reason": reason,

@@ -8,6 +8,7 @@ generation) pair arrived exactly once), the task's accuracy and the samples tabl
 Leaves out the transport (:mod:`levanter_multihost.coordination`) and the arithmetic (:mod:`.summary`).
 """
 
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from levanter_multihost import addition, rundir, summary, tracking
-from levanter_multihost.outputs import Completeness, SortedRun, keyed_lines, merge_sorted
+from levanter_multihost.outputs import Completeness, SortedRun, keyed_lines, merge_sorted, read_keyed
 from levanter_multihost.rundir import RunDir
 from levanter_multihost.runplan import Reporting
 
@@ -27,7 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 class Spool:
-    """Parts as they arrive, one sorted file each in a local temporary directory; thread-safe."""
+    """Parts as they arrive, one sorted file each in a local temporary directory; thread-safe.
+
+    Each part is checked line by line on arrival, so a bad one is named by host, batch and line; the merge then
+    streams the files back one line at a time (:func:`~levanter_multihost.outputs.read_keyed`).
+    """
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="levanter_multihost_spool_")
@@ -35,14 +40,15 @@ class Spool:
         self.lock = threading.Lock()
 
     def add(self, host: int, header: dict, data: bytes) -> None:
-        keyed = keyed_lines(data, f"a part from host {host}")  # checked here, so a bad part names its host
+        where = part_name(host, header)
+        keyed = keyed_lines(data, where)  # checked here, so a bad part is named as it arrives
         if not keyed:
             return
         with self.lock:
             path = os.path.join(self.dir, f"{len(self.runs):08d}.h{host:04d}.jsonl")
             with open(path, "wb") as f:
                 f.write(data)
-            self.runs.append(SortedRun(keyed[0][0], lambda p=path, h=host: _read_keyed(p, h)))
+            self.runs.append(SortedRun(keyed[0][0], functools.partial(_read_keyed, path, where), where))
 
     def merged(self) -> Iterator[tuple[tuple[int, int], bytes]]:
         return merge_sorted(self.runs)
@@ -51,10 +57,16 @@ class Spool:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _read_keyed(path: str, host: int) -> Iterator[tuple[tuple[int, int], bytes]]:
+def part_name(host: int, header: dict) -> str:
+    """How errors name a part: ``host 2's batch 5``, or ``host 1's kept rows``."""
+    if "batch" in header:
+        return f"host {host}'s batch {header['batch']}"
+    return f"host {host}'s {header.get('kind', 'part')} rows"
+
+
+def _read_keyed(path: str, where: str) -> Iterator[tuple[tuple[int, int], bytes]]:
     with open(path, "rb") as f:
-        data = f.read()
-    yield from keyed_lines(data, f"a part from host {host}")
+        yield from read_keyed(f, where)
 
 
 @dataclass
@@ -70,16 +82,19 @@ def write_merged(spool: Spool, run_dir: RunDir, n_generations, output_format: st
 
     Parsed as JSON only where needed: every row for a task's accuracy, the first ``samples_table_rows`` for the
     table. Raises :class:`~levanter_multihost.outputs.MergeError` (nothing written) if rows are missing,
-    duplicated or unexpected.
+    duplicated or unexpected. JSONL streams through; Parquet is built as one Arrow table from the merged lines
+    (so its memory grows with the rows), its column types inferred over every row.
     """
     result = MergeResult()
     completeness = Completeness(n_generations)
+    longest = 0
     local = os.path.join(spool.dir, "merged.jsonl")  # local first: a Parquet writer needs the whole file
     with open(local, "wb") as out:
         for key, line in spool.merged():
             completeness.see(key)
             out.write(line)
             result.rows += 1
+            longest = max(longest, len(line))
             need_row = reporting.task is not None or len(result.samples) < reporting.samples_table_rows
             if need_row:
                 row = json.loads(line)
@@ -92,7 +107,9 @@ def write_merged(spool: Spool, run_dir: RunDir, n_generations, output_format: st
         import pyarrow.json as paj
         import pyarrow.parquet as pq
 
-        table = paj.read_json(local)
+        # a row longer than the reader's block (1 MiB by default) would fail to parse
+        block = max(1 << 20, 2 * longest)
+        table = paj.read_json(local, read_options=paj.ReadOptions(block_size=block))
         with run_dir.open_atomic(rundir.MERGED_PARQUET) as f:
             pq.write_table(table, f)
     else:

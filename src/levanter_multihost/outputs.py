@@ -24,9 +24,10 @@ ROW_FIELDS = (
     "generated_text",
     "generated_token_count",
     "finish_reason",
+    "stop_reason",
 )
-OPTIONAL_FIELDS = ("stop_reason", "generated_logprobs")
-"""Written after ``ROW_FIELDS`` when the run asks for them (stop strings or EOS; ``logprobs``)."""
+OPTIONAL_FIELDS = ("generated_logprobs",)
+"""Written after ``ROW_FIELDS`` when the run asks for them (``logprobs``)."""
 OUTPUT_FIELDS = ROW_FIELDS + OPTIONAL_FIELDS
 LINE_PREFIX = re.compile(
     rb'\{"global_prompt_index": (0|[1-9][0-9]*), "generation_index": (0|[1-9][0-9]*), "process_index": '
@@ -70,16 +71,27 @@ def keyed_lines(data: bytes, where: str) -> list[tuple[Key, bytes]]:
         return []
     if not data.endswith(b"\n"):
         raise MergeError(f"{where}: does not end with a newline (truncated?); it cannot be merged.")
-    keyed = []
-    for number, line in enumerate(data.split(b"\n")[:-1], start=1):
-        match = LINE_PREFIX.match(line)
-        if match is None or not line.endswith(b"}"):
-            raise MergeError(
-                f"{where} line {number}: {line[:80]!r} is not a row as outputs.row_line writes it (one JSON object "
-                'per line starting {"global_prompt_index": P, "generation_index": G, "process_index": ...).'
-            )
-        keyed.append(((int(match[1]), int(match[2])), line + b"\n"))
-    return keyed
+    return [_keyed(line, where, number) for number, line in enumerate(data.split(b"\n")[:-1], start=1)]
+
+
+def read_keyed(stream: Iterable[bytes], where: str) -> Iterator[tuple[Key, bytes]]:
+    """:func:`keyed_lines` one line at a time, from a file opened ``"rb"`` (which splits at newline bytes only), so
+    a merge holds one line per open part instead of whole parts."""
+    for number, line in enumerate(stream, start=1):
+        if not line.endswith(b"\n"):
+            raise MergeError(f"{where} line {number}: does not end with a newline (truncated?); it cannot be merged.")
+        yield _keyed(line[:-1], where, number)
+
+
+def _keyed(line: bytes, where: str, number: int) -> tuple[Key, bytes]:
+    """``line`` (without its newline) with its key, newline put back; the row's JSON is not parsed."""
+    match = LINE_PREFIX.match(line)
+    if match is None or not line.endswith(b"}"):
+        raise MergeError(
+            f"{where} line {number}: {line[:80]!r} is not a row as outputs.row_line writes it (one JSON object "
+            'per line starting {"global_prompt_index": P, "generation_index": G, "process_index": ...).'
+        )
+    return (int(match[1]), int(match[2])), line + b"\n"
 
 
 @dataclass(frozen=True)
@@ -90,27 +102,38 @@ class SortedRun:
     """Key of its first line."""
     open: Callable[[], Iterator[tuple[Key, bytes]]]
     """Yields its keyed lines in ascending order."""
+    where: str = "a part"
+    """Names the run in errors (``host 2's batch 5``)."""
 
 
 def merge_sorted(runs: Sequence[SortedRun]) -> Iterator[tuple[Key, bytes]]:
-    """All lines of ``runs`` in ascending key order; a run is opened when no line before its first is left."""
+    """All lines of ``runs`` in ascending key order; a run is opened when no line before its first is left.
+
+    Raises :class:`MergeError` naming the run if one is not sorted or does not start at its declared first key
+    (either would put a line out of order in the output).
+    """
     pending = sorted(runs, key=lambda r: r.first)
     heap: list[tuple[Key, int, bytes, Iterator]] = []
     i = 0
     while heap or i < len(pending):
         # every run not yet opened starts after the smallest line in the heap, so it cannot come first
         while i < len(pending) and (not heap or pending[i].first <= heap[0][0]):
-            lines = pending[i].open()
+            run = pending[i]
+            lines = run.open()
             first = next(lines, None)
             if first is not None:
+                if first[0] != run.first:
+                    raise MergeError(f"{run.where} starts at {first[0]}, not at {run.first} as declared.")
                 heapq.heappush(heap, (first[0], i, first[1], lines))
             i += 1
+        if not heap:  # the runs left were empty
+            break
         key, index, line, lines = heapq.heappop(heap)
         yield key, line
         following = next(lines, None)
         if following is not None:
             if following[0] < key:
-                raise MergeError(f"A part is not sorted: {following[0]} after {key}.")
+                raise MergeError(f"{pending[index].where} is not sorted: {following[0]} after {key}.")
             heapq.heappush(heap, (following[0], index, following[1], lines))
 
 

@@ -1,11 +1,11 @@
-"""Encoding a host's shard for the trip to the leader, and checking it on arrival.
+"""Encoding a part for the trip to the leader, and checking it on arrival.
 
-A payload is a small JSON header (the host's metrics), a newline, then opaque bytes (the host's shard file,
-exactly as written), zlib-compressed and cut into chunks of at most ``chunk_bytes``. Its manifest records the chunk
-count, the byte sizes and a SHA-256 per chunk, so a corrupted, truncated or missing chunk is named (host, chunk)
-instead of turning into a bad row. Headers are only ever parsed as JSON and the bytes are handed on as they are:
-nothing is unpickled or evaluated. This module knows nothing of the transport (see
-:mod:`levanter_multihost.gather`) or of what the bytes hold (see :mod:`levanter_multihost.outputs`). No JAX import.
+A payload is a small JSON header (what the part is), a newline, then opaque bytes (the part file, exactly as
+written), zlib-compressed and cut into chunks of at most ``chunk_bytes``. Its manifest records the chunk count, the
+byte sizes and a SHA-256 per chunk, so a corrupted, truncated or missing chunk is named (host, chunk) instead of
+turning into a bad row. Headers are only ever parsed as JSON and the bytes are handed on as they are: nothing is
+unpickled or evaluated. This module knows nothing of the transport (see :mod:`levanter_multihost.coordination`)
+or of what the bytes hold (see :mod:`levanter_multihost.outputs`). No JAX import.
 """
 
 import hashlib
@@ -26,8 +26,6 @@ class PayloadError(RuntimeError):
 class Manifest:
     host: int
     """Process index of the sender."""
-    status: str
-    """``ok``, or ``failed`` when the host sends an error instead of its shard."""
     num_chunks: int
     """How many chunks follow."""
     chunk_sizes: list[int]
@@ -36,8 +34,6 @@ class Manifest:
     """Hex SHA-256 of each chunk."""
     total_bytes: int
     """Sum of ``chunk_sizes``: the compressed payload size."""
-    error: str | None = None
-    """The host's error message when ``status == "failed"``."""
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode("utf-8")
@@ -66,20 +62,12 @@ def encode_payload(
     chunks = [blob[i : i + chunk_bytes] for i in range(0, len(blob), chunk_bytes)] or [b""]
     manifest = Manifest(
         host=host,
-        status="ok",
         num_chunks=len(chunks),
         chunk_sizes=[len(c) for c in chunks],
         chunk_sha256=[hashlib.sha256(c).hexdigest() for c in chunks],
         total_bytes=len(blob),
     )
     return manifest, chunks
-
-
-def failure_manifest(host: int, error: str) -> Manifest:
-    """A manifest that carries a host's error instead of its shard."""
-    return Manifest(
-        host=host, status="failed", num_chunks=0, chunk_sizes=[], chunk_sha256=[], total_bytes=0, error=error
-    )
 
 
 def verify_chunk(manifest: Manifest, index: int, chunk: bytes) -> None:

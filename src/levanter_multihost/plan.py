@@ -27,7 +27,7 @@ from levanter_multihost.capacity import (
     parse_tpu_type,
     plan_capacity,
 )
-from levanter_multihost.errors import UserError
+from levanter_multihost.errors import ConfigError, UserError
 from levanter_multihost.runplan import PromptSet, StopCondition
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,15 @@ class CapacityError(UserError):
 
 
 def engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
+    """The planner's view of the engine config; a value no engine can use (e.g. ``max_seqs: 0``) is a
+    :class:`ConfigError` naming the field."""
+    try:
+        return _engine_limits(engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
     return EngineLimits(
         max_seq_len=engine.max_seq_len,
         page_size=engine.page_size,
@@ -128,7 +137,12 @@ def model_shape(checkpoint: str | None, trainer: TrainerConfig, limits: EngineLi
     if config is None:
         logger.info("Model shape unknown (%s): the HBM check is skipped.", source)
         return None
-    footprint = model_footprint(config, trainer, limits)
+    from levanter_multihost.footprint import ShardingConfigError
+
+    try:
+        footprint = model_footprint(config, trainer, limits)
+    except ShardingConfigError as e:  # a sharding the config asks for: the user's to fix (exit 2, one line)
+        raise ConfigError(str(e)) from e
     return ModelShape(
         weight_bytes=footprint.weight_bytes,
         weight_bytes_per_chip=footprint.weight_bytes_per_chip,

@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt_tokens", type=int, help="Count every prompt as this many tokens.")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     args, overrides = parser.parse_known_args(argv)
+    for flag in ("num_hosts", "prompt_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"levanter-multihost-plan: --{flag} ({value}) must be an integer >= 1 (or left out).")
+            return 2
     try:
         config = draccus.parse(SampleLmMultihostConfig, config_path=args.config_path, args=overrides)
     except (draccus.utils.ParsingError, ValueError, TypeError) as e:
@@ -88,9 +93,10 @@ def plan_config(config: SampleLmMultihostConfig, num_hosts: int | None, tpu_type
     if tokenizer is not None:
         stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
                                        config.include_stop_in_text, checkpoint)  # fmt: skip
-    else:  # every token spells at least one byte
+    else:  # every token spells at least one byte; EOS, when on, is at least one more stop sequence of one token
         stop = StopCondition(tuple(config.stop_sequences), tuple(tuple(s.encode("utf-8")) for s in
-                                                                config.stop_sequences))  # fmt: skip
+                                                                config.stop_sequences),
+                             eos_ids=(-1,) if config.stop_at_eos else ())  # fmt: skip
     limits = plan.engine_limits(config.engine)
     if tpu_type is not None:
         topology = plan.topology(tpu_type, num_hosts or _hosts_of(tpu_type), 0)

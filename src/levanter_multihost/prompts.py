@@ -63,13 +63,13 @@ def read_prompts(source: PromptSource) -> PromptRecords:
     if source.prompts is not None:
         if isinstance(source.prompts, str):
             raise PromptError("`prompts` must be a list of strings, not a single string. Wrap it in a list.")
-        rows = ({source.prompt_field: p} for p in source.prompts)
-        records = _records(rows, source, "`prompts`", lambda i: f"`prompts[{i}]`")
+        rows = ({source.prompt_field: p} if isinstance(p, str) else p for p in source.prompts)
+        records = _records(rows, source, "`prompts`", lambda i: f"[{i}]")
     elif source.file is not None:
         rows, where = _file_rows(source.file)
         records = _records(rows, source, f"`prompts_file` {source.file}", where)
     elif source.dataset is not None:
-        records = _records(_dataset_rows(source), source, f"`prompts_dataset` {source.dataset}", lambda i: f"row {i}")
+        records = _records(_dataset_rows(source), source, f"`prompts_dataset` {source.dataset}", lambda i: f" row {i}")
     else:
         raise PromptError("No prompts: set `prompts` (a list), `prompts_file` (.txt, .jsonl, .parquet) or "
                           "`prompts_dataset` (a Hugging Face dataset).")  # fmt: skip
@@ -83,7 +83,7 @@ def _records(rows: Iterable[dict[str, Any]], source: PromptSource, name: str, wh
     consumed = {source.prompt_field, source.messages_field}
     any_extra = False
     for i, row in enumerate(rows):
-        at = f"{name} {where(i)}"
+        at = f"{name}{where(i)}"
         if not isinstance(row, dict):
             raise PromptError(f"{at}: is a {type(row).__name__}, not an object with a `{source.prompt_field}`.")
         text, chat = row.get(source.prompt_field), row.get(source.messages_field)
@@ -126,9 +126,11 @@ def _override(column: str, value: Any, at: str) -> Any:
         if not ok:
             raise PromptError(f"{at}: `temperature` is {value!r}; it must be a finite number >= 0 (0 is greedy).")
         return float(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    # Parquet and datasets hand integer columns with gaps over as floats (3.0)
+    integral = isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    if not (isinstance(value, int) or integral) or isinstance(value, bool) or value < 1:
         raise PromptError(f"{at}: `{column}` is {value!r}; it must be a positive integer.")
-    return value
+    return int(value)
 
 
 def _check_messages(chat: Any, at: str) -> None:
@@ -168,7 +170,7 @@ def _file_rows(path: str):
         raise PromptError(f"`prompts_file` {path} is {info['size']:,} bytes, over the {MAX_PROMPTS_FILE_BYTES:,} "
                           "read at once. Split it, or use Parquet or a dataset.")  # fmt: skip
     if kind == ".parquet":
-        return _parquet_rows(path), lambda i: f"row {i}"
+        return _parquet_rows(path), lambda i: f" row {i}"
     try:
         with fs.open(fs_path, "rb") as f:
             raw = f.read()
@@ -189,8 +191,8 @@ def _file_rows(path: str):
             raise PromptError(f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "
                               "global_prompt_index is its line number - 1): remove the blank line.")  # fmt: skip
     if kind == ".txt":
-        return ({"prompt": line} for line in lines), lambda i: f"line {i + 1}"
-    return (_json_line(path, number, line) for number, line in enumerate(lines, start=1)), lambda i: f"line {i + 1}"
+        return ({"prompt": line} for line in lines), lambda i: f" line {i + 1}"
+    return (_json_line(path, number, line) for number, line in enumerate(lines, start=1)), lambda i: f" line {i + 1}"
 
 
 def _json_line(path: str, number: int, line: str) -> Any:

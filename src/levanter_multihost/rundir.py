@@ -41,7 +41,8 @@ LOCK = ".lock"
 PARTS = "parts"
 LOCK_REFRESH_S = 60.0
 """How often the running leader rewrites ``.lock``; a lock not rewritten for 5 times this is stale."""
-PART_NAME = re.compile(r"(\d{10})-(\d{10})\.([0-9a-f]{16})\.([0-9a-f]{8})\.h(\d{4})b(\d{6})\.jsonl$")
+PART_NAME = re.compile(r"(\d{10})-(\d{10})\.([0-9a-f]{16})\.([0-9a-f]{8})\.h(\d{4})b(\d{6})\.jsonl")
+"""A part's file name, whole (temporary files, ``name.tmp-1a2b3c4d``, and other names do not match)."""
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +148,12 @@ class RunDir:
         if not self.exists(RUN_FILE):
             return None
         try:
-            return json.loads(self.read_bytes(RUN_FILE))
+            run = json.loads(self.read_bytes(RUN_FILE))
         except (ValueError, UnicodeDecodeError) as e:
             raise RunDirError(f"{self.url_of(RUN_FILE)} is not valid JSON ({e}). Use overwrite: true.") from None
+        if not isinstance(run, dict):
+            raise RunDirError(f"{self.url_of(RUN_FILE)} is not a JSON object as {RUN_FILE} is. Use overwrite: true.")
+        return run
 
     def decide(self, fields: dict[str, Any], resume: bool, overwrite: bool, attempt: str) -> Decision:
         """Fresh, resume or refuse, from what the directory holds; nothing is written.
@@ -157,7 +161,6 @@ class RunDir:
         Earlier outputs must belong to this run (``resume``, same fingerprint) or be replaced (``overwrite``);
         otherwise one message says what is there and the three ways on.
         """
-        run = self.read_run_file()
         earlier = [n for n in (MERGED_JSONL, MERGED_PARQUET, RUN_FILE) if self.exists(n)]
         parts = self.list_parts()
         if parts:
@@ -172,6 +175,7 @@ class RunDir:
                 "to continue it, overwrite: true to replace it (once this run's merge is written), or choose "
                 "another output_dir."
             )
+        run = self.read_run_file()  # only now: overwrite replaces even an unreadable run.json
         if run is None:
             raise RunDirError(
                 f"Cannot resume: output_dir ({self.url}) has no {RUN_FILE} to check its outputs "
@@ -180,7 +184,8 @@ class RunDir:
         here = fingerprint_hash(fields)
         if run.get("fingerprint") != here:
             old = run.get("fields", {})
-            changed = sorted(k for k in set(fields) | set(old) if old.get(k) != fields.get(k))
+            new = json.loads(json.dumps(fields))  # as run.json holds it: a tuple is a list there
+            changed = sorted(k for k in set(new) | set(old) if old.get(k) != new.get(k))
             raise RunDirError(
                 f"Cannot resume: output_dir ({self.url}) holds a run with fingerprint {run.get('fingerprint')}, this "
                 f"config has {here} (differs in {changed}). Outputs of different configs are never mixed: use "
@@ -208,8 +213,8 @@ class RunDir:
             return []
         parts = []
         for path in self.fs.ls(folder, detail=False):
-            m = PART_NAME.search(path)
-            if m and not path.endswith(".tmp"):
+            m = PART_NAME.fullmatch(path.rsplit("/", 1)[-1])
+            if m:
                 first, last, fp, attempt, host, batch = m.groups()
                 parts.append(Part(int(first), int(last), fp, attempt, int(host), int(batch), path))
         return sorted(parts)
@@ -257,11 +262,13 @@ class RunDir:
                 with contextlib.suppress(OSError):
                     self.write_atomic(LOCK, _holder(attempt))
 
-        threading.Thread(target=refresh, name="lock-refresh", daemon=True).start()
+        refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
+        refresher.start()
         try:
             yield
         finally:
             stop.set()
+            refresher.join()  # a rewrite in flight would otherwise put the lock back after it is removed
             with contextlib.suppress(OSError):
                 if self._lock_holder().get("attempt") == attempt:
                     self.fs.rm(self.path(LOCK))

@@ -4,18 +4,22 @@ Frozen, typed values only. ``config.resolve`` builds a :class:`RunPlan`; ``main`
 needs, so no stage reads the config.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from levanter.compat.hf_checkpoints import RepoRef
-from levanter.inference.engine import InferenceEngineConfig
-from levanter.models.lm_model import LmConfig
-from levanter.trainer import TrainerConfig
 
 from levanter_multihost.capacity import EngineLimits
 from levanter_multihost.rundir import RunDir
+
+if TYPE_CHECKING:  # Levanter's types only for annotations: the coordination and merge code stays light to import
+    from levanter.compat.hf_checkpoints import RepoRef
+    from levanter.inference.engine import InferenceEngineConfig
+    from levanter.models.lm_model import LmConfig
+    from levanter.trainer import TrainerConfig
 
 
 class TokenTable:

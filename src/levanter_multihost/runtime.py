@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -65,6 +66,26 @@ class HostContext:
 
     def seconds(self, name: str) -> float:
         return sum(end - start for start, end in self.phases.get(name, []))
+
+
+class Stopped(BaseException):
+    """This host was asked to stop (SIGTERM, SIGINT); what it finished is durable."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"Stopped by signal {signal.Signals(signum).name}: this host's finished batches are durable "
+                         "in the run directory; rerun with resume: true.")  # fmt: skip
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise :class:`Stopped` in the main thread. ``jax.distributed`` installs a preemption
+    notifier that swallows SIGTERM; this replaces it, so that a host asked to stop does (cleanly, between writes)."""
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 class CompileClock:
@@ -133,6 +154,7 @@ def start(trainer: TrainerConfig) -> HostContext:
     with ctx.phase("distributed_init"):
         distributed_from_env(trainer).distributed.initialize()
         ctx.host, ctx.num_hosts = jax.process_index(), jax.process_count()
+    stop_on_signals()
     if jax.config.jax_compilation_cache_dir and ctx.num_hosts > 1:  # from the trainer or JAX's own env variable
         seams.every_host_writes_compilation_cache()
     setup_logging(str(ctx.host))

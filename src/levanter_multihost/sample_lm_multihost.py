@@ -14,19 +14,24 @@ leader writes one merged, ordered output and reports once. ``docs/architecture.m
 
 import contextlib
 import logging
+import os
+import sys
 import time
 
 import jax
-import levanter
 
 from levanter_multihost import coordination, leader, model_loading, runtime, sampling, seams, summary, tracking
-from levanter_multihost.config import SampleLmMultihostConfig, resolve, timeouts
-from levanter_multihost.coordination import DONE, READY, Collector, Coordinator
+from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
+from levanter_multihost.coordination import DONE, READY, Collector, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import build_engine, check_engine_state, generate_batch
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
+from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.runtime import CompileClock, HostContext
+
+LEAVE_WAIT_S = 15.0
+"""How long a failed leader waits for the other hosts to stop before it exits (they hear of it within a beat)."""
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +41,7 @@ def main(config: SampleLmMultihostConfig) -> None:
     seams.apply_ragged_attention(config.ragged_attention)
     link = coordination.connect(seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes,
                                 timeouts(config))  # fmt: skip
-    heartbeat = link.start_heartbeat()
+    heartbeat = link.start_heartbeat(on_leader_failure=leader_failed)
     try:
         with link.failures_reported():
             with ctx.phase("prepare"):
@@ -73,12 +78,13 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
         fingerprint = fingerprint_hash(plan.fingerprint)
         share = sampling.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
         kept, tokens_kept = sampling.keep_earlier_rows(plan.run_dir, decision.attempts, fingerprint, share,
-                                                       plan.prompts, plan.sampling.stop, deliver)  # fmt: skip
+                                                       plan.prompts, plan.sampling.stop, plan.tokenizer,
+                                                       deliver)  # fmt: skip
         items = sampling.work_items(plan.prompts, share, kept)
         batches = sampling.batches(items, plan.engine)
         logger.info("host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches", ctx.host, len(share),
                     len(kept), len(items), len(batches))  # fmt: skip
-        stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver) if batches else []
+        stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver, collector) if batches else []
         metrics = summary.host_metrics(ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept)
         if not ctx.is_leader:
             link.send_end(metrics)
@@ -92,7 +98,8 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
             spool.close()
 
 
-def sample(plan: RunPlan, ctx: HostContext, batches, attempt: str, fingerprint: str, deliver) -> list[dict]:
+def sample(plan: RunPlan, ctx: HostContext, batches, attempt: str, fingerprint: str, deliver,
+           collector: Collector | None) -> list[dict]:  # fmt: skip
     """Load the model onto this host's chips and sample every batch; no cross-host communication."""
     with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
@@ -119,6 +126,8 @@ def sample(plan: RunPlan, ctx: HostContext, batches, attempt: str, fingerprint: 
             with ctx.phase("send"):
                 deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
             progress.batch_done(batch.tokens)
+            if collector is not None:
+                collector.check()  # a host failed or went silent: stop now rather than after this host's share
             stats.append({**vars(batch), "batch": b, "compile_s": batch.compile_prefill_s + batch.compile_decode_s,
                           "write_s": ctx.phases["write"][-1][1] - ctx.phases["write"][-1][0]})  # fmt: skip
     return stats
@@ -152,16 +161,46 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool, own: di
 
 
 def cli() -> None:
-    """Entry point: seams, then the config, then :func:`main`; a user's mistake prints one line, not a traceback."""
+    """Entry point: seams, the config, :func:`main`. A failure is said once, the other hosts are let go, and the
+    process exits without JAX's shutdown barrier: 2 for a user's mistake, 128 + n for signal n, else 1."""
     seams.install()
     try:
-        levanter.config.main(main)()
-    except UserError as e:
-        logger.error("%s", e)
-        runtime.exit_now(2)
-    except Exception:
-        logger.exception("Sampling failed")
-        runtime.exit_now(1)
+        main(parse_command_line(sys.argv[1:]))
+    except SystemExit as e:
+        if e.code not in (0, None):  # --help exits 0
+            raise
+    except BaseException as e:
+        runtime.exit_now(stop_after(e))
+
+
+def stop_after(error: BaseException) -> int:
+    """Log ``error`` where it belongs and let the other hosts go; return the exit status.
+
+    A user's mistake or another host's failure is one line, on the leader only (a non-leader's error reaches the
+    leader, which names the host); anything else is a bug and keeps its traceback on every host.
+    """
+    link = coordination.current()
+    leader = link.is_leader if link is not None else os.environ.get(ENV_PROCESS_ID, "0") == "0"
+    if isinstance(error, (UserError, CoordinationError, runtime.Stopped)):
+        if leader:
+            logger.error("%s", error)
+    else:
+        logger.error("Sampling failed", exc_info=error)
+    if link is not None:
+        if leader:
+            link.wait_for_others_to_leave(LEAVE_WAIT_S)
+        else:
+            link.leave()
+    if isinstance(error, runtime.Stopped):
+        return 128 + error.signum
+    return 2 if isinstance(error, UserError) else 1
+
+
+def leader_failed(error: str) -> None:
+    """Non-leader, from its heartbeat thread: the leader announced a failure (and says what); stop now."""
+    logger.info("Stopping: the leader (host 0) failed.")
+    coordination.current().leave()
+    runtime.exit_now(1)
 
 
 if __name__ == "__main__":

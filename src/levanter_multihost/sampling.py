@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from levanter_multihost.capacity import BatchPacker, PromptDemand
 from levanter_multihost.errors import UserError
-from levanter_multihost.generation import WorkItem
-from levanter_multihost.outputs import keyed_lines, row_line
+from levanter_multihost.generation import WorkItem, finish
+from levanter_multihost.outputs import MergeError, keyed_lines, row_line
 from levanter_multihost.rundir import Part, RunDir
 from levanter_multihost.runplan import EngineSettings, PromptSet, StopCondition
 from levanter_multihost.sharding import prompt_cost, shard_for_host
@@ -40,7 +40,7 @@ def host_share(prompts: PromptSet, host: int, num_hosts: int, strategy: str) -> 
 
 def keep_earlier_rows(
     run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str, share: list[int], prompts: PromptSet,
-    stop: StopCondition, deliver: Deliver,
+    stop: StopCondition, tokenizer, deliver: Deliver,
 ) -> tuple[set[tuple[int, int]], int]:  # fmt: skip
     """Verify and deliver the rows of earlier attempts that fall in ``share``; return their (prompt, generation)
     and their tokens.
@@ -58,8 +58,12 @@ def keep_earlier_rows(
         if part.fingerprint != fingerprint or part.attempt not in attempts or part.last < lo or part.first > hi:
             continue
         lines = []
-        for number, (key, line) in enumerate(keyed_lines(run_dir.read_part(part), part.path), start=1):
-            row = _verify(line, key, part, number, prompts, stop)
+        try:
+            keyed = keyed_lines(run_dir.read_part(part), part.path)
+        except MergeError as e:  # a truncated or foreign line
+            raise ResumeError(f"{e} Remove the file or use overwrite: true.") from None
+        for number, (key, line) in enumerate(keyed, start=1):
+            row = _verify(line, key, part, number, prompts, stop, tokenizer)
             if key[0] not in wanted:
                 continue
             if key in kept:
@@ -73,34 +77,35 @@ def keep_earlier_rows(
     return set(kept), tokens
 
 
-def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts: PromptSet,
-            stop: StopCondition) -> dict:  # fmt: skip
-    """A row read back must be one this run writes for its prompt; return it parsed."""
+def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts: PromptSet, stop: StopCondition,
+            tokenizer) -> dict:  # fmt: skip
+    """A row read back must be one this run writes for its prompt: its text, count and finish reason are derived
+    again from its token ids. Return it parsed."""
     where = f"{part.path} line {number}"
     prompt, generation = key
-    problem = None
     try:
         row = json.loads(line)
     except ValueError as e:
         raise ResumeError(f"{where}: not valid JSON ({e}). Remove the file or use overwrite: true.") from None
+    ids = row.get("generated_token_ids")
+    problem = None
     if not part.first <= prompt <= part.last or prompt >= len(prompts):
         problem = f"prompt {prompt} is outside the part's range {part.first}-{part.last} or the prompts"
     elif generation >= prompts.n_generations[prompt]:
         problem = f"generation {generation} is out of range (n_generations {prompts.n_generations[prompt]})"
-    elif row.get("prompt") != prompts.texts[prompt]:
+    elif row.get("prompt") != prompts.texts[prompt] or row.get("prompt_token_count") != prompts.tokens.length(prompt):
         problem = f"its prompt differs from prompt {prompt} of the input"
-    elif not isinstance(row.get("generated_token_ids"), list) or row.get("generated_token_count") != len(
-        row["generated_token_ids"]
-    ):
-        problem = "generated_token_count does not match generated_token_ids"
-    elif row["generated_token_count"] > prompts.max_new_tokens[prompt]:
-        problem = f"it has more than max_new_tokens ({prompts.max_new_tokens[prompt]}) tokens"
-    elif row.get("finish_reason") == "length" and row["generated_token_count"] != prompts.max_new_tokens[prompt]:
-        problem = "finish_reason is length but it is shorter than max_new_tokens"
-    elif row.get("finish_reason") == "stop" and row.get("stop_reason") not in (*stop.strings, *stop.eos_ids):
-        problem = f"its stop_reason {row.get('stop_reason')!r} is none of this run's stop strings or EOS ids"
-    elif row.get("finish_reason") not in ("length", "stop", "truncated"):
-        problem = f"finish_reason {row.get('finish_reason')!r} is not length, stop or truncated"
+    elif not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        problem = "generated_token_ids is not a list of token ids"
+    elif len(ids) > prompts.max_new_tokens[prompt]:
+        problem = f"it has {len(ids)} tokens, more than max_new_tokens ({prompts.max_new_tokens[prompt]})"
+    else:
+        derived = finish(ids, tokenizer, stop, int(prompts.max_new_tokens[prompt]))
+        wrong = [k for k, v in derived.items() if row.get(k) != v]
+        if wrong:
+            problem = f"its {', '.join(wrong)} do not follow from its token ids"
+        elif "generated_logprobs" in row and len(row["generated_logprobs"]) != len(ids):
+            problem = "it has a log-probability count different from its token count"
     if problem:
         raise ResumeError(f"{where}: {problem}. The row was not written by this run: remove the file or use "
                           "overwrite: true.")  # fmt: skip

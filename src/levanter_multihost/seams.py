@@ -174,8 +174,12 @@ def apply_ragged_attention(config: RaggedAttentionConfig) -> Callable | None:
         logger.info("ragged_attention.enabled is false: Levanter's reference ragged paged attention runs.")
     else:
         kernel = functools.partial(pallas_kernel(), **config.kernel_kwargs())
-        if jax.default_backend() == "tpu":
+        backend = jax.default_backend()
+        if backend == "tpu":
             logger.info("Ragged paged attention: Pallas kernel with %s.", config.kernel_kwargs() or "its defaults")
+        else:
+            logger.info("Backend is %s, not TPU: Levanter's reference ragged paged attention runs; the "
+                        "ragged_attention knobs apply on TPU only.", backend)  # fmt: skip
     setattr(attention, KERNEL_GLOBAL, kernel)
     return kernel
 

@@ -4,19 +4,26 @@ A batch is sized so that the engine admits all of it in its first prefill (one a
 sequence reaches its ``max_new_tokens`` within the call's decode budget, so no replay of the engine's scheduler
 is needed. The conditions, each from ``levanter/inference/engine.py``:
 
-- slots: sequences (clones included) <= ``max_seqs``; primaries <= ``max_seqs_in_prefill``
-  (``_prefill_prompts`` stops there);
-- prefill buffer: the primaries' prompt tokens <= ``max_prefill_size``;
+- slots: sequences <= ``max_seqs``; requests <= ``max_seqs_in_prefill`` (``_prefill_prompts`` stops there);
+  the sampler sends one request per sequence (see below), so both count sequences;
+- prefill buffer: every sequence's prompt tokens <= ``max_prefill_size``;
 - pages: every sequence at full length, ceil((prompt + max_new_tokens) / page_size) pages each, within
   ``max_pages`` (the engine admits on prompt pages alone and runs out mid-decode otherwise);
 - decode budget: ``generate`` runs at most ceil(max_seq_len / max_rounds) outer rounds of ``max_rounds``
-  iterations, and an iteration packs at most ``max_tokens_per_round`` queued tokens, one per sequence, first in
-  first out. With no more sequences than that, each gets a token per iteration and max_new_tokens - 1 < max_seq_len
-  iterations always suffice; with more, they take turns, so B sequences need B x (max_new_tokens - 1) tokens of
-  iterations x max_tokens_per_round.
+  iterations, and an iteration takes the first ``max_tokens_per_round`` tokens of the decode queue (one per
+  unfinished sequence) and queues each sequence's next token behind the rest. With no more sequences than that,
+  each gets a token per iteration and max_new_tokens - 1 < max_seq_len iterations always suffice. More sequences
+  take turns, but not evenly: an iteration re-queues its tokens sorted by slot, so a sequence can fall behind, and
+  B x (max_new_tokens - 1) tokens can take more than ceil(B x (max_new_tokens - 1) / max_tokens_per_round)
+  iterations (on the pinned engine, 5 sequences of 20 new tokens at 3 per iteration need more than
+  32 = ceil(5 x 19 / 3), and truncate; ``tests/test_batch_engine.py``). What holds in any order is that a queued
+  token has at most B - 1 ahead of it, so it waits at most ceil(B / max_tokens_per_round) iterations: B sequences
+  finish within (max_new_tokens - 1) x ceil(B / max_tokens_per_round) iterations.
 
-Clones are counted as full sequences (the engine shares a parent's whole prompt pages with them, so this
-over-counts a little). Pure Python.
+The sampler never asks the engine for clones (``n_generations`` of one request): the pinned engine clones a
+request before its prompt pages exist, so the clone of a prompt of ``page_size`` tokens or more gets none of its
+parent's pages — wrong text, or pages that are never freed (``tests/test_batch_engine.py``). Each generation is
+a request of its own, prefilled and paged like any sequence. Pure Python.
 """
 
 from collections.abc import Sequence
@@ -60,14 +67,14 @@ def batch_limit(
     n = demand.generations
     bounds = {
         "engine.max_seqs": engine.max_seqs,
-        "engine.max_seqs_in_prefill": engine.max_seqs_in_prefill * n,
-        "engine.max_prefill_size": (engine.prefill_size // demand.prompt_tokens) * n,
+        "engine.max_seqs_in_prefill": engine.max_seqs_in_prefill,
+        "engine.max_prefill_size": engine.prefill_size // demand.prompt_tokens,
     }
     if max_pages is not None:
         bounds["engine.max_pages"] = max_pages // engine.pages_for(demand.prompt_tokens, demand.max_new_tokens)
     if demand.max_new_tokens > 1:
-        shared = engine.decode_iterations * engine.tokens_per_round // (demand.max_new_tokens - 1)
-        bounds["engine.max_tokens_per_round"] = max(engine.tokens_per_round, shared)
+        turns = engine.decode_iterations // (demand.max_new_tokens - 1)  # each at most ceil(B / per round) long
+        bounds["engine.max_tokens_per_round"] = engine.tokens_per_round * max(turns, 1)
     if batch_size is not None:
         bounds["batch_size"] = batch_size
     field = min(bounds, key=lambda k: (bounds[k], k != "batch_size"))
@@ -83,14 +90,16 @@ class _Totals:
     prompt_tokens: int = 0
     pages: int = 0
     longest_new: int = 0
+    longest_positions: int = 0
 
     def plus(self, engine: EngineLimits, d: PromptDemand) -> "_Totals":
         return _Totals(
             self.sequences + d.generations,
-            self.primaries + 1,
-            self.prompt_tokens + d.prompt_tokens,
+            self.primaries + d.generations,  # one request per generation
+            self.prompt_tokens + d.generations * d.prompt_tokens,
             self.pages + d.generations * engine.pages_for(d.prompt_tokens, d.max_new_tokens),
             max(self.longest_new, d.max_new_tokens),
+            max(self.longest_positions, d.prompt_tokens + d.max_new_tokens),
         )
 
 
@@ -105,7 +114,8 @@ class BatchPacker:
     def _allows(self, t: _Totals) -> bool:
         e = self.engine
         return (
-            t.sequences <= self.max_sequences
+            t.longest_positions <= e.max_seq_len  # the engine sizes every per-sequence buffer by it
+            and t.sequences <= self.max_sequences
             and t.primaries <= e.max_seqs_in_prefill
             and t.prompt_tokens <= e.prefill_size
             and (self.max_pages is None or t.pages <= self.max_pages)
@@ -145,10 +155,11 @@ def pages_at_full_length(engine: EngineLimits, demands: Sequence[PromptDemand]) 
 
 
 def within_decode_budget(engine: EngineLimits, sequences: int, longest_new: int) -> bool:
-    """Whether ``sequences`` sequences all get ``longest_new`` tokens before ``generate`` gives up."""
+    """Whether ``sequences`` sequences all get ``longest_new`` tokens before ``generate`` gives up, in any order the
+    engine packs them (see the module docstring)."""
     if sequences <= engine.tokens_per_round or longest_new <= 1:
         return True  # a token per sequence per iteration, and max_new_tokens - 1 < max_seq_len iterations
-    return sequences * (longest_new - 1) <= engine.decode_iterations * engine.tokens_per_round
+    return (longest_new - 1) * ceil_div(sequences, engine.tokens_per_round) <= engine.decode_iterations
 
 
 def prompt_problems(engine: EngineLimits, max_pages: int | None, demand: PromptDemand, where: str) -> list[Problem]:
@@ -166,14 +177,25 @@ def prompt_problems(engine: EngineLimits, max_pages: int | None, demand: PromptD
                 need,
             )
         )
-    if demand.prompt_tokens > engine.prefill_size:
+    prefill = demand.generations * demand.prompt_tokens
+    if prefill > engine.prefill_size:
         problems.append(
             Problem(
                 "engine.max_prefill_size",
-                f"{where} has {demand.prompt_tokens} tokens, more than engine.max_prefill_size "
-                f"({engine.prefill_size}) takes in one prefill. Raise engine.max_prefill_size to "
-                f"{demand.prompt_tokens}.",
-                demand.prompt_tokens,
+                f"{where} has {demand.prompt_tokens} tokens; its {demand.generations} generation(s) prefill "
+                f"{prefill}, more than engine.max_prefill_size ({engine.prefill_size}) takes in one prefill. Raise "
+                f"engine.max_prefill_size to {prefill}.",
+                prefill,
+            )
+        )
+    if demand.generations > engine.max_seqs_in_prefill:
+        problems.append(
+            Problem(
+                "engine.max_seqs_in_prefill",
+                f"{where} asks for {demand.generations} generations, more than engine.max_seqs_in_prefill "
+                f"({engine.max_seqs_in_prefill}) admitted in one prefill. Raise engine.max_seqs_in_prefill to "
+                f"{demand.generations} (and engine.max_queued_tokens with it) or lower n_generations.",
+                demand.generations,
             )
         )
     if demand.generations > engine.max_seqs:
@@ -183,6 +205,19 @@ def prompt_problems(engine: EngineLimits, max_pages: int | None, demand: PromptD
                 f"{where} asks for {demand.generations} generations, more than engine.max_seqs "
                 f"({engine.max_seqs}) slots. Raise engine.max_seqs to {demand.generations} or lower n_generations.",
                 demand.generations,
+            )
+        )
+    if not within_decode_budget(engine, demand.generations, demand.max_new_tokens):
+        n, per_round = demand.generations, engine.tokens_per_round
+        problems.append(
+            Problem(
+                "engine.max_tokens_per_round",
+                f"{where} asks for {n} generations of {demand.max_new_tokens} new tokens; taking turns "
+                f"{per_round} at a time (engine.max_tokens_per_round) they may need {demand.max_new_tokens - 1} x "
+                f"{ceil_div(n, per_round)} decode iterations, more than the {engine.decode_iterations} one call "
+                f"runs ({engine.outer_rounds} outer rounds x max_rounds {engine.max_rounds}). Raise "
+                f"engine.max_tokens_per_round to {n} or lower n_generations.",
+                n,
             )
         )
     pages = demand.generations * engine.pages_for(demand.prompt_tokens, demand.max_new_tokens)
@@ -212,17 +247,19 @@ class BatchForecast:
     pages_at_full_length: int
     """Pages if every sequence reaches its max_new_tokens: what ``max_pages`` must hold."""
     outer_rounds: int
-    """``_run_generation_loop`` calls (step callbacks) until the longest sequence is done."""
+    """``_run_generation_loop`` calls (step callbacks) until the longest sequence is done: exact when the batch has
+    no more sequences than ``max_tokens_per_round``, an upper bound otherwise."""
     decode_iterations: int
-    """Decode iterations that run."""
+    """Decode iterations that run (exact or an upper bound, as ``outer_rounds``)."""
     kv_tokens_read: int
     """Context tokens attended to over all decode iterations (the KV read of the roofline)."""
 
 
 def forecast(engine: EngineLimits, demands: Sequence[PromptDemand]) -> BatchForecast:
+    """What one ``generate`` call of ``demands`` (a packed batch) shows, if no sequence stops early."""
     sequences = sum(d.generations for d in demands)
     longest_new = max((d.max_new_tokens for d in demands), default=1)
-    turns = ceil_div(sequences, engine.tokens_per_round)  # iterations for every sequence to advance one token
+    turns = ceil_div(sequences, engine.tokens_per_round)  # the most iterations a queued token waits
     iterations = (longest_new - 1) * turns
     kv_read = sum(d.generations * sum(range(d.prompt_tokens, d.prompt_tokens + d.max_new_tokens - 1)) for d in demands)
     return BatchForecast(

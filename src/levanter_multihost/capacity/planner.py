@@ -128,13 +128,20 @@ class CapacityPlan:
                 for h in self.hosts]  # fmt: skip
 
     @property
+    def largest_batch(self) -> int:
+        """Sequences of the largest batch any host runs (a host with fewer prompts than the batch limit runs a
+        smaller one); the batch limit when no host was planned."""
+        largest = max((max(h.batch_sequences, default=0) for h in self.hosts), default=0)
+        return largest or self.batch.sequences
+
+    @property
     def step_bound_s(self) -> float | None:
-        """HBM-bound time of one decode iteration of a full batch at half its new tokens (mid-decode)."""
+        """HBM-bound time of one decode iteration of the largest batch at half its new tokens (mid-decode)."""
         if self.model is None:
             return None
         worst = self.run.longest
         context = worst.prompt_tokens + worst.max_new_tokens // 2
-        return step_seconds_bound(self.model, self.topology, self.batch.sequences, context)
+        return step_seconds_bound(self.model, self.topology, self.largest_batch, context)
 
 
 def plan_capacity(
@@ -144,10 +151,24 @@ def plan_capacity(
     problems = construction_problems(engine)
     problems += stop_problems(engine, run.stop_sequences, run.longest_stop_tokens)
     max_pages, hbm_problems, notes = effective_max_pages(engine, topology, model)
-    problems += _single_prompt_problems(engine, max_pages, run)
+    unpackable = _single_prompt_problems(engine, max_pages, run)
     limit = batch_limit(engine, max_pages, run.longest, run.batch_size)
     engine_limit = batch_limit(engine, max_pages, run.longest)
-    if run.batch_size is not None and run.batch_size > engine_limit.sequences:
+    worst = run.longest
+    if run.batch_size is not None and run.batch_size < worst.generations:
+        unpackable.append(
+            Problem(
+                "batch_size",
+                f"batch_size ({run.batch_size}) is fewer sequences than the {worst.generations} generations of one "
+                f"prompt, which one engine call samples together. Set batch_size to {worst.generations} or more, "
+                "or leave it unset.",
+                worst.generations,
+            )
+        )
+    problems += unpackable
+    # 0 when the longest prompt, the most new tokens and the most generations (of different prompts) fit no call
+    # together, though each prompt fits one: the packer sizes such batches by their own prompts
+    if run.batch_size is not None and run.batch_size > engine_limit.sequences > 0:
         field = engine_limit.limited_by
         problems.append(
             Problem(
@@ -160,7 +181,7 @@ def plan_capacity(
             )
         )
     hosts: tuple[HostPlan, ...] = ()
-    if not problems:
+    if not unpackable:  # the other problems leave the packing as it is: show it
         hosts = _host_plans(engine, max_pages, run, topology.num_hosts)
     problems += hbm_problems
     if model is not None and max_pages is not None and topology.generation is not None and hosts:

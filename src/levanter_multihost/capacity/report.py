@@ -46,9 +46,9 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
                     "FAIL" if plan.hbm_per_chip > gen.hbm_bytes_per_chip else "ok"))  # fmt: skip
     step = plan.step_bound_s
     if step is not None and gen is not None:
-        tokens_per_s = plan.batch.sequences / step
+        tokens_per_s = plan.largest_batch / step
         out.append(("decode step (HBM-bound)", f"{step * 1e3:.2f} ms",
-                    f"{plan.batch.sequences} sequences mid-decode: {tokens_per_s:,.0f} tok/s per host at the bound",
+                    f"{plan.largest_batch} sequences mid-decode: {tokens_per_s:,.0f} tok/s per host at the bound",
                     "info"))  # fmt: skip
     return out
 
@@ -105,7 +105,7 @@ def to_dict(plan: CapacityPlan) -> dict:
         },  # fmt: skip
         "roofline": None if decode is None else {
             "step_s": plan.step_bound_s,
-            "tokens_per_s_per_host": plan.batch.sequences / plan.step_bound_s if plan.step_bound_s else None,
+            "tokens_per_s_per_host": plan.largest_batch / plan.step_bound_s if plan.step_bound_s else None,
             "decode_s_per_host": decode,
         },  # fmt: skip
         "problems": [asdict(p) for p in plan.problems],

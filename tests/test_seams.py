@@ -1,9 +1,9 @@
-"""The ragged-kernel seam over the pinned Levanter, checked on CPU without a TPU.
+"""Every seam of levanter_multihost.seams over the pinned dependencies, checked on CPU without a TPU.
 
-    uv run pytest tests/test_ragged_attention.py
+    uv run pytest tests/test_seams.py
 
-Levanter's TPU branch is reached by making ``jax.default_backend()`` report "tpu" and replacing JAX's Pallas
-kernel with a recorder; the reference branch runs for real on small arrays.
+Ragged attention: Levanter's TPU branch is reached by making ``jax.default_backend()`` report "tpu" and replacing
+JAX's Pallas kernel with a recorder; the reference branch runs for real on small arrays.
 """
 
 import functools
@@ -13,16 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import compiler, distributed
 from jax.experimental.pallas.ops.tpu import ragged_paged_attention as pallas_module
 from jax.sharding import Mesh
 from levanter.layers import attention
 
-from levanter_multihost import ragged_attention
-from levanter_multihost.ragged_attention import (
-    LevanterSeamError,
+from levanter_multihost import seams
+from levanter_multihost.seams import (
     RaggedAttentionConfig,
+    SeamError,
     apply_ragged_attention,
-    check_levanter_seam,
+    check_ragged_attention_seam,
 )
 
 SEED_KNOBS = RaggedAttentionConfig(q_block_size=16, kv_block_pages=8)
@@ -92,22 +93,22 @@ def reference_attention():
 def test_pinned_levanter_still_has_what_the_seam_relies_on():
     import inspect
 
-    assert check_levanter_seam() is attention
-    parameters = inspect.signature(ragged_attention.pallas_kernel()).parameters
+    assert check_ragged_attention_seam() is attention
+    parameters = inspect.signature(seams.pallas_kernel()).parameters
     for name in ("num_queries_per_block", "num_kv_pages_per_block", "vmem_limit_bytes", "sm_scale", "soft_cap"):
         assert name in parameters, name
 
 
 def test_seam_fails_loudly_naming_the_missing_symbol_and_versions(monkeypatch):
     monkeypatch.delattr(attention, "_do_tpu_ragged_paged_attention")
-    with pytest.raises(LevanterSeamError, match=r"_do_tpu_ragged_paged_attention is gone \(levanter 1\.2"):
+    with pytest.raises(SeamError, match=r"_do_tpu_ragged_paged_attention is gone \(installed: levanter 1\.2"):
         apply_ragged_attention(SEED_KNOBS)
 
 
 def test_seam_fails_loudly_when_the_kernel_loses_a_knob(monkeypatch):
     monkeypatch.setattr(pallas_module, "ragged_paged_attention", lambda q, *, sm_scale=1.0, soft_cap=None: q)
-    with pytest.raises(LevanterSeamError, match="no parameter.*num_queries_per_block"):
-        check_levanter_seam()
+    with pytest.raises(SeamError, match="no parameter.*num_queries_per_block"):
+        check_ragged_attention_seam()
 
 
 def test_tpu_branch_calls_the_kernel_with_the_configured_blocks(recorder, on_tpu):
@@ -138,7 +139,7 @@ def test_disabled_routes_to_the_reference_implementation(recorder, on_tpu):
 
 
 def test_cpu_run_gives_identical_outputs_with_either_setting(caplog):
-    caplog.set_level("INFO", logger=ragged_attention.__name__)
+    caplog.set_level("INFO", logger=seams.__name__)
     apply_ragged_attention(SEED_KNOBS)
     assert "not TPU: Levanter's reference ragged paged attention runs" in caplog.text
     with_knobs = levanter_attention()
@@ -151,3 +152,78 @@ def test_cpu_run_gives_identical_outputs_with_either_setting(caplog):
 def test_bad_knob_values_name_field_value_and_fix(field, value):
     with pytest.raises(ValueError, match=rf"ragged_attention\.{field} is .*positive integer or null"):
         RaggedAttentionConfig(**{field: value})
+
+
+# -- the compilation-cache writer ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded_cache_writes(monkeypatch):
+    """JAX's cache writer replaced by one that records the process id it sees; this process posing as host 3."""
+    seen = []
+    monkeypatch.setattr(
+        compiler, "_cache_write", lambda *args: seen.append((args, distributed.global_state.process_id))
+    )
+    monkeypatch.setattr(distributed.global_state, "process_id", 3)
+    return seen
+
+
+def test_every_host_writes_its_cache_entries_through_jax_own_writer(recorded_cache_writes):
+    seams.every_host_writes_compilation_cache()
+    compiler._cache_write("key", 1.5)
+    assert recorded_cache_writes == [(("key", 1.5), 0)]  # JAX's writer sees the id it writes for
+    assert distributed.global_state.process_id == 3  # and the host keeps its own
+
+
+def test_every_host_writes_wraps_once(recorded_cache_writes):
+    seams.every_host_writes_compilation_cache()
+    wrapped = compiler._cache_write
+    seams.every_host_writes_compilation_cache()
+    assert compiler._cache_write is wrapped
+
+
+def test_a_moved_cache_writer_fails_loudly(monkeypatch):
+    monkeypatch.delattr(compiler, "_cache_write")
+    with pytest.raises(SeamError, match=r"_cache_write .* is gone \(installed: .*jax 0\.10\.2"):
+        seams.every_host_writes_compilation_cache()
+    assert not hasattr(compiler, "_cache_write")
+
+
+# -- Equinox's checks as NaN poisoning, and the key-value store client ---------------------------------------------
+
+
+def test_equinox_checks_poison_instead_of_raising_unless_the_environment_says(monkeypatch):
+    import equinox as eqx
+    from equinox import _errors
+
+    monkeypatch.setattr(_errors, "EQX_ON_ERROR", _errors.EQX_ON_ERROR)
+    monkeypatch.delenv("EQX_ON_ERROR", raising=False)
+    assert seams.checks_as_nan() == "nan"
+    poisoned = jax.jit(lambda x: eqx.error_if(x, x > 0, "positive"))(jnp.float32(1.0))
+    assert np.isnan(poisoned)
+    monkeypatch.setenv("EQX_ON_ERROR", "raise")
+    assert seams.checks_as_nan() == "raise"
+
+
+def test_equinox_seam_fails_loudly_when_the_global_moves(monkeypatch):
+    from equinox import _errors
+
+    monkeypatch.delattr(_errors, "EQX_ON_ERROR")
+    with pytest.raises(SeamError, match="EQX_ON_ERROR"):
+        seams.checks_as_nan()
+
+
+def test_distributed_client_is_none_without_jax_distributed_and_guarded(monkeypatch):
+    assert seams.distributed_client() is None
+    monkeypatch.delattr(type(distributed.global_state), "client")  # a class attribute until initialize() sets it
+    with pytest.raises(SeamError, match="global_state.client is gone"):
+        seams.distributed_client()
+
+
+def test_install_runs_every_config_free_seam(monkeypatch):
+    from equinox import _errors
+
+    monkeypatch.setattr(_errors, "EQX_ON_ERROR", "raise")
+    monkeypatch.delenv("EQX_ON_ERROR", raising=False)
+    seams.install()
+    assert _errors.EQX_ON_ERROR == "nan"

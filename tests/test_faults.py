@@ -1,0 +1,102 @@
+"""Faults injected into running jobs on emulated hosts: signals, a frozen leader, two runs in one directory, an
+overwrite that dies before its merge, and an engine whose own checks poison its state.
+
+Every run samples 1024 addition prompts on 2 hosts of 1 device in batches of 32, long enough to be interrupted.
+"""
+
+import os
+import signal
+import time
+
+import draccus
+import pytest
+from multihost import TINY_CONFIG, Background, cache_flags
+
+from levanter_multihost import sampling
+from levanter_multihost.generation import EngineStateError
+from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
+
+pytestmark = pytest.mark.multihost
+
+SILENT_S = 8
+FLAGS = ("--prompts_file=config/prompts/addition_1024.txt", "--batch_size=32", "--progress_interval_s=0.2",
+         f"--silent_host_timeout_s={SILENT_S}", "--task=null")  # fmt: skip
+
+
+def test_sigterm_to_the_launcher_stops_every_host_keeping_their_batches(tmp_path):
+    job = Background(tmp_path, *FLAGS)
+    job.wait_for_parts(3)
+    os.kill(job.proc.pid, signal.SIGTERM)
+    run = job.wait(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, run.tail()
+    assert not (tmp_path / "merged.jsonl").exists()
+    for part in run.parts():  # whatever was written is whole
+        assert part.read_bytes().endswith(b"\n")
+    assert len(run.parts()) >= 3
+    assert "Traceback" not in run.output, run.tail()
+
+
+def test_sigterm_to_a_host_stops_it_cleanly_and_the_leader_names_it(tmp_path):
+    job = Background(tmp_path, *FLAGS)
+    victim = job.pid(1)
+    job.wait_for_parts(2, host=1)
+    os.kill(victim, signal.SIGTERM)
+    run = job.wait(timeout=120)
+    assert run.returncode != 0
+    assert "host 1 failed: Stopped: Stopped by signal SIGTERM" in run.output, run.tail()
+    assert f"[launch] host 1 exited with status {128 + signal.SIGTERM}" in run.output, run.tail()
+    assert len(run.parts(1)) >= 2 and not (tmp_path / "merged.jsonl").exists()
+
+
+def test_a_frozen_leader_is_named_by_the_others(tmp_path):
+    job = Background(tmp_path, *FLAGS)
+    leader = job.pid(0)
+    job.wait_for_parts(1, host=1)
+    os.kill(leader, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + SILENT_S + 120
+        while "The leader (host 0) went silent" not in job.output and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(leader, signal.SIGCONT)
+    run = job.wait(timeout=120)
+    assert "The leader (host 0) went silent" in run.output, run.tail()
+    assert run.returncode != 0
+
+
+def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_path):
+    first = Background(tmp_path, *FLAGS)
+    first.wait_for_parts(1)
+    second = Background(tmp_path, *FLAGS, "--overwrite=true", hosts=1).wait(timeout=120)
+    assert second.returncode == 2, second.tail()
+    assert "is in use by run" in second.output and f"delete {tmp_path}/.lock" in second.output, second.tail()
+    os.kill(first.proc.pid, signal.SIGINT)
+    assert first.wait(timeout=120).returncode == 128 + signal.SIGINT
+
+
+def test_an_overwrite_that_dies_before_its_merge_leaves_the_old_merged_file(tmp_path):
+    old = b'{"old": "merged output"}\n'
+    (tmp_path / "merged.jsonl").write_bytes(old)
+    job = Background(tmp_path, *FLAGS, "--overwrite=true")
+    job.wait_for_parts(2)
+    os.kill(job.pid(1), signal.SIGKILL)
+    run = job.wait(timeout=120)
+    assert run.returncode != 0
+    assert (tmp_path / "merged.jsonl").read_bytes() == old
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_an_engine_whose_checks_poison_its_state_fails_the_run_with_no_merged_file(tmp_path, monkeypatch):
+    """Pages too few for the batch the packer is made to give: 'Out of free pages' poisons the page table."""
+    from levanter_multihost import seams
+
+    seams.checks_as_nan()
+    args = [f"--output_dir={tmp_path}", '--prompts=["4821+377=", "9999+9999=", "1+2=", "12+30="]', "--task=null",
+            "--engine.max_pages=6", "--engine.max_seqs=4", "--trainer.model_axis_size=1", *cache_flags()]  # fmt: skip
+    config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args)
+    monkeypatch.setattr(sampling, "batches", lambda items, engine: [items])  # one batch, whatever the planner says
+    monkeypatch.setattr("levanter_multihost.plan.check_capacity", lambda *a: type("P", (), {"max_pages": 6})())
+    with pytest.raises(EngineStateError, match=r"host 0, batch 0: the engine's page table is poisoned .* engine.max_pages"):
+        main(config)
+    assert not (tmp_path / "merged.jsonl").exists()
+    assert not list((tmp_path / "parts").glob("*.jsonl"))
