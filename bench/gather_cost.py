@@ -20,7 +20,7 @@ rotating the order each repeat, the leader gets every host's rows into ``merged.
 * reference: the seed's path. Every host, the leader included: ``json.dumps`` (default separators) of its rows ->
   ``zlib.compress`` (default level) -> base64, one string key per host through ``key_value_set`` /
   ``blocking_key_value_get`` (keys deleted); the leader decodes every payload, sorts the dicts, checks
-  completeness (``outputs.check_complete``), ``outputs.jsonl_bytes`` and writes ``merged.jsonl`` with the same
+  completeness (``outputs.Completeness``), ``outputs.row_line`` and writes ``merged.jsonl`` with the same
   ``RunDir.write_atomic``.
 
 Each starts from a barrier (``wait_at_barrier``); the leader's clock runs from the barrier to every payload
@@ -175,8 +175,11 @@ def _seed_merge(rows: list[dict]) -> bytes:
     from levanter_multihost import outputs
 
     ordered = sorted(rows, key=lambda r: (r["global_prompt_index"], r["generation_index"]))
-    outputs.check_complete(((r["global_prompt_index"], r["generation_index"]) for r in ordered), [1] * NUM_PROMPTS)
-    return outputs.jsonl_bytes(ordered)
+    completeness = outputs.Completeness([1] * NUM_PROMPTS)
+    for r in ordered:
+        completeness.see((r["global_prompt_index"], r["generation_index"]))
+    completeness.check()
+    return b"".join(outputs.row_line(r) for r in ordered)
 
 
 def worker(repeats: int) -> None:

@@ -122,4 +122,4 @@ def features_2(tmp_path_factory, eos_checkpoint, feature_inputs):
 def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
     """The same from a dataset directory on 1 host, in batches of 3 sequences."""
     source = f"--prompts_dataset={feature_inputs / 'rows_dataset'}"
-    return _features(tmp_path_factory, eos_checkpoint, 1, source, "--batch_size=3")
+    return _features(tmp_path_factory, eos_checkpoint, 1, source, "--prompts_file=null", "--batch_size=3")

@@ -41,9 +41,14 @@ class Run:
         return self.output[-n:]
 
 
+def parse_jsonl(data: bytes) -> list[dict]:
+    """Rows of JSON lines, split at newline bytes only (generated text may hold U+2028, which str.splitlines
+    would split at)."""
+    return [json.loads(line) for line in data.split(b"\n") if line.strip()]
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file, split at newlines only (generated text may hold U+2028)."""
-    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line.strip()]
+    return parse_jsonl(path.read_bytes())
 
 
 def compile_cache_env(cache_dir: Path) -> dict[str, str]:

@@ -47,6 +47,11 @@ def jsonl(tmp_path, rows, name="p.jsonl") -> str:
     return write(tmp_path, name, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
+def test_a_file_and_a_dataset_at_once(tmp_path):
+    fails(config(tmp_path, f"--prompts_dataset={tmp_path}"), r"Both `prompts_file` \(.*addition_256.txt\) and "
+          r"`prompts_dataset` \(.*\) are set. Set one, e.g. --prompts_file null")  # fmt: skip
+
+
 def test_no_prompts(tmp_path):
     fails(config(tmp_path, "--prompts_file=null"), r"No prompts: set `prompts`")
     fails(config(tmp_path, "--prompts_file=null", "--prompts=[]"), r"No prompts: the prompt source is empty")
@@ -75,9 +80,9 @@ def test_prompts_file_missing_unreadable_not_utf8_or_not_a_file(tmp_path):
 
 def test_txt_lines_split_at_newlines_only_and_blank_lines_are_refused(tmp_path):
     path = write(tmp_path, "p.txt", "1+2=\n3\u2028+4=\n5\f+6=\n".encode())
-    from levanter_multihost.prompts import PromptSource, read_prompts
+    from levanter_multihost.prompts import read_prompts
 
-    assert read_prompts(PromptSource(file=path)).texts == ["1+2=", "3\u2028+4=", "5\f+6="]
+    assert read_prompts(file=path).texts == ["1+2=", "3\u2028+4=", "5\f+6="]
     path = write(tmp_path, "q.txt", b"1+2=\n\n3+4=\n")
     fails(config(tmp_path, f"--prompts_file={path}"), r"q.txt line 2 is blank. Every line is one prompt")
 

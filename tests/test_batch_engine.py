@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from haliax.partitioning import ResourceAxis
 from jax.sharding import Mesh
-from levanter.compat.hf_checkpoints import RepoRef
+from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
 from levanter.inference.engine import InferenceEngineConfig
 from levanter.models.llama import LlamaConfig
 from levanter.trainer import TrainerConfig
@@ -31,7 +31,7 @@ from levanter_multihost import seams
 from levanter_multihost.addition import make_prompts
 from levanter_multihost.capacity import BatchPacker, PromptDemand, batch_limit, forecast
 from levanter_multihost.generation import EngineStateError, WorkItem, build_engine, check_engine_state, generate_batch
-from levanter_multihost.model_loading import load_model, load_tokenizer_from
+from levanter_multihost.model_loading import load_model
 from levanter_multihost.plan import engine_limits
 from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
 
@@ -78,7 +78,7 @@ def checks_as_nan():
 @pytest.fixture(scope="module")
 def tiny(checks_as_nan):
     """The tiny addition model (float32) and its character tokenizer, loaded as the sampler loads them."""
-    tokenizer = load_tokenizer_from(str(TINY))
+    tokenizer = load_tokenizer(str(TINY))
     with one_device():
         model = load_model(ModelSource(RepoRef(str(TINY)), None, LlamaConfig(), TRAINER), tokenizer)
     return model, tokenizer

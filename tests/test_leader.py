@@ -10,10 +10,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from levanter.tracker import NoopConfig
+from multihost import parse_jsonl
 
 from levanter_multihost import leader
 from levanter_multihost.addition import accuracy
-from levanter_multihost.outputs import ROW_FIELDS, MergeError, parse_jsonl, row_line
+from levanter_multihost.outputs import ROW_FIELDS, MergeError, row_line
 from levanter_multihost.rundir import MERGED_JSONL, MERGED_PARQUET, RunDir
 from levanter_multihost.runplan import Reporting
 from levanter_multihost.sharding import balanced_shards

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from multihost import parse_jsonl
 
 from levanter_multihost.outputs import (
     OPTIONAL_FIELDS,
@@ -13,15 +14,23 @@ from levanter_multihost.outputs import (
     Completeness,
     MergeError,
     SortedRun,
-    check_complete,
-    jsonl_bytes,
     keyed_lines,
     merge_sorted,
-    parse_jsonl,
     read_keyed,
     row_line,
 )
 from levanter_multihost.sharding import balanced_shards
+
+
+def jsonl_bytes(rows) -> bytes:
+    return b"".join(row_line(r) for r in rows)
+
+
+def check_complete(keys, n_generations) -> None:
+    completeness = Completeness(n_generations)
+    for key in keys:
+        completeness.see(key)
+    completeness.check()
 
 TRICKY_TEXT = "é\u2028\u2029\u0085\x1c\r" + '{"global_prompt_index": 99}\n'
 """Characters ``str.splitlines`` splits at (``json.dumps(..., ensure_ascii=False)`` leaves the first four as

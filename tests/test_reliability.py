@@ -89,7 +89,9 @@ def test_leader_killed_the_others_end_within_the_timeout_keeping_whole_parts(tmp
     run, seconds_after_kill = launch_and_kill(tmp_path, 0, *FLAGS)
     assert run.returncode != 0
     assert seconds_after_kill < SILENT_S + 40, run.tail()
-    assert "The leader (host 0) went silent" in run.output or "lost contact with the leader" in run.output
+    # JAX's store lives in the leader's process: its death ends the others, by JAX's own fatal error if not ours
+    assert any(m in run.output for m in ("The leader (host 0) went silent", "lost contact with the leader",
+                                         "JAX distributed service detected fatal errors")), run.tail()  # fmt: skip
     assert not (tmp_path / "merged.jsonl").exists()
     for host in (1, 2, 3):  # whatever each host finished is there, in whole batches
         rows = run.part_rows(host)

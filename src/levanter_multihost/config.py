@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -17,9 +18,10 @@ import subprocess
 from dataclasses import dataclass, field
 
 import draccus
+import jax
 import jax.numpy as jnp
 import levanter
-from levanter.compat.hf_checkpoints import RepoRef
+from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
 from levanter.inference.engine import InferenceEngineConfig
 from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
@@ -27,8 +29,8 @@ from levanter.trainer import TrainerConfig
 
 from levanter_multihost import addition, encoding, plan, seams
 from levanter_multihost.errors import ConfigError
-from levanter_multihost.model_loading import load_tokenizer_from, model_vocab_size, resolve_location
-from levanter_multihost.prompts import PromptError, PromptSource, read_prompts
+from levanter_multihost.model_loading import model_vocab_size, resolve_location
+from levanter_multihost.prompts import PromptError, read_prompts
 from levanter_multihost.rundir import RunDir, fingerprint_hash
 from levanter_multihost.runplan import (
     EngineSettings,
@@ -44,6 +46,8 @@ from levanter_multihost.sharding import STRATEGIES
 # InferenceEngineConfig.compute_dtype is a numpy dtype, which draccus cannot read from YAML on its own
 draccus.decode.register(jnp.dtype, lambda value: jnp.dtype(value))
 draccus.encode.register(jnp.dtype, lambda value: str(value))
+
+logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 TASKS = ("addition",)
@@ -208,15 +212,12 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     if tokenizer_name is None:
         raise ConfigError(f"`tokenizer` is not set and `checkpoint_path` ({config.checkpoint_path}) is a Levanter "
                           "checkpoint, which holds no tokenizer. Set `tokenizer`.")  # fmt: skip
-    tokenizer = load_tokenizer_from(resolve_location(tokenizer_name, "tokenizer"))
+    tokenizer = load_tokenizer(resolve_location(tokenizer_name, "tokenizer"))
     vocab = model_vocab_size(checkpoint)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
                           "ids past the embedding would be garbage. Use the tokenizer the model was trained with.")  # fmt: skip
-    source = PromptSource(config.prompts, None if config.prompts else config.prompts_file,
-                          None if config.prompts else config.prompts_dataset, config.prompts_split,
-                          config.prompt_field, config.messages_field)  # fmt: skip
-    records = read_prompts(source)
+    records = read_prompts(**prompt_source(config))
     stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
                                    config.include_stop_in_text, checkpoint)  # fmt: skip
     prompts = encoding.encode_prompts(records, tokenizer, chat_template=config.chat_template, add_bos=config.add_bos,
@@ -235,6 +236,12 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     )  # fmt: skip
     run_dir = RunDir(config.output_dir)
     run_dir.check_writable(host)
+    if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
+        logger.warning(
+            "output_dir (%s) is a local path: on a multi-host slice every worker writes its parts to its own disk, "
+            "merged.jsonl lives only on worker 0's, and all of it goes with the VMs. Use a bucket URL "
+            "(gs://...) for anything worth keeping.", config.output_dir,
+        )  # fmt: skip
     fields = fingerprint_fields(config, prompts, tokenizer_name)
     ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
     return RunPlan(
@@ -261,6 +268,13 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         chunk_bytes=config.gather_chunk_bytes,
         output_format=config.output_format,
     )
+
+
+def prompt_source(config: SampleLmMultihostConfig) -> dict:
+    """The arguments of :func:`~levanter_multihost.prompts.read_prompts`; inline prompts win over a file."""
+    return {"prompts": config.prompts, "file": config.prompts_file, "dataset": config.prompts_dataset,
+            "split": config.prompts_split, "prompt_field": config.prompt_field,
+            "messages_field": config.messages_field}  # fmt: skip
 
 
 def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:

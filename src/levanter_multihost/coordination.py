@@ -130,9 +130,14 @@ class Coordinator:
 
     def start_heartbeat(self, on_leader_failure: Callable[[str], None] | None = None) -> threading.Event:
         """Bump this host's heartbeat every ``heartbeat_interval_s`` until the returned event is set (a killed
-        process stops bumping it). A non-leader also watches for the leader's failure announcement and calls
-        ``on_leader_failure(error)`` from this thread: a host in the middle of a batch hears of it within a beat."""
+        process stops bumping it).
+
+        A non-leader also calls ``on_leader_failure(message)`` from a background thread when the leader announces
+        a failure, or when the store (which lives in the leader's process) has not answered for ``silent_host_s``:
+        a frozen leader freezes every call into the store, so only a watch from outside the call can notice it.
+        """
         stop = threading.Event()
+        answered = [time.monotonic()]
 
         def beat():
             count = 0
@@ -140,18 +145,39 @@ class Coordinator:
                 count += 1
                 with contextlib.suppress(Exception):  # the store going away ends the job anyway
                     self.client.key_value_set_bytes(self._key(self.host, "heartbeat"), str(count).encode(), True)
+                    answered[0] = time.monotonic()
                     failed = None if self.is_leader else self._try_get(f"{PREFIX}/{FAILED}")
-                    if failed is not None and on_leader_failure is not None:
-                        on_leader_failure(json.loads(failed).get("error", "unknown error"))
+                    if failed is not None and on_leader_failure is not None:  # the leader's own log says why
+                        on_leader_failure("Stopping: the leader (host 0) reported a failure.")
                 stop.wait(self.timeouts.heartbeat_interval_s)
 
+        def watch():
+            while not stop.wait(min(1.0, self.timeouts.heartbeat_interval_s)):
+                quiet = time.monotonic() - answered[0]
+                if quiet > self.timeouts.silent_host_s:
+                    on_leader_failure(
+                        f"The leader (host 0) went silent: its key-value store has not answered for {quiet:.0f}s "
+                        f"(silent_host_s {self.timeouts.silent_host_s:g}s): it is frozen or hung. This host's parts "
+                        "are durable in the run directory; rerun with resume: true."
+                    )
+                    return
+
         threading.Thread(target=beat, name=f"heartbeat-{self.host}", daemon=True).start()
+        if not self.is_leader and on_leader_failure is not None:
+            threading.Thread(target=watch, name="leader-watch", daemon=True).start()
         return stop
 
-    def leave(self) -> None:
-        """Non-leader, on its way out after a failure: say so, so the leader need not wait for it."""
-        with contextlib.suppress(Exception):
-            self.client.key_value_set_bytes(self._key(self.host, "left"), b"1", True)
+    def leave(self, timeout_s: float = 2.0) -> None:
+        """Non-leader, on its way out after a failure: say so, so the leader need not wait for it. Gives up after
+        ``timeout_s``: a frozen leader's store never answers."""
+
+        def say():
+            with contextlib.suppress(Exception):
+                self.client.key_value_set_bytes(self._key(self.host, "left"), b"1", True)
+
+        thread = threading.Thread(target=say, name="leave", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
 
     def wait_for_others_to_leave(self, timeout_s: float) -> list[int]:
         """Leader, after announcing a failure: wait until every other host has left or gone silent (at most

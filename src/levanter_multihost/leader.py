@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from levanter_multihost import addition, rundir, summary, tracking
+from levanter_multihost import addition, rundir, summary
 from levanter_multihost.outputs import Completeness, SortedRun, keyed_lines, merge_sorted, read_keyed
 from levanter_multihost.rundir import RunDir
 from levanter_multihost.runplan import Reporting
@@ -124,18 +124,12 @@ def task_score(task: str, row: dict) -> bool:
     raise ValueError(f"task ({task!r}) is not a known task.")
 
 
-def report(run_dir: RunDir, reporting: Reporting, host_metrics: list[dict], result: dict, leader_phases: dict,
-           started_at: float, samples: list[dict], timeline_png: bytes) -> None:  # fmt: skip
-    """``summary.json`` (before and after the tracker, which may be slow or fail), the tracker and the table."""
-
-    def write_summary() -> None:
-        data = {"summary": result, "hosts": host_metrics,
-                "leader": {"started_at": started_at, "phases": {k: list(v) for k, v in leader_phases.items()}}}
-        run_dir.write_atomic(rundir.SUMMARY, json.dumps(data, indent=2).encode("utf-8"))  # fmt: skip
-
-    write_summary()
-    tracking.report(reporting, result, samples, timeline_png)
-    write_summary()
+def write_summary(run_dir: RunDir, host_metrics: list[dict], result: dict, leader_phases: dict,
+                  started_at: float) -> None:  # fmt: skip
+    """``summary.json``: the totals, every host's metrics, and the leader's own phases."""
+    data = {"summary": result, "hosts": host_metrics,
+            "leader": {"started_at": started_at, "phases": {k: list(v) for k, v in leader_phases.items()}}}  # fmt: skip
+    run_dir.write_atomic(rundir.SUMMARY, json.dumps(data, indent=2).encode("utf-8"))
 
 
 def log_results(reporting: Reporting, host_metrics: list[dict], result: dict[str, Any], merged_url: str) -> None:

@@ -18,7 +18,7 @@ from haliax import Axis
 from haliax.partitioning import ResourceAxis, round_axis_for_partitioning
 from jax.sharding import Mesh
 from levanter.checkpoint import load_checkpoint
-from levanter.compat.hf_checkpoints import HFCheckpointConverter, load_tokenizer
+from levanter.compat.hf_checkpoints import HFCheckpointConverter
 from levanter.models.lm_model import LmHeadModel
 from levanter.trainer import TrainerConfig
 
@@ -64,10 +64,6 @@ def resolve_location(name: str, field: str) -> str:
         raise ConfigError(f"{field} ({name}) is not a directory here. Give the path of a local checkpoint, an fsspec "
                           "URL, or a Hugging Face hub id (org/name).")  # fmt: skip
     return name
-
-
-def load_tokenizer_from(name: str):
-    return load_tokenizer(name)
 
 
 def model_vocab_size(hf_checkpoint: str | None) -> int | None:

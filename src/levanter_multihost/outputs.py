@@ -55,16 +55,6 @@ def row_line(row: dict[str, Any], extra_json: bytes | None = None) -> bytes:
     return line + b"\n"
 
 
-def jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
-    return b"".join(row_line(r) for r in rows)
-
-
-def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
-    """Rows of JSON lines, split at newline bytes only (``str.splitlines`` would also split at a U+2028 or U+0085
-    that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped inside a string)."""
-    return [json.loads(line) for line in data.split(b"\n") if line.strip()]
-
-
 def keyed_lines(data: bytes, where: str) -> list[tuple[Key, bytes]]:
     """Each line of a part (``where`` names it in errors) with its (prompt, generation), newline kept."""
     if not data:
@@ -183,11 +173,3 @@ class Completeness:
             parts = [f"{self.counts[kind]} {kind} (prompt, generation) pairs, first {getattr(self, kind)}"
                      for kind in ("missing", "duplicated", "unexpected") if self.counts[kind]]  # fmt: skip
             raise MergeError("Cannot merge: " + "; ".join(parts) + ".")
-
-
-def check_complete(pairs: Iterable[Key], n_generations: Sequence[int]) -> None:
-    """Raise :class:`MergeError` unless the sorted ``pairs`` hold every expected pair exactly once."""
-    completeness = Completeness(n_generations)
-    for key in pairs:
-        completeness.see(key)
-    completeness.check()

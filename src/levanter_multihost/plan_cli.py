@@ -22,10 +22,10 @@ import draccus
 
 from levanter_multihost import encoding, plan
 from levanter_multihost.capacity import plan_capacity, report
-from levanter_multihost.config import SampleLmMultihostConfig
+from levanter_multihost.config import SampleLmMultihostConfig, prompt_source
 from levanter_multihost.errors import UserError
 from levanter_multihost.model_loading import resolve_location
-from levanter_multihost.prompts import PromptSource, read_prompts
+from levanter_multihost.prompts import read_prompts
 from levanter_multihost.runplan import StopCondition
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,7 @@ def plan_config(config: SampleLmMultihostConfig, num_hosts: int | None, tpu_type
     checkpoint = None
     if config.hf_checkpoint is not None:
         checkpoint = resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint")
-    source = PromptSource(config.prompts, None if config.prompts else config.prompts_file,
-                          None if config.prompts else config.prompts_dataset, config.prompts_split,
-                          config.prompt_field, config.messages_field)  # fmt: skip
-    records = read_prompts(source)
+    records = read_prompts(**prompt_source(config))
     tokenizer = None if prompt_tokens is not None and not config.stop_sequences else offline_tokenizer(config)
     overrides = records.overrides
     max_new = _column(overrides.get("max_new_tokens"), config.max_new_tokens, len(records))

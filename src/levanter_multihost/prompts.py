@@ -29,18 +29,6 @@ class PromptError(UserError):
     """A prompt or prompt source that cannot be used; the message names the source, line or row and the fix."""
 
 
-@dataclass(frozen=True)
-class PromptSource:
-    """Where the prompts come from: exactly one of inline ``prompts``, ``file`` or ``dataset``."""
-
-    prompts: Sequence[str] | None = None
-    file: str | None = None
-    dataset: str | None = None
-    split: str = "train"
-    prompt_field: str = "prompt"
-    messages_field: str = "messages"
-
-
 @dataclass
 class PromptRecords:
     """The prompts as read, before tokenizing."""
@@ -58,18 +46,34 @@ class PromptRecords:
         return len(self.texts)
 
 
-def read_prompts(source: PromptSource) -> PromptRecords:
-    """Every prompt of ``source``, in order, checked for what can be checked without a tokenizer."""
-    if source.prompts is not None:
-        if isinstance(source.prompts, str):
+def read_prompts(
+    prompts: Sequence[str | dict] | None = None,
+    file: str | None = None,
+    dataset: str | None = None,
+    split: str = "train",
+    prompt_field: str = "prompt",
+    messages_field: str = "messages",
+) -> PromptRecords:
+    """Every prompt, in order, from exactly one source, checked for what can be checked without a tokenizer.
+
+    ``prompts`` (inline strings, or objects shaped like a JSONL row) win over ``file`` (.txt, .jsonl, .parquet,
+    local or fsspec) and ``dataset`` (a Hugging Face dataset directory or hub id, its ``split``);
+    ``prompt_field`` / ``messages_field`` name the columns of a row's text prompt and chat.
+    """
+    fields = (prompt_field, messages_field)
+    if prompts is None and file is not None and dataset is not None:
+        raise PromptError(f"Both `prompts_file` ({file}) and `prompts_dataset` ({dataset}) are set. Set one, e.g. "
+                          "--prompts_file null to read the dataset.")  # fmt: skip
+    if prompts is not None:
+        if isinstance(prompts, str):
             raise PromptError("`prompts` must be a list of strings, not a single string. Wrap it in a list.")
-        rows = ({source.prompt_field: p} if isinstance(p, str) else p for p in source.prompts)
-        records = _records(rows, source, "`prompts`", lambda i: f"[{i}]")
-    elif source.file is not None:
-        rows, where = _file_rows(source.file)
-        records = _records(rows, source, f"`prompts_file` {source.file}", where)
-    elif source.dataset is not None:
-        records = _records(_dataset_rows(source), source, f"`prompts_dataset` {source.dataset}", lambda i: f" row {i}")
+        rows = ({prompt_field: p} if isinstance(p, str) else p for p in prompts)
+        records = _records(rows, fields, "`prompts`", lambda i: f"[{i}]")
+    elif file is not None:
+        rows, where = _file_rows(file)
+        records = _records(rows, fields, f"`prompts_file` {file}", where)
+    elif dataset is not None:
+        records = _records(_dataset_rows(dataset, split), fields, f"`prompts_dataset` {dataset}", lambda i: f" row {i}")
     else:
         raise PromptError("No prompts: set `prompts` (a list), `prompts_file` (.txt, .jsonl, .parquet) or "
                           "`prompts_dataset` (a Hugging Face dataset).")  # fmt: skip
@@ -78,28 +82,29 @@ def read_prompts(source: PromptSource) -> PromptRecords:
     return records
 
 
-def _records(rows: Iterable[dict[str, Any]], source: PromptSource, name: str, where) -> PromptRecords:
+def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str, where) -> PromptRecords:
+    prompt_field, messages_field = fields
     texts, messages, extras, overrides = [], [], [], {k: [] for k in OVERRIDES}
-    consumed = {source.prompt_field, source.messages_field}
+    consumed = set(fields)
     any_extra = False
     for i, row in enumerate(rows):
         at = f"{name}{where(i)}"
         if not isinstance(row, dict):
-            raise PromptError(f"{at}: is a {type(row).__name__}, not an object with a `{source.prompt_field}`.")
-        text, chat = row.get(source.prompt_field), row.get(source.messages_field)
+            raise PromptError(f"{at}: is a {type(row).__name__}, not an object with a `{prompt_field}`.")
+        text, chat = row.get(prompt_field), row.get(messages_field)
         if (text is None) == (chat is None):
             raise PromptError(
-                f"{at}: has {'both' if text is not None else 'neither'} `{source.prompt_field}` and "
-                f"`{source.messages_field}`. Give each row exactly one (or set prompt_field / messages_field)."
+                f"{at}: has {'both' if text is not None else 'neither'} `{prompt_field}` and "
+                f"`{messages_field}`. Give each row exactly one (or set prompt_field / messages_field)."
             )
         if text is not None:
             if not isinstance(text, str):
-                raise PromptError(f"{at}: `{source.prompt_field}` is a {type(text).__name__}, not a string.")
+                raise PromptError(f"{at}: `{prompt_field}` is a {type(text).__name__}, not a string.")
             if text == "":
-                raise PromptError(f"{at}: `{source.prompt_field}` is an empty string. Remove the row or give it text.")
-            _check_encodable(text, f"{at}: `{source.prompt_field}`")
+                raise PromptError(f"{at}: `{prompt_field}` is an empty string. Remove the row or give it text.")
+            _check_encodable(text, f"{at}: `{prompt_field}`")
         else:
-            _check_messages(chat, f"{at}: `{source.messages_field}`")
+            _check_messages(chat, f"{at}: `{messages_field}`")
         texts.append(text)
         messages.append(chat)
         carried = {k: v for k, v in row.items() if k not in consumed}
@@ -213,22 +218,21 @@ def _parquet_rows(path: str):
         yield from batch.to_pylist()
 
 
-def _dataset_rows(source: PromptSource):
+def _dataset_rows(name: str, split: str):
     """Rows of a Hugging Face dataset: a directory written by ``save_to_disk``, a directory of data files, or a hub
     id (which needs the network)."""
     import datasets
 
-    name = source.dataset
     try:
         saved = ("state.json", "dataset_dict.json")  # what save_to_disk writes for a Dataset / a DatasetDict
         if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in saved):
             loaded = datasets.load_from_disk(name)
             if isinstance(loaded, datasets.DatasetDict):
-                loaded = loaded[source.split]
+                loaded = loaded[split]
         else:
-            loaded = datasets.load_dataset(name, split=source.split)
+            loaded = datasets.load_dataset(name, split=split)
     except KeyError:
-        raise PromptError(f"`prompts_dataset` {name} has no split {source.split!r}. Set prompts_split.") from None
+        raise PromptError(f"`prompts_dataset` {name} has no split {split!r}. Set prompts_split.") from None
     except Exception as e:  # datasets raises many types for a missing or unreadable dataset
-        raise PromptError(f"`prompts_dataset` {name} (split {source.split!r}) does not load: {e}") from None
+        raise PromptError(f"`prompts_dataset` {name} (split {split!r}) does not load: {e}") from None
     yield from loaded

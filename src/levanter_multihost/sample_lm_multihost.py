@@ -25,9 +25,10 @@ from levanter_multihost.config import SampleLmMultihostConfig, parse_command_lin
 from levanter_multihost.coordination import DONE, READY, Collector, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import build_engine, check_engine_state, generate_batch
+from levanter_multihost.launch_env import ENV_PROCESS_ID
+from levanter_multihost.outputs import row_line
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
-from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.runtime import CompileClock, HostContext
 
 LEAVE_WAIT_S = 15.0
@@ -41,7 +42,7 @@ def main(config: SampleLmMultihostConfig) -> None:
     seams.apply_ragged_attention(config.ragged_attention)
     link = coordination.connect(seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes,
                                 timeouts(config))  # fmt: skip
-    heartbeat = link.start_heartbeat(on_leader_failure=leader_failed)
+    stop_heartbeat = link.start_heartbeat(on_leader_failure=leader_failed)
     try:
         with link.failures_reported():
             with ctx.phase("prepare"):
@@ -54,7 +55,7 @@ def main(config: SampleLmMultihostConfig) -> None:
         if not ctx.is_leader:
             link.wait_for(DONE)
     finally:
-        heartbeat.set()
+        stop_heartbeat.set()
 
 
 def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> Decision:
@@ -120,7 +121,7 @@ def sample(plan: RunPlan, ctx: HostContext, batches, attempt: str, fingerprint: 
                 ctx.add(name, start, start + seconds)
                 start += seconds
             with ctx.phase("write"):
-                data = sampling.part_bytes(rows)
+                data = b"".join(row_line(row, extra) for row, extra in rows)
                 plan.run_dir.write_part(data, items[0].global_index, items[-1].global_index, fingerprint, attempt,
                                         ctx.host, b)  # fmt: skip
             with ctx.phase("send"):
@@ -152,9 +153,11 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool, own: di
     with ctx.phase("timeline"):
         png = tracking.timeline_png(host_metrics, {"started_at": ctx.started_at, "phases": ctx.phases})
         plan.run_dir.write_atomic("timeline.png", png)
+    # written before the tracker too, which may be slow or fail, and again with the tracker's phase in it
+    leader.write_summary(plan.run_dir, host_metrics, result, ctx.phases, ctx.started_at)
     with ctx.phase("tracker"):
-        leader.report(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at, merged.samples,
-                      png)  # fmt: skip
+        tracking.report(plan.reporting, result, merged.samples, png)
+    leader.write_summary(plan.run_dir, host_metrics, result, ctx.phases, ctx.started_at)
     if decision.replaces:
         plan.run_dir.remove_parts_except(decision.attempts)
     leader.log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
@@ -196,9 +199,9 @@ def stop_after(error: BaseException) -> int:
     return 2 if isinstance(error, UserError) else 1
 
 
-def leader_failed(error: str) -> None:
-    """Non-leader, from its heartbeat thread: the leader announced a failure (and says what); stop now."""
-    logger.info("Stopping: the leader (host 0) failed.")
+def leader_failed(message: str) -> None:
+    """Non-leader, from a background thread: the leader failed or went silent (``message`` says which); stop now."""
+    logger.error("%s", message)
     coordination.current().leave()
     runtime.exit_now(1)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from levanter_multihost.capacity import BatchPacker, PromptDemand
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, finish
-from levanter_multihost.outputs import MergeError, keyed_lines, row_line
+from levanter_multihost.outputs import MergeError, keyed_lines
 from levanter_multihost.rundir import Part, RunDir
 from levanter_multihost.runplan import EngineSettings, PromptSet, StopCondition
 from levanter_multihost.sharding import prompt_cost, shard_for_host
@@ -162,7 +162,3 @@ class Progress:
     def batch_done(self, tokens: int) -> None:
         self.batches_done += 1
         self.tokens_done += tokens
-
-
-def part_bytes(rows: list[tuple[dict, bytes | None]]) -> bytes:
-    return b"".join(row_line(row, extra) for row, extra in rows)

@@ -34,6 +34,7 @@ HOST_METRICS = (
     "decode_tokens_per_s",
     "pages_after_prefill",
     "write_s",
+    "peak_rss_bytes",
     "gather_bytes",
 )
 """Scalar per-host metrics, logged as ``host/<i>/<name>``."""
@@ -85,6 +86,7 @@ def host_metrics(host: int, started_at: float, phases: dict[str, list[list[float
         "decode_tokens_per_s": tokens / decode_s if decode_s > 0 else 0.0,
         "pages_after_prefill": max((b["pages_after_prefill"] for b in batches), default=0),
         "write_s": sum(b.get("write_s", 0.0) for b in batches),
+        "peak_rss_bytes": peak_rss_bytes(),
         "gather_bytes": 0,
     }
 
@@ -138,6 +140,13 @@ def format_summary(host_metrics: Sequence[dict[str, Any]], summary: dict[str, An
         f"{summary['sample/gather_bytes']} bytes"
     )
     return table + "\n" + tail
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _span(phases: dict[str, list[list[float]]], name: str) -> float:

@@ -85,11 +85,16 @@ def batch_limit(
 class _Totals:
     """Running totals of a batch being packed."""
 
-    sequences: int = 0
-    primaries: int = 0
-    prompt_tokens: int = 0
-    pages: int = 0
-    longest_new: int = 0
+    sequences: int
+    """Sequences so far (slots)."""
+    primaries: int
+    """Requests so far: one per sequence, as the sampler sends them."""
+    prompt_tokens: int
+    """Tokens every request prefills."""
+    pages: int
+    """Pages at full length."""
+    longest_new: int
+    """The most new tokens any sequence asks for."""
     longest_positions: int = 0
 
     def plus(self, engine: EngineLimits, d: PromptDemand) -> "_Totals":
@@ -101,6 +106,9 @@ class _Totals:
             max(self.longest_new, d.max_new_tokens),
             max(self.longest_positions, d.prompt_tokens + d.max_new_tokens),
         )
+
+
+_NONE = _Totals(0, 0, 0, 0, 0)
 
 
 class BatchPacker:
@@ -124,7 +132,7 @@ class BatchPacker:
 
     def fits(self, demands: Sequence[PromptDemand]) -> bool:
         """Whether ``demands`` together complete in one wave of one call."""
-        totals = _Totals()
+        totals = _NONE
         for d in demands:
             totals = totals.plus(self.engine, d)
         return self._allows(totals)
@@ -136,12 +144,12 @@ class BatchPacker:
         says why; preflight runs it first, so the sampler never gets here with such a prompt).
         """
         batches: list[range] = []
-        start, totals = 0, _Totals()
+        start, totals = 0, _NONE
         for i, d in enumerate(demands):
             grown = totals.plus(self.engine, d)
             if i > start and not self._allows(grown):
                 batches.append(range(start, i))
-                start, grown = i, _Totals().plus(self.engine, d)
+                start, grown = i, _NONE.plus(self.engine, d)
             if not self._allows(grown):
                 raise ValueError(f"The prompt at position {i} ({d}) does not fit one engine call on its own.")
             totals = grown

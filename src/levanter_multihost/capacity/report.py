@@ -24,7 +24,7 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
     add("sequences per batch", largest, f"at most {plan.batch.sequences:,} of the longest prompt, set by "
         f"{plan.batch.limited_by} ({bounds})", "batch_size")  # fmt: skip
     if plan.hosts:
-        add("batches per host", _span(plan.batches_per_host), f"for {_span(plan.prompts_per_host)} prompts per host")
+        add("batches per host", _range(plan.batches_per_host), f"for {_range(plan.prompts_per_host)} prompts per host")
     if plan.max_pages is None:
         add("max_pages", "unset", f"{plan.pages_required:,} for the largest batch at full length")
     else:
@@ -113,7 +113,7 @@ def to_dict(plan: CapacityPlan) -> dict:
     }
 
 
-def _span(values: list[int]) -> str:
+def _range(values: list[int]) -> str:
     if not values:
         return "-"
     lo, hi = min(values), max(values)
