@@ -1,25 +1,30 @@
-"""The sampler as the benchmarks run it: unchanged, plus one log line of each host's CPU seconds in generation.
+"""The sampler as the benchmarks run it: unchanged, plus log lines of each host's CPU seconds and the engine's rounds.
 
-    python infra/launch.py --local_hosts 2 --devices_per_host 1 -- \
-        python bench/bench_sampler.py --config_path ... [sampler flags]
+    uv run python infra/launch.py --local_hosts 2 --devices_per_host 1 -- \
+        uv run python bench/bench_sampler.py --config_path config/sampler/tiny_local.yaml --trainer.model_axis_size=1
 
-Logs ``BENCH host=<i> generate_cpu_s=<s> generate_wall_s=<s>`` after sampling: the process CPU time (all threads)
-and the wall time of this host's ``InferenceEngine.generate`` call, i.e. of its round (prefill + decode in
-summary.json). CPU time hardly depends on what else runs on the machine, so it shows each host's work even when
-other users' load slows the wall clock.
+Adds, after every ``InferenceEngine.generate`` call (one per batch),
+``BENCH host=<i> generate_cpu_s=<s> generate_wall_s=<s>``: the process CPU time (all threads) and the wall time of
+the call. CPU time hardly depends on what else runs on the machine, so it shows each host's work even when other
+users' load slows the wall clock. With ``BENCH_ENGINE_LOG=1`` (set by ``bench/_common.launch``) it also keeps
+Levanter's engine logger (``levanter.inference.engine``) at INFO, which the sampler lowers to WARNING
+(``runtime.NOISY_LOGGERS``): one ``Decode iter: total Xs (device Ys, host Zs, ...) ... N new`` line per decode
+round, and ``Batch generated in Xs, N tokens`` per call. The same lines on a TPU host are the steady-state step
+time (docs/benchmarks.md, "Reading a TPU run").
 """
 
 import logging
+import os
 import time
 
-from levanter_multihost import sample_lm_multihost
+from levanter_multihost import runtime, sample_lm_multihost
 
 logger = logging.getLogger("bench")
 
 
 def log_generate_cpu_seconds() -> None:
     """Wrap ``InferenceEngine.generate`` to log its CPU and wall seconds. Imports Levanter only here, after
-    ``sample_lm_multihost`` has set ``EQX_ON_ERROR`` for Equinox."""
+    ``sample_lm_multihost`` has set up Equinox's checks."""
     from jax._src import distributed
     from levanter.inference.engine import InferenceEngine
 
@@ -39,6 +44,19 @@ def log_generate_cpu_seconds() -> None:
     InferenceEngine.generate = timed
 
 
+def keep_engine_log() -> None:
+    """Let ``levanter.inference.engine`` log at INFO after every ``runtime.setup_logging``."""
+    setup_logging = runtime.setup_logging
+
+    def setup(host: str) -> None:
+        setup_logging(host)
+        logging.getLogger("levanter.inference.engine").setLevel(logging.INFO)
+
+    runtime.setup_logging = setup
+
+
 if __name__ == "__main__":
     log_generate_cpu_seconds()
+    if os.environ.get("BENCH_ENGINE_LOG") == "1":
+        keep_engine_log()
     sample_lm_multihost.cli()

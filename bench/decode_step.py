@@ -42,7 +42,7 @@ overridden, or built with random weights / abstract shapes when the checkpoint i
 
 import os
 
-# as the sampler does (levanter_multihost.sample_lm_multihost): Equinox's error_if checks as NaN poisoning, not
+# as the sampler does (levanter_multihost.seams.checks_as_nan): Equinox's error_if checks as NaN poisoning, not
 # host callbacks, so this measures the program the sampler runs
 os.environ.setdefault("EQX_ON_ERROR", "nan")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -228,10 +228,15 @@ class Setup:
         local = ref is not None and os.path.isdir(ref.model_name_or_path)
         self.tokenizer = None
         if local:
-            path = model_loading.tokenizer_path(config.tokenizer, ref, config.checkpoint_path)
-            self.tokenizer = model_loading.load_tokenizer_from(path)
+            from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
+
+            from levanter_multihost.runplan import ModelSource
+
+            checkpoint = model_loading.resolve_location(ref.model_name_or_path, "hf_checkpoint")
+            self.tokenizer = load_tokenizer(model_loading.resolve_location(config.tokenizer or checkpoint, "tokenizer"))
         if local and not args.random_weights:
-            self.model = model_loading.load_model(config, self.tokenizer)
+            source = ModelSource(RepoRef(checkpoint, ref.revision), None, config.model, config.trainer)
+            self.model = model_loading.load_model(source, self.tokenizer)
             self.source = f"checkpoint {ref.model_name_or_path}"
         else:
             model_config, vocab = self._model_config(config, local)

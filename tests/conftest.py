@@ -105,8 +105,8 @@ def _features(tmp_path_factory, eos_checkpoint, hosts: int, source: str, *flags:
 
 
 @pytest.fixture(scope="session")
-def features_4(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """FEATURE_ROWS from JSONL on 4 hosts (contiguous)."""
+def features_3(tmp_path_factory, eos_checkpoint, feature_inputs):
+    """FEATURE_ROWS from JSONL on 3 hosts (contiguous)."""
     return _features(tmp_path_factory, eos_checkpoint, 4, f"--prompts_file={feature_inputs / 'rows.jsonl'}")
 
 

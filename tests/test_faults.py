@@ -67,7 +67,7 @@ def test_a_frozen_leader_is_named_by_the_others(tmp_path):
 
 
 def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_path):
-    first = Background(tmp_path, *FLAGS)
+    first = Background(tmp_path, *FLAGS, "--silent_host_timeout_s=300")  # it is held still for a while
     hosts = [first.pid(0), first.pid(1)]
     first.wait_for_parts(1)
     for pid in hosts:  # held still, so the first run is certainly running while the second starts

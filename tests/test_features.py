@@ -1,7 +1,7 @@
 """What evals and RL rollouts need, on emulated hosts: stop strings and EOS, logprobs, chat prompts, carried input
 columns, per-row overrides, several generations, JSONL / Parquet / dataset inputs and Parquet output.
 
-The same rows go through three runs (JSONL on 4 hosts, Parquet on 2 hosts sharded by cost, a dataset directory
+The same rows go through three runs (JSONL on 3 hosts, Parquet on 2 hosts sharded by cost, a dataset directory
 on 1 host in batches of 3); every sampled sequence must come out the same.
 """
 
@@ -41,30 +41,30 @@ def _plain(value):
     return value
 
 
-def test_every_option_gives_the_same_sequences_on_1_2_and_4_hosts(features_4, features_2, features_1):
-    four = generations(features_4.rows())
+def test_every_option_gives_the_same_sequences_on_1_2_and_3_hosts(features_3, features_2, features_1):
+    four = generations(features_3.rows())
     assert four == generations(parquet_rows(features_2)) == generations(features_1.rows())
     expected = sorted((p, g) for p, row in enumerate(FEATURE_ROWS) for g in range(row.get("n_generations", 2)))
     assert sorted(four) == expected  # n_generations 2, and 3 for the row that overrides it
 
 
-def test_input_columns_are_carried_through_after_the_output_fields(features_4):
-    for row, given in zip([r for r in features_4.rows() if r["generation_index"] == 0], FEATURE_ROWS):
+def test_input_columns_are_carried_through_after_the_output_fields(features_3):
+    for row, given in zip([r for r in features_3.rows() if r["generation_index"] == 0], FEATURE_ROWS):
         carried = {k: v for k, v in given.items() if k not in ("prompt", "messages")}
         assert list(row)[: len(ROW_FIELDS) + 1] == [*ROW_FIELDS, "generated_logprobs"]
         assert {k: row[k] for k in list(row)[len(ROW_FIELDS) + 1 :]} == carried
-    r5 = next(r for r in features_4.rows() if r["id"] == "r5")
+    r5 = next(r for r in features_3.rows() if r["id"] == "r5")
     assert r5["meta"] == {"source": "held-out", "tags": ["a", "b"]}
 
 
-def test_chat_rows_are_rendered_with_the_template(features_4):
-    rows = {r["id"]: r for r in features_4.rows() if r["generation_index"] == 0}
+def test_chat_rows_are_rendered_with_the_template(features_3):
+    rows = {r["id"]: r for r in features_3.rows() if r["generation_index"] == 0}
     assert rows["r1"]["prompt"] == "7+5=" and rows["r1"]["prompt_token_count"] == 4
     assert rows["r6"]["prompt"] == "15+5="  # the system message, then the user's, as the template writes them
 
 
-def test_per_row_overrides_win_over_the_config(features_4, greedy_1x4):
-    rows = {(r["id"], r["generation_index"]): r for r in features_4.rows()}
+def test_per_row_overrides_win_over_the_config(features_3, greedy_1x4):
+    rows = {(r["id"], r["generation_index"]): r for r in features_3.rows()}
     assert all(rows[("r2", g)]["generated_token_count"] <= 3 for g in (0, 1))
     assert {g for (i, g) in rows if i == "r4"} == {0, 1, 2}
     greedy = next(r for r in greedy_1x4.rows() if r["prompt"] == "2269+795=")
@@ -73,8 +73,8 @@ def test_per_row_overrides_win_over_the_config(features_4, greedy_1x4):
         assert ids == greedy["generated_token_ids"][: len(ids)]
 
 
-def test_the_first_stop_to_appear_wins_and_is_left_out_of_the_text(features_4):
-    rows = features_4.rows()
+def test_the_first_stop_to_appear_wins_and_is_left_out_of_the_text(features_3):
+    rows = features_3.rows()
     reasons = {r["stop_reason"] for r in rows if r["finish_reason"] == "stop"}
     assert reasons <= {*STOPS, DOT} and len(reasons) >= 2, reasons
     for r in rows:
@@ -88,8 +88,8 @@ def test_the_first_stop_to_appear_wins_and_is_left_out_of_the_text(features_4):
             assert r["finish_reason"] == "length" and r["generated_token_count"] == (3 if r["id"] == "r2" else 6)
 
 
-def test_logprobs_are_one_per_token_and_finite(features_4):
-    for r in features_4.rows():
+def test_logprobs_are_one_per_token_and_finite(features_3):
+    for r in features_3.rows():
         assert len(r["generated_logprobs"]) == r["generated_token_count"]
         assert all(math.isfinite(x) and x <= 1e-6 for x in r["generated_logprobs"])
 
@@ -106,8 +106,8 @@ def test_parquet_output_loads_with_pandas_and_datasets(features_2):
     assert [r["id"] for r in rows[:2]] == ["r0", "r0"]
 
 
-def test_the_merged_jsonl_loads_with_datasets_in_one_call(features_4):
+def test_the_merged_jsonl_loads_with_datasets_in_one_call(features_3):
     import datasets
 
-    loaded = datasets.load_dataset("json", data_files=str(features_4.output_dir / "merged.jsonl"), split="train")
+    loaded = datasets.load_dataset("json", data_files=str(features_3.output_dir / "merged.jsonl"), split="train")
     assert len(loaded) == 21 and loaded["id"][:3] == ["r0", "r0", "r1"]

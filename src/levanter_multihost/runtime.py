@@ -135,8 +135,9 @@ def emulate_cpu_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def start(trainer: TrainerConfig) -> HostContext:
-    """Set up logging and JAX, join the distributed job, and return this host's context."""
+def start(trainer: TrainerConfig, handle_signals: bool = False) -> HostContext:
+    """Set up logging and JAX, join the distributed job, and return this host's context; with ``handle_signals``
+    (the command line), SIGTERM and SIGINT stop this host cleanly (:func:`stop_on_signals`)."""
     started_at = process_started_at()
     startup = [0.0, time.time() - started_at]
     setup_logging(os.environ.get(ENV_PROCESS_ID, "?"))
@@ -154,7 +155,8 @@ def start(trainer: TrainerConfig) -> HostContext:
     with ctx.phase("distributed_init"):
         distributed_from_env(trainer).distributed.initialize()
         ctx.host, ctx.num_hosts = jax.process_index(), jax.process_count()
-    stop_on_signals()
+    if handle_signals:
+        stop_on_signals()  # after initialize(), whose preemption notifier this replaces
     if jax.config.jax_compilation_cache_dir and ctx.num_hosts > 1:  # from the trainer or JAX's own env variable
         seams.every_host_writes_compilation_cache()
     setup_logging(str(ctx.host))

@@ -37,8 +37,8 @@ LEAVE_WAIT_S = 15.0
 logger = logging.getLogger(__name__)
 
 
-def main(config: SampleLmMultihostConfig) -> None:
-    ctx = runtime.start(config.trainer)
+def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
+    ctx = runtime.start(config.trainer, handle_signals)
     seams.apply_ragged_attention(config.ragged_attention)
     link = coordination.connect(seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes,
                                 timeouts(config))  # fmt: skip
@@ -168,7 +168,7 @@ def cli() -> None:
     process exits without JAX's shutdown barrier: 2 for a user's mistake, 128 + n for signal n, else 1."""
     seams.install()
     try:
-        main(parse_command_line(sys.argv[1:]))
+        main(parse_command_line(sys.argv[1:]), handle_signals=True)
     except SystemExit as e:
         if e.code not in (0, None):  # --help exits 0
             raise
