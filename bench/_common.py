@@ -123,16 +123,17 @@ def launch(
     launcher_flags: Sequence[str] = (),
     watch: Callable[[subprocess.Popen, float], None] | None = None,
     check: bool = True,
+    log_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the sampler on ``hosts`` emulated hosts (1 CPU device each, pinned) through ``bench/bench_sampler.py``;
     return the launcher's status, timings, the summary (if written) and what the log says.
 
     ``watch(proc, elapsed_s)`` is called every 0.2 s while the launcher runs (e.g. to kill a host);
-    ``check``: raise if the launcher fails.
+    ``check``: raise if the launcher fails. The log goes to ``<output_dir>.log`` (or ``log_name`` beside it).
     """
     core_list = core_list if core_list is not None else cores()
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir.parent / f"{output_dir.name}.log"
+    log_path = output_dir.parent / (log_name or f"{output_dir.name}.log")
     command = [
         PY, str(REPO / "infra" / "launch.py"), "--local_hosts", str(hosts), "--devices_per_host", "1",
         *launcher_flags, "--",

@@ -112,14 +112,15 @@ def main() -> None:
 
     wait_for_quiet()
     killed = launch(config, killed_dir, args.hosts, *flags, core_list=core_list, launcher_flags=["--keep_going"],
-                    watch=watch, check=False)  # fmt: skip
+                    watch=watch, check=False, log_name="killed_run.log")  # fmt: skip
     after_kill = {h: parts_on_disk(killed_dir, h) for h in range(args.hosts)}
     on_disk = rows_in(parts_on_disk(killed_dir))
     missing = args.prompts - on_disk
     merged_after_kill = (killed_dir / "merged.jsonl").exists()
 
     wait_for_quiet()
-    resumed = launch(config, killed_dir, args.hosts, *flags, "--resume=true", core_list=core_list)
+    resumed = launch(config, killed_dir, args.hosts, *flags, "--resume=true", core_list=core_list,
+                     log_name="resumed_run.log")
     sampled = sum(m["sequences"] for m in resumed["host_metrics"])
     kept = sum(m["rows_kept"] for m in resumed["host_metrics"])
     merged = (killed_dir / "merged.jsonl").read_bytes()

@@ -145,6 +145,7 @@ def test_a_chat_prompt_without_a_template(tmp_path):
         ("--task=multiplication", r"task \('multiplication'\) is not a known task"),
         ("--defer_tracker_logs_until_end=false", r"defer_tracker_logs_until_end is false.*Set defer_tracker"),
         ("--trainer.model_axis_size=3", r"trainer.model_axis_size \(3\) does not divide this host's 4 devices"),
+        ("--engine.auto_size=true", r"engine.auto_size is true, but it needs the HBM of the chips .* set tpu_type"),
     ],
 )
 def test_bad_values(tmp_path, flag, match):

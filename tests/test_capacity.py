@@ -411,3 +411,42 @@ def test_capacity_imports_no_jax():
     code = "import sys, levanter_multihost.capacity; print([m for m in ('jax', 'levanter') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# auto-size
+
+
+def test_auto_size_never_proposes_what_the_engine_cannot_hold():
+    """Random models, slices and prompts: the proposal plans with no problem, one batch per wave, within HBM."""
+    from levanter_multihost.capacity import parse_tpu_type
+
+    rng = random.Random(11)
+    for _ in range(200):
+        slice_ = parse_tpu_type(rng.choice(["v5p-8", "v5p-32", "v4-16", "v5e-16", "v6e-8"]))
+        kv_chip = rng.choice([2048, 16384, 131072]) // rng.choice([1, 2, 4])
+        model = ModelShape(weight_bytes=10**9, weight_bytes_per_chip=rng.randint(10**8, 8 * 10**9),
+                           kv_bytes_per_token=kv_chip * 4, kv_bytes_per_token_per_chip=kv_chip)  # fmt: skip
+        prompt, new = rng.randint(1, 300), rng.randint(1, 2048)
+        engine = EngineLimits(max_seq_len=prompt + new + rng.randint(0, 256), page_size=rng.choice([16, 64, 128]),
+                              max_rounds=rng.choice([8, 32, 64]))  # fmt: skip
+        run = RunSpec(tuple(PromptDemand(rng.randint(1, prompt), new, rng.choice([1, 1, 4])) for _ in range(50))
+                      + (PromptDemand(prompt, new),))  # fmt: skip
+        proposal = plan_capacity(engine, run, slice_, model).proposal
+        if proposal is None:
+            continue
+        plan = plan_capacity(proposal.limits, run, slice_, model)
+        assert plan.ok, (proposal, plan.problems)
+        assert plan.hbm_per_chip <= slice_.generation.hbm_bytes_per_chip
+        assert max(max(h.batch_sequences, default=0) for h in plan.hosts) <= proposal.sequences
+
+
+def test_auto_size_for_the_seed_model_fills_hbm_up_to_its_cap():
+    from levanter_multihost.capacity import parse_tpu_type
+
+    slice_ = parse_tpu_type("v5p-32")
+    # Llama-3-8B with every axis sharded over 4 chips (tests/test_footprint.py derives these bytes)
+    model = ModelShape(16_060_522_496, 4_015_529_984, 131072, 32768)
+    run = RunSpec(tuple(PromptDemand(24, 2048, 8) for _ in range(1024)))
+    proposal = plan_capacity(replace(SEED, max_pages=None), run, slice_, model).proposal
+    assert (proposal.sequences, proposal.limited_by) == (1024, "cap")
+    assert proposal.limits.max_pages == 1024 * 17 and proposal.tokens_per_s / 4 >= 13_500  # per chip, at the bound

@@ -50,6 +50,21 @@ draccus.encode.register(jnp.dtype, lambda value: str(value))
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class EngineConfig(InferenceEngineConfig):
+    """Levanter's engine config, plus sizing by the planner."""
+
+    auto_size: bool = False
+    """Replace max_seqs, max_seqs_in_prefill, max_queued_tokens, max_tokens_per_round, max_pages, max_prefill_size
+    (and max_seq_len if too short) by the planner's proposal for these prompts: the largest batch whose KV cache
+    fills `hbm_utilization` of the HBM the weights leave free (needs `tpu_type`; `levanter-multihost-plan` shows it)."""
+
+    def levanter(self, **sizes) -> InferenceEngineConfig:
+        """As Levanter's own config, with ``sizes`` replaced."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(InferenceEngineConfig)}
+        return InferenceEngineConfig(**{**values, **sizes})
 TASKS = ("addition",)
 
 
@@ -135,8 +150,9 @@ class SampleLmMultihostConfig:
     """Model architecture; with `hf_checkpoint` it is read from the checkpoint's config."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Levanter runtime settings: per-host mesh (`model_axis_size`), precision (`mp`), tracker, distributed."""
-    engine: InferenceEngineConfig = field(default_factory=lambda: InferenceEngineConfig(max_seq_len=2560))
-    """Levanter InferenceEngine sizing: pages, sequences, prefill and decode budgets (one engine per host)."""
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_seq_len=2560))
+    """Levanter InferenceEngine sizing: pages, sequences, prefill and decode budgets (one engine per host), or
+    `auto_size: true`."""
     ragged_attention: seams.RaggedAttentionConfig = field(default_factory=seams.RaggedAttentionConfig)
     """Block sizes and VMEM limit of the TPU ragged paged-attention kernel."""
 
@@ -228,12 +244,15 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         if bad is not None:
             raise PromptError(f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
                               "'4821+377=', but task is addition. Leave task unset or give addition prompts.")  # fmt: skip
-    limits = plan.engine_limits(config.engine)
-    capacity = plan.check_capacity(
-        limits, plan.run_spec(prompts, stop, config.shard_strategy, config.batch_size),
-        plan.topology(config.tpu_type, num_hosts, local_devices),
-        plan.model_shape(checkpoint, config.trainer, limits) if config.tpu_type else None,
-    )  # fmt: skip
+    engine = config.engine.levanter()
+    limits = plan.engine_limits(engine)
+    slice_ = plan.topology(config.tpu_type, num_hosts, local_devices)
+    model = plan.model_shape(checkpoint, config.trainer, limits) if config.tpu_type else None
+    spec = plan.run_spec(prompts, stop, config.shard_strategy, config.batch_size)
+    if config.engine.auto_size:
+        engine = auto_sized(engine, limits, spec, slice_, model)
+        limits = plan.engine_limits(engine)
+    capacity = plan.check_capacity(limits, spec, slice_, model)
     run_dir = RunDir(config.output_dir)
     run_dir.check_writable(host)
     if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
@@ -247,7 +266,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     return RunPlan(
         prompts=prompts,
         sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs),
-        engine=EngineSettings(config.engine, limits, capacity.max_pages, config.batch_size),
+        engine=EngineSettings(engine, limits, capacity.max_pages, config.batch_size),
         model=ModelSource(ref, config.checkpoint_path, config.model, config.trainer),
         tokenizer=tokenizer,
         run_dir=run_dir,
@@ -268,6 +287,21 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         chunk_bytes=config.gather_chunk_bytes,
         output_format=config.output_format,
     )
+
+
+def auto_sized(engine: InferenceEngineConfig, limits, spec, slice_, model) -> InferenceEngineConfig:
+    """``engine`` with the planner's proposal applied (``engine.auto_size: true``)."""
+    if slice_.generation is None or model is None:
+        raise ConfigError("engine.auto_size is true, but it needs the HBM of the chips and the model's shape: set "
+                          "tpu_type (e.g. v5p-32) and an hf_checkpoint whose config.json is readable here, or give "
+                          "the engine's sizes.")  # fmt: skip
+    proposal = plan.plan_capacity(limits, spec, slice_, model).proposal
+    if proposal is None:
+        raise ConfigError(f"engine.auto_size: the model's weights leave no room for a KV cache on a "
+                          f"{slice_.generation.name} chip. Shard more (trainer.tensor_parallel_axes) or use a "
+                          "larger slice.")  # fmt: skip
+    logger.info("engine.auto_size: %s (limited by %s)", proposal.engine_fields(), proposal.limited_by)
+    return dataclasses.replace(engine, **proposal.engine_fields())
 
 
 def prompt_source(config: SampleLmMultihostConfig) -> dict:

@@ -102,6 +102,8 @@ def plan_config(config: SampleLmMultihostConfig, num_hosts: int | None, tpu_type
     model = plan.model_shape(checkpoint, config.trainer, limits) if topology.generation is not None else None
     spec = plan.run_spec_of(lengths, max_new, n_generations, stop, config.shard_strategy, config.batch_size)
     capacity = plan_capacity(limits, spec, topology, model)
+    if config.engine.auto_size and capacity.proposal is not None:  # what the sampler will run
+        capacity = plan_capacity(capacity.proposal.limits, spec, topology, model)
     return type(capacity)(**{**vars(capacity), "notes": (how, *capacity.notes)})
 
 

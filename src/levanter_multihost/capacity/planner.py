@@ -7,6 +7,7 @@ construction rules, the prompts that cannot fit a call at all, the stop sequence
 
 from dataclasses import dataclass
 
+from levanter_multihost.capacity.autosize import Proposal, propose
 from levanter_multihost.capacity.batch import (
     BatchLimit,
     BatchPacker,
@@ -15,7 +16,7 @@ from levanter_multihost.capacity.batch import (
     forecast,
     prompt_problems,
 )
-from levanter_multihost.capacity.engine import EngineLimits, Problem, construction_problems, stop_problems
+from levanter_multihost.capacity.engine import EngineLimits, Problem, ceil_div, construction_problems, stop_problems
 from levanter_multihost.capacity.hbm import (
     ModelShape,
     decode_seconds_bound,
@@ -86,6 +87,8 @@ class CapacityPlan:
     batch: BatchLimit
     """The largest batch for the worst-case prompt, and the field that sets it."""
     hosts: tuple[HostPlan, ...]
+    proposal: Proposal | None
+    """Engine sizes that fill HBM for these prompts (:mod:`.autosize`); None without a TPU type or model shape."""
     problems: tuple[Problem, ...]
     """Everything that would make the run fail or truncate."""
     notes: tuple[str, ...]
@@ -187,7 +190,13 @@ def plan_capacity(
     if model is not None and max_pages is not None and topology.generation is not None and hosts:
         notes.append(f"HBM per chip: {gib(hbm_bytes_per_chip(engine, model, max_pages))} of "
                      f"{gib(topology.generation.hbm_bytes_per_chip)} ({model.source}).")  # fmt: skip
-    return CapacityPlan(engine, run, topology, model, max_pages, limit, hosts, tuple(problems), tuple(notes))
+    proposal = None
+    if model is not None and run.demands:
+        share = max((h.sequences for h in hosts), default=ceil_div(sum(d.generations for d in run.demands),
+                                                                   topology.num_hosts))  # fmt: skip
+        proposal = propose(engine, worst, share, topology, model)
+    return CapacityPlan(engine, run, topology, model, max_pages, limit, hosts, proposal, tuple(problems),
+                        tuple(notes))  # fmt: skip
 
 
 def _single_prompt_problems(engine: EngineLimits, max_pages: int | None, run: RunSpec) -> list[Problem]:

@@ -50,6 +50,14 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
         out.append(("decode step (HBM-bound)", f"{step * 1e3:.2f} ms",
                     f"{plan.largest_batch} sequences mid-decode: {tokens_per_s:,.0f} tok/s per host at the bound",
                     "info"))  # fmt: skip
+    proposal = plan.proposal
+    if proposal is not None:
+        sizes = ", ".join(f"{k} {v:,}" for k, v in proposal.engine_fields().items())
+        bound = "" if proposal.step_s is None else (f"; step {proposal.step_s * 1e3:.2f} ms, "
+                                                    f"{proposal.tokens_per_s:,.0f} tok/s per host at the bound")
+        out.append(("auto-size proposal", f"{proposal.sequences:,} seqs",
+                    f"limited by {proposal.limited_by}: {sizes}{bound} (engine.auto_size: true applies it)",
+                    "info"))  # fmt: skip
     return out
 
 
@@ -107,6 +115,13 @@ def to_dict(plan: CapacityPlan) -> dict:
             "step_s": plan.step_bound_s,
             "tokens_per_s_per_host": plan.largest_batch / plan.step_bound_s if plan.step_bound_s else None,
             "decode_s_per_host": decode,
+        },  # fmt: skip
+        "proposal": None if plan.proposal is None else {
+            "sequences": plan.proposal.sequences,
+            "limited_by": plan.proposal.limited_by,
+            "engine": plan.proposal.engine_fields(),
+            "step_s": plan.proposal.step_s,
+            "tokens_per_s_per_host": plan.proposal.tokens_per_s,
         },  # fmt: skip
         "problems": [asdict(p) for p in plan.problems],
         "notes": list(plan.notes),
