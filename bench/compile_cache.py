@@ -1,145 +1,86 @@
-"""Compilation cache: engine build + first prefill/decode compile of a warm rerun against a cold one.
+"""Compilation cache, cold vs warm: each host's compile, prefill, decode and generate seconds and compile's share.
 
-    uv run python bench/compile_cache.py                 # ~3 min on 2 cores; JSON to bench/results/compile_cache.json
-    uv run python bench/compile_cache.py --multihost     # + 2 hosts cold and warm, ~5 min
+    uv run python bench/compile_cache.py                 # ~2 min on 2 cores; JSON to bench/results/compile_cache.json
+    uv run python bench/compile_cache.py --eqx_raise     # + 1 host cold and warm with EQX_ON_ERROR=raise, ~1.5 min
 
-Workload: ``config/sampler/tiny_local.yaml`` (256 prompts x 6 new tokens) on 1 host (1 CPU device, pinned to one
-core), with ``--trainer.jax_compilation_cache_dir`` pointing at a fresh directory: a cold run fills it, a warm run
-reuses it. Done twice:
+Workload: ``config/sampler/tiny_local.yaml`` (256 prompts x 6 new tokens, one batch per host) on ``--hosts``
+(default 2) emulated hosts, 1 CPU device each, each pinned to its own core, with
+``--trainer.jax_compilation_cache_dir`` on a fresh directory: a cold run fills it, a warm run reuses it.
 
-* as the sampler runs by default (``EQX_ON_ERROR=nan``, set by ``sample_lm_multihost``): Equinox's runtime checks
-  (``eqx.error_if`` in Levanter's engine) are NaN poisoning, so the engine's two big programs (``_run_prefill``,
-  ``_run_generation_loop``) can be cached;
-* with ``EQX_ON_ERROR=raise`` in the environment (Equinox's own default): the checks compile to host callbacks, and
-  JAX never writes a program with host callbacks to the persistent cache, so those two compile on every run.
+Per host, from summary.json ``hosts``: ``compile_s`` (JAX's own trace, lower and compile durations during the
+host's generate calls, from ``jax.monitoring``; on a cache hit "compile" is loading the executable), ``prefill_s``
+and ``decode_s`` (compile excluded), ``generate_s`` (their sum) and compile's share of it, plus
+``engine_build_s``; which of the engine's two programs (``_run_prefill``, ``_run_generation_loop``) were cache hits
+(``JAX_LOG_COMPILES`` lines); the files in the cache; the launcher's wall clock. Ratios are cold / warm.
 
-With ``--multihost``, 2 runs of 2 hosts on one fresh cache, cold then warm. JAX 0.10.2 writes cache entries from
-process 0 only, and the cache key holds the device assignment, so host 1 would never find an entry;
-``runtime.start`` lets every host write its own (``let_every_host_write_compilation_cache``), and the warm run shows
-both hosts loading their programs from the cache.
-
-"compile" = XLA compilation, or loading the executable on a cache hit ("Finished XLA compilation" lines of
-``JAX_LOG_COMPILES``); "trace+lower" is paid on every run, cache or not. "engine build + first compile" =
-the ``engine_build`` phase + trace, lower and compile of the two programs. The ``engine_build + prefill +
-decode`` phase sum (which also includes running them) is shown too.
+Two things make the warm run warm on every host, both in ``levanter_multihost.seams``: JAX writes cache entries
+from process 0 only, and host-data-parallel programs carry the host's device ids in their key, so
+``every_host_writes_compilation_cache`` lets every host write its own; and Equinox's checks compile to host
+callbacks, which JAX never caches, unless ``EQX_ON_ERROR=nan`` (``checks_as_nan``, the sampler's default; the
+environment wins). ``--eqx_raise`` shows the second: with ``EQX_ON_ERROR=raise`` the engine compiles every run.
 """
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
-from _common import (
-    ENGINE_PROGRAMS,
-    RESULTS,
-    SCRATCH,
-    TINY_CONFIG,
-    cache_flag,
-    cores,
-    default_checkpoint,
-    engine_compile_s,
-    format_table,
-    launch,
-    machine,
-    write_config,
-    write_json,
-)
+from _common import RESULTS, SCRATCH, TINY_CONFIG, Report, cache_flag, cores, launch, wait_for_quiet, write_config
+
+ENGINE_PROGRAMS = ("_run_prefill", "_run_generation_loop")
 
 
-def cache_contents(path: Path) -> tuple[int, int, list[str]]:
-    files = [p for p in path.glob("*") if p.is_file()] if path.exists() else []
-    programs = sorted({p.name.split("-")[0] for p in files})
-    return len(files), sum(p.stat().st_size for p in files), programs
+def cache_files(path: Path) -> int:
+    return sum(1 for p in path.glob("*") if p.is_file()) if path.exists() else 0
 
 
-def host_rows(run: dict, label: str, attempt: str, cache: Path) -> list[dict]:
-    files, size, programs = cache_contents(cache)
+def host_rows(run: dict, variant: str, attempt: str, cache: Path) -> list[dict]:
     rows = []
-    for m in sorted(run["host_metrics"], key=lambda m: m["host"]):
-        h = m["host"]
-        info = run["compiles"].get(h, {})
-        build = m["engine_build_s"]
-        rows.append(
-            {
-                "variant": label,
-                "run": attempt,
-                "host": h,
-                "engine_build_s": build,
-                "prefill_compile_s": info.get("compile", {}).get("_run_prefill", 0.0),
-                "decode_compile_s": info.get("compile", {}).get("_run_generation_loop", 0.0),
-                "trace_lower_s": engine_compile_s(run, h, ("trace", "lower")),
-                "build_plus_compile_s": build + engine_compile_s(run, h, ("trace", "lower", "compile")),
-                "build_prefill_decode_s": build + m["prefill_s"] + m["decode_s"],
-                "engine_hits": ",".join(p for p in ENGINE_PROGRAMS if p in info.get("hits", [])) or "none",
-                "cache_files": files,
-                "cache_MB": size / 1e6,
-                "cache_has_engine": all(f"jit_{p}" in programs for p in ENGINE_PROGRAMS),
-                "wall_s": run["wall_outside_s"],
-            }
-        )
-    print(format_table(rows, COLUMNS), flush=True)
+    for m in run["host_metrics"]:
+        hits = run["cache_hits"].get(m["host"], [])
+        rows.append({
+            "variant": variant, "run": attempt, "host": m["host"],
+            "engine_build_s": m["engine_build_s"], "compile_s": m["compile_s"], "prefill_s": m["prefill_s"],
+            "decode_s": m["decode_s"], "generate_s": m["generate_s"],
+            "compile_share": m["compile_s"] / m["generate_s"] if m["generate_s"] else None,
+            "engine_hits": ",".join(p for p in ENGINE_PROGRAMS if p in hits) or "none",
+            "cache_files": cache_files(cache), "wall_s": run["wall_outside_s"], "load_1m": run["loadavg_1m"][0],
+        })  # fmt: skip
     return rows
 
 
-def speedups(rows: list[dict], cold_run: str, warm_run: str) -> None:
-    for h in {r["host"] for r in rows}:
-        cold = next(r for r in rows if r["run"] == cold_run and r["host"] == h)
-        warm = next(r for r in rows if r["run"] == warm_run and r["host"] == h)
-        warm["speedup_compile"] = cold["build_plus_compile_s"] / warm["build_plus_compile_s"]
-        warm["speedup_phases"] = cold["build_prefill_decode_s"] / warm["build_prefill_decode_s"]
-
-
-def measure(config, work: Path, label: str, env: dict[str, str], core_list) -> list[dict]:
-    """1 host: a cold run fills a fresh cache, a warm run reuses it."""
+def cold_and_warm(config: Path, work: Path, variant: str, hosts: int, env: dict[str, str], core_list) -> list[dict]:
     cache = work / "jax_cache"
     shutil.rmtree(work, ignore_errors=True)
     rows = []
     for attempt in ("cold", "warm"):
-        run = launch(config, work / attempt, 1, cache_flag(cache), env_extra=env, core_list=core_list)
-        rows += host_rows(run, label, attempt, cache)
-    speedups(rows, "cold", "warm")
-    return rows
-
-
-def measure_multihost(config, work: Path, core_list) -> list[dict]:
-    """2 hosts, one fresh cache: cold, then warm."""
-    cache = work / "jax_cache"
-    shutil.rmtree(work, ignore_errors=True)
-    rows = []
-    for attempt in ("cold", "warm"):
-        run = launch(config, work / attempt, 2, cache_flag(cache), core_list=core_list)
-        rows += host_rows(run, "2 hosts", attempt, cache)
-    speedups(rows, "cold", "warm")
+        wait_for_quiet()
+        run = launch(config, work / attempt, hosts, cache_flag(cache), env_extra={"JAX_LOG_COMPILES": "1", **env},
+                     core_list=core_list)  # fmt: skip
+        rows += host_rows(run, variant, attempt, cache)
+    for warm in (r for r in rows if r["run"] == "warm"):
+        cold = next(r for r in rows if r["run"] == "cold" and r["host"] == warm["host"])
+        warm["compile_ratio"] = cold["compile_s"] / warm["compile_s"]
+        warm["generate_ratio"] = cold["generate_s"] / warm["generate_s"]
+        warm["wall_ratio"] = cold["wall_s"] / warm["wall_s"]
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--multihost", action="store_true", help="Also 2 hosts, cold then warm (+2 runs, ~2 min).")
-    parser.add_argument("--hf_checkpoint", default=default_checkpoint())
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--eqx_raise", action="store_true", help="Also 1 host with EQX_ON_ERROR=raise.")
     parser.add_argument("--out", default=str(RESULTS / "compile_cache.json"))
     args = parser.parse_args()
+    report = Report("compile_cache", args)
     core_list = cores()
     work = SCRATCH / "compile_cache"
-    config = write_config(work / "config.yaml", TINY_CONFIG, hf_checkpoint=args.hf_checkpoint)
-    rows = []
-    rows += measure(config, work / "nan", "1 host (EQX_ON_ERROR=nan, the default)", {}, core_list)
-    rows += measure(config, work / "raise", "1 host, EQX_ON_ERROR=raise", {"EQX_ON_ERROR": "raise"}, core_list)
-    if args.multihost:
-        rows += measure_multihost(config, work / "two_hosts", core_list)
-    print()
-    print(format_table(rows, COLUMNS + [("speedup_compile", "cold/warm compile", "{:.1f}x"),
-                                        ("speedup_phases", "cold/warm phases", "{:.1f}x")]))  # fmt: skip
-    write_json(
-        args.out,
-        {
-            "bench": "compile_cache",
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": machine(),
-            "args": vars(args),
-            "rows": rows,
-        },
-    )
+    config = write_config(work / "config.yaml", TINY_CONFIG, samples_table_rows=0)
+    rows = cold_and_warm(config, work / "default", f"{args.hosts} hosts", args.hosts, {}, core_list)
+    if args.eqx_raise:
+        rows += cold_and_warm(config, work / "raise", "1 host, EQX_ON_ERROR=raise", 1, {"EQX_ON_ERROR": "raise"},
+                              core_list)  # fmt: skip
+    report.table("Cold vs warm compilation cache, per host", rows, COLUMNS)
+    report.write(args.out, rows=rows)
 
 
 COLUMNS = [
@@ -147,14 +88,17 @@ COLUMNS = [
     ("run", "run", "{}"),
     ("host", "host", "{:d}"),
     ("engine_build_s", "engine build s", "{:.2f}"),
-    ("prefill_compile_s", "compile prefill s", "{:.2f}"),
-    ("decode_compile_s", "compile decode s", "{:.2f}"),
-    ("trace_lower_s", "trace+lower s", "{:.2f}"),
-    ("build_plus_compile_s", "build+compile s", "{:.2f}"),
-    ("build_prefill_decode_s", "build+prefill+decode s", "{:.2f}"),
-    ("engine_hits", "cache hits", "{}"),
+    ("compile_s", "compile s", "{:.2f}"),
+    ("prefill_s", "prefill s", "{:.2f}"),
+    ("decode_s", "decode s", "{:.2f}"),
+    ("generate_s", "generate s", "{:.2f}"),
+    ("compile_share", "compile share", "{:.1%}"),
+    ("engine_hits", "engine cache hits", "{}"),
     ("cache_files", "cache files", "{:d}"),
     ("wall_s", "wall s", "{:.1f}"),
+    ("compile_ratio", "cold/warm compile", "{:.1f}x"),
+    ("generate_ratio", "cold/warm generate", "{:.1f}x"),
+    ("wall_ratio", "cold/warm wall", "{:.2f}x"),
 ]
 
 if __name__ == "__main__":

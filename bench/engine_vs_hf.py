@@ -2,16 +2,17 @@
 
     # torch is the optional `bench` extra (torch==2.13.0, CPU); on this machine: .venv/bin/python -m pip install torch==2.13.0
     uv run python bench/engine_vs_hf.py                  # ~3 min on 2 cores; JSON to bench/results/engine_vs_hf.json
+    # torch elsewhere (pip install --target /tmp/bench_torch torch==2.13.0), leaving the shared venv alone:
     uv run python bench/engine_vs_hf.py --prompts 512 --hf_batch_sizes 64,512 --torch_path /tmp/bench_torch
 
 Same tiny checkpoint (``assets/tiny-addition``, float32), the same ``--prompts`` addition prompts (tokenized without
 special tokens, as the sampler does), the same ``--max_new_tokens`` (default 6), greedy, on one core each:
 
 * pipeline: ``levanter_multihost.sample_lm_multihost`` on 1 emulated host (1 CPU device, pinned to core 0), engine
-  of 256 slots (``max_seqs = max_tokens_per_round = max_seqs_in_prefill = 256``), warm compilation cache (a first
-  run fills it). Tokens/s three ways: / round time (prefill + decode as in summary.json,
-  which includes tracing, lowering and loading the engine's programs, ~2-3 s), / generation only (round time
-  minus that), / the launcher's wall clock (process start, model load, ... exit).
+  of 256 slots (``max_seqs = max_tokens_per_round = max_seqs_in_prefill = 256``, so batches of 256), warm
+  compilation cache (a first run fills it). Tokens/s three ways: / generation (summary.json ``prefill_s +
+  decode_s``, compile excluded), / ``generate_s`` (compile, i.e. tracing and loading the engine's programs from the
+  cache, included), / the launcher's wall clock (process start, model load, ... exit).
 * Hugging Face: ``AutoModelForCausalLM.generate`` (transformers 4.57.6, torch CPU, ``torch.set_num_threads(1)``,
   pinned to core 0), left padding, ``do_sample=False``, no EOS stop (``eos_token_id=None``) and no
   ``begin_suppress_tokens``, so it generates exactly ``max_new_tokens`` like the pipeline; per batch size, one
@@ -135,19 +136,17 @@ def main() -> None:
     from _common import (
         RESULTS,
         SCRATCH,
+        Report,
         addition_prompts,
         cache_flag,
         default_checkpoint,
-        engine_overhead_s,
-        format_table,
         launch,
-        machine,
         write_config,
-        write_json,
     )
 
     args.hf_checkpoint = args.hf_checkpoint or default_checkpoint()
     args.out = args.out or str(RESULTS / "engine_vs_hf.json")
+    report = Report("engine_vs_hf", {k: v for k, v in vars(args).items() if k != "batch_sizes"})
     work = SCRATCH / "engine_vs_hf"
     prompts_path = addition_prompts(args.prompts, work / f"addition_{args.prompts}.txt")
     width = args.max_seqs
@@ -158,7 +157,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         task="addition",
         progress_interval_s=0,
-        trainer={"model_axis_size": 1},
+        samples_table_rows=0,
         engine={
             "max_seq_len": 64,
             "page_size": 8,
@@ -178,17 +177,17 @@ def main() -> None:
     for rep in range(args.repeats):
         run = launch(config, work / f"pipeline_{rep}", 1, *flags, core_list=[args.core])
         m = run["host_metrics"][0]
-        tokens = run["summary"]["sample/total_generated_tokens"]
-        overhead = engine_overhead_s(run, 0)
+        tokens = m["tokens_generated"]
+        gen_s = m["prefill_s"] + m["decode_s"]
         rows.append(
             {
                 "repeat": rep,
                 "who": f"pipeline (engine width {width})",
                 "tokens": tokens,
-                "gen_s": m["round_total_s"] - overhead,
-                "round_s": m["round_total_s"],
-                "tok_s_gen": tokens / (m["round_total_s"] - overhead),
-                "tok_s_round": tokens / m["round_total_s"],
+                "gen_s": gen_s,
+                "round_s": m["generate_s"],
+                "tok_s_gen": tokens / gen_s,
+                "tok_s_round": tokens / m["generate_s"],
                 "wall_s": run["wall_outside_s"],
                 "tok_s_wall": tokens / run["wall_outside_s"],
             }
@@ -211,7 +210,6 @@ def main() -> None:
                 }
             )
             hf_outputs[bs] = res["outputs"]
-        print(format_table([r for r in rows if r["repeat"] == rep], COLUMNS), flush=True)
 
     summary = []
     for bs, outputs in hf_outputs.items():
@@ -241,40 +239,27 @@ def main() -> None:
                 },
             }
         )
-    print("\nAll runs:")
-    print(format_table(rows, COLUMNS))
-    print("\npipeline / HF tokens/s (median over repeats); greedy outputs compared prompt by prompt:")
-    print(format_table(summary, SUMMARY_COLUMNS))
-    write_json(
-        args.out,
-        {
-            "bench": "engine_vs_hf",
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": machine(),
-            "args": {k: v for k, v in vars(args).items() if k != "batch_sizes"},
-            "config": config.read_text(),
-            "torch": hf.get("torch"),
-            "rows": rows,
-            "summary": summary,
-        },
-    )
+    report.table("All runs", rows, COLUMNS)
+    report.table("pipeline / HF tokens/s (median over repeats); greedy outputs compared prompt by prompt", summary,
+                 SUMMARY_COLUMNS)  # fmt: skip
+    report.write(args.out, config=config.read_text(), torch=hf.get("torch"), rows=rows, summary=summary)
 
 
 COLUMNS = [
     ("repeat", "rep", "{:d}"),
     ("who", "who", "{}"),
     ("tokens", "tokens", "{:d}"),
-    ("gen_s", "generate s", "{:.2f}"),
-    ("tok_s_gen", "tok/s (generate)", "{:.0f}"),
-    ("round_s", "round s", "{:.2f}"),
-    ("tok_s_round", "tok/s (round)", "{:.0f}"),
+    ("gen_s", "generation s", "{:.2f}"),
+    ("tok_s_gen", "tok/s (generation)", "{:.0f}"),
+    ("round_s", "generate_s (+compile)", "{:.2f}"),
+    ("tok_s_round", "tok/s (generate_s)", "{:.0f}"),
     ("wall_s", "wall s", "{:.1f}"),
     ("tok_s_wall", "tok/s (wall)", "{:.0f}"),
 ]
 SUMMARY_COLUMNS = [
     ("hf_batch", "HF batch", "{:d}"),
-    ("ratio_gen", "generate only", "{:.2f}x"),
-    ("ratio_round", "pipeline round / HF generate", "{:.2f}x"),
+    ("ratio_gen", "generation", "{:.2f}x"),
+    ("ratio_round", "pipeline generate_s / HF generate", "{:.2f}x"),
     ("ratio_wall", "wall", "{:.2f}x"),
     ("identical", "identical outputs", "{:d}"),
     ("of", "of", "{:d}"),

@@ -27,9 +27,9 @@ Each starts from a barrier (``wait_at_barrier``); the leader's clock runs from t
 decoded ("gather"), then to ``merged.jsonl`` written ("merge"); each host also reports its own encode + send time.
 The three merged files are checked to be byte for byte the same. Ratios are the median over repeats of
 reference / project, measured back to back in the same processes. Also reported: gather + merge as a fraction of
-the seed's 107 s of generation per host, and single-core costs of each step. In the sampler the collector drains
-parts while the leader samples its own share, so most of the "gather" overlaps generation; here all of it is on
-the clock. Caveat: 4 hosts share 2 cores here, and loopback is not the data-center network between TPU hosts; the
+the seed's 107 s round per host (v5p-16, 64 prompts x 2048 new tokens a host), and single-core costs of each
+step. In the sampler the collector drains parts while the leader samples its own share, so most of the "gather"
+overlaps generation; here all of it is on the clock. Caveat: 4 hosts share 2 cores here, and loopback is not the data-center network between TPU hosts; the
 bytes column says what would cross it.
 """
 
@@ -306,7 +306,7 @@ def summarize(results: list[dict]) -> dict:
 
 
 def main() -> None:
-    from _common import RESULTS, SEED_GENERATION_S, cores, format_table, host_env, machine, pinning_note, write_json
+    from _common import RESULTS, SEED_GENERATION_S, Report, cores, host_env, pinning_note
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=4)
@@ -317,9 +317,9 @@ def main() -> None:
     if args.worker:
         worker(args.repeats)
         return
+    report = Report("gather_cost", args)
     here = Path(__file__).resolve()
     core_list = cores()
-    machine_info = machine()
     command = [
         sys.executable, str(here.parents[1] / "infra" / "launch.py"), "--local_hosts", str(args.hosts),
         "--devices_per_host", "1", "--", sys.executable, str(here.parent / "pin.py"),
@@ -344,14 +344,13 @@ def main() -> None:
     print(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {NUM_PROMPTS} rows x 2048 tokens; "
           f"raw compact JSON {data['raw_json_bytes'] / 1e6:.1f} MB, parts' JSONL {data['jsonl_bytes'] / 1e6:.1f} MB; "
           "merged.jsonl identical on every path")  # fmt: skip
-    print(format_table(results, COLUMNS))
+    report.table("Every repeat", results, COLUMNS)
     summary = summarize(results)
     summary["single_core"] = one = single_core_costs(args.hosts)
     rows = [dict(transport=name, **summary[name]) for name in TRANSPORTS]
     for row in rows:
         row["MB"] = row["bytes"] / 1e6
-    print("\nMedians:")
-    print(format_table(rows, COLUMNS[1:]))
+    report.table("Medians", rows, COLUMNS[1:])
     print(
         f"\nreference / project (gather + merge): {summary['speedup_project']:.2f}x (each repeat: "
         f"{', '.join(f'{x:.2f}' for x in summary['speedup_project_each'])}); counting the JSONL: "
@@ -378,22 +377,9 @@ def main() -> None:
         f"JSONL) vs encode + {args.hosts} x decode + merge = {estimate['reference']:.2f}s = "
         f"{100 * estimate['reference'] / SEED_GENERATION_S:.2f}% (reference), before transfer and the write."
     )
-    write_json(
-        args.out,
-        {
-            "bench": "gather_cost",
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": machine_info,
-            "hosts": args.hosts,
-            "rows": NUM_PROMPTS,
-            "raw_json_bytes": data["raw_json_bytes"],
-            "parts_jsonl_bytes": data["jsonl_bytes"],
-            "batch_rows": BATCH_ROWS,
-            "launcher_wall_s": wall,
-            "results": results,
-            "summary": summary,
-        },
-    )
+    report.write(args.out, hosts=args.hosts, rows=NUM_PROMPTS, raw_json_bytes=data["raw_json_bytes"],
+                 parts_jsonl_bytes=data["jsonl_bytes"], batch_rows=BATCH_ROWS, launcher_wall_s=wall, results=results,
+                 summary=summary)  # fmt: skip
 
 
 COLUMNS = [
@@ -404,7 +390,7 @@ COLUMNS = [
     ("gather_s", "gather s", "{:.3f}"),
     ("merge_s", "merge+write s", "{:.3f}"),
     ("total_s", "total s", "{:.3f}"),
-    ("fraction_of_seed", "of 107 s", "{:.2%}"),
+    ("fraction_of_seed", "of the seed's 107 s round", "{:.2%}"),
 ]
 
 if __name__ == "__main__":

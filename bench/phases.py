@@ -1,191 +1,127 @@
 """Phase breakdown of one run: where the wall clock goes, from launching the processes to the launcher's exit.
 
-    uv run python bench/phases.py                        # ~1.5 min on 2 cores; JSON to bench/results/phases.json
-    uv run python bench/phases.py --hosts 4 --cache --out /tmp/phases.json
+    uv run python bench/phases.py                        # ~1 min on 2 cores; JSON to bench/results/phases.json
+    uv run python bench/phases.py --cache --out bench/results/phases_warm.json    # after a run that fills a cache
 
-The run: ``config/sampler/tiny_local.yaml`` (256 addition prompts x 6 new tokens, greedy) on ``--hosts`` emulated
-hosts (default 2, one core each, 1 CPU device each, ``--trainer.model_axis_size=1``); without a compilation cache
-by default, as the config ships (``--cache``: a first run fills a cache, the second, measured one loads from it).
+The run: ``config/sampler/tiny_local.yaml`` (256 addition prompts x 6 new tokens, greedy, one batch per host) on
+``--hosts`` emulated hosts (default 2, one core each, 1 CPU device each, ``--trainer.model_axis_size=1``), without
+a compilation cache by default, as the config ships (``--cache``: a first run fills one, the measured run loads
+from it).
 
-Where each number comes from (seconds; "share" is of the launcher's wall clock):
+Every host phase is a list of [start, end] spans in summary.json ``hosts[*].phases`` (seconds from the host
+process's creation, ``started_at``); a phase's seconds are the sum of its spans:
 
-* launch: the bench's clock just before it starts ``infra/launch.py`` -> the host process's creation
-  (``started_at``, from ``/proc``, to 10 ms); Python start: -> the host's ``runtime.start`` (Python start-up, imports
-  of JAX/Levanter, config parsing: the ``startup`` phase);
-* distributed init, prepare (prompts, tokenizer, preflight, output dir), model load, engine build, write, from
-  ``summary.json`` ``hosts[*].phases``;
-* prefill and decode from the same phases, each split into the engine program's trace + lower + XLA compile (or
-  cache load), from JAX's ``JAX_LOG_COMPILES`` log lines, and the rest (running it);
-* gather: per host, its write end -> the leader has its shard (``hosts[*].phases.gather``; a host that finishes
-  first waits there for the leader; the leader's own shard never leaves it); on the critical path ("max"
-  column): the last host's write end -> the leader has every shard;
-* the leader's own phases from ``summary.json`` ``leader.phases``: collect (its wait for the other shards), merge
-  (``merged.jsonl``), timeline (``timeline.png``), tracker; then shutdown: the tracker's end -> the launcher's exit
-  (``summary.json`` rewritten, the ``done`` key, every process exiting).
+* launch: the bench's clock before it starts ``infra/launch.py`` -> the host process's creation (``/proc``, to
+  10 ms); startup: Python start, imports of JAX and Levanter, config parsing;
+* distributed_init, prepare (config resolution, prompts, tokenizer, run directory), model_load, engine_build;
+* compile, prefill, decode: per batch, the sampler splits the ``generate`` call with JAX's compile clock, so
+  compile (tracing, lowering, compiling or loading from the cache, the first batch's) is its own phase;
+* write (the part file), send (to the leader; the leader's own parts go to its spool); "between phases" is the
+  rest up to the last send: building rows from tokens, checking the engine's state;
+* wait (hosts other than the leader): last send -> the leader has this host's end message;
+* the leader's own: collect (its wait for every host's parts), merge (``merged.jsonl``), timeline
+  (``timeline.png``), tracker; then shutdown: the tracker's end -> the launcher's exit.
 """
 
 import argparse
 import shutil
-import time
 
 from _common import (
     RESULTS,
     SCRATCH,
     TINY_CONFIG,
+    Report,
     cache_flag,
     cores,
-    default_checkpoint,
-    engine_compile_s,
-    format_table,
     launch,
-    machine,
+    phase_s,
     pinning_note,
+    wait_for_quiet,
     write_config,
-    write_json,
 )
 
-PHASES = ("distributed_init", "prepare", "model_load", "engine_build", "prefill", "decode", "write", "gather")
-
-
-def span(phases: dict, name: str) -> float:
-    start, end = phases.get(name, (0.0, 0.0))
-    return end - start
+HOST_PHASES = [
+    ("launch", "launcher start -> host process created"),
+    ("startup", "Python start, imports, config"),
+    ("distributed_init", "jax.distributed init"),
+    ("prepare", "prepare (config, prompts, tokenizer, run dir)"),
+    ("model_load", "model load"),
+    ("engine_build", "engine build (KV cache)"),
+    ("compile", "compile (trace, lower, compile or cache load)"),
+    ("prefill", "prefill (compile excluded)"),
+    ("decode", "decode (compile excluded)"),
+    ("write", "part write"),
+    ("send", "send to the leader"),
+    ("between", "between phases (rows from tokens, engine check)"),
+    ("wait", "wait: last send -> the leader has the host's end"),
+]
+LEADER_PHASES = [
+    ("collect", "collect (leader: every host's parts in)"),
+    ("merge", "merge (leader: merged.jsonl)"),
+    ("timeline", "timeline.png"),
+    ("tracker", "tracker (noop here)"),
+    ("shutdown", "summary.json again, done, every process exiting"),
+]
 
 
 def breakdown(run: dict) -> tuple[list[dict], dict]:
-    """Per-host rows of phase seconds, and the leader's post-gather spans."""
+    """Per-host phase seconds, and the leader's own."""
     rows = []
-    launched = run["launched_at"]
-    wall = run["wall_outside_s"]
-    last_in = 0.0
-    last_written = 0.0
-    for m in sorted(run["host_metrics"], key=lambda m: m["host"]):
-        host, ph = m["host"], m["phases"]
-        row = {
-            "host": host,
-            "launch": m["started_at"] - launched,
-            "python_start": ph.get("startup", (0.0, 0.0))[1],
-            "process_start": m["started_at"] + ph.get("startup", (0.0, 0.0))[1] - launched,
-        }
-        for name in PHASES:
-            row[name] = span(ph, name)
-        compile_prefill = sum(
-            run["compiles"].get(host, {}).get(step, {}).get("_run_prefill", 0.0)
-            for step in ("trace", "lower", "compile")
-        )
-        compile_decode = sum(
-            run["compiles"].get(host, {}).get(step, {}).get("_run_generation_loop", 0.0)
-            for step in ("trace", "lower", "compile")
-        )
-        row["prefill_compile"] = compile_prefill
-        row["prefill_run"] = row["prefill"] - compile_prefill
-        row["decode_compile"] = compile_decode
-        row["decode_run"] = row["decode"] - compile_decode
-        row["xla_compile_only"] = engine_compile_s(run, host)
-        end_of_gather = m["started_at"] + ph.get("gather", (0, 0))[1]
-        last_in = max(last_in, end_of_gather)
-        last_written = max(last_written, m["started_at"] + ph.get("write", (0, 0))[1])
-        row["until_sent_s"] = end_of_gather - launched
-        covered = row["process_start"] + sum(row[name] for name in PHASES)
-        row["other"] = row["until_sent_s"] - covered
+    for m in run["host_metrics"]:
+        row = {"host": m["host"], "launch": m["started_at"] - run["launched_at"]}
+        for name, _ in HOST_PHASES[1:]:
+            if name != "between":
+                row[name] = phase_s(m, name)
+        last_send = max((end for _, end in m["phases"].get("send", [])), default=0.0)
+        covered = sum(row[name] for name in ("startup", "distributed_init", "prepare", "model_load", "engine_build",
+                                             "compile", "prefill", "decode", "write", "send"))  # fmt: skip
+        row["between"] = last_send - covered
         rows.append(row)
-    own = run["leader"]["phases"]
-    tracker_end = run["leader"]["started_at"] + own["tracker"][1]
-    leader = {
-        "gather_critical": last_in - last_written,
-        "collect": span(own, "collect"),
-        "merge": span(own, "merge"),
-        "timeline": span(own, "timeline"),
-        "tracker": span(own, "tracker"),
-        "shutdown": run["ended_at"] - tracker_end,
-        "wall": wall,
-    }
-    return rows, leader
+    leader = run["leader"]
+    own = {name: phase_s(leader, name) for name, _ in LEADER_PHASES[:-1]}
+    tracker_end = leader["started_at"] + max(end for _, end in leader["phases"]["tracker"])
+    own["shutdown"] = run["ended_at"] - tracker_end
+    return rows, own
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=2)
-    parser.add_argument(
-        "--cache",
-        action="store_true",
-        help="Measure a warm compilation-cache run (after one run that fills it).",
-    )
-    parser.add_argument("--hf_checkpoint", default=default_checkpoint())
+    parser.add_argument("--cache", action="store_true", help="Measure a warm compilation-cache run.")
     parser.add_argument("--out", default=str(RESULTS / "phases.json"))
     args = parser.parse_args()
+    report = Report("phases", args)
     core_list = cores()
     work = SCRATCH / "phases"
-    config = write_config(work / "config.yaml", TINY_CONFIG, hf_checkpoint=args.hf_checkpoint)
+    config = write_config(work / "config.yaml", TINY_CONFIG)
     flags = []
     if args.cache:
         shutil.rmtree(work / "jax_cache", ignore_errors=True)
         flags = [cache_flag(work / "jax_cache")]
+        wait_for_quiet()
         launch(config, work / "fill_cache", args.hosts, *flags, core_list=core_list)
+    wait_for_quiet()
     run = launch(config, work / "run", args.hosts, *flags, core_list=core_list)
-    rows, leader = breakdown(run)
-    wall = leader["wall"]
-
+    hosts, own = breakdown(run)
+    wall = run["wall_outside_s"]
     table = []
-    names = [
-        ("launch", "launcher start -> host process created"),
-        ("python_start", "Python start, imports, config"),
-        ("distributed_init", "jax.distributed init"),
-        ("prepare", "prepare (prompts, tokenizer, preflight, output dir)"),
-        ("model_load", "model load"),
-        ("engine_build", "engine build (KV cache)"),
-        ("prefill_compile", "prefill: trace+lower+compile _run_prefill"),
-        ("prefill_run", "prefill: run"),
-        ("decode_compile", "decode: trace+lower+compile _run_generation_loop"),
-        ("decode_run", "decode: run (+ request/row building)"),
-        ("write", "shard write"),
-        ("gather", "gather (per host: write end -> leader has it; max: critical path)"),
-        ("other", "between phases"),
-    ]
-    for key, title in names:
-        entry = {"phase": title}
-        for r in rows:
-            entry[f"h{r['host']}"] = r[key]
-        slowest = leader["gather_critical"] if key == "gather" else max(r[key] for r in rows)
-        entry["max"] = slowest
-        entry["share"] = slowest / wall
+    for key, title in HOST_PHASES:
+        entry = {"phase": title, **{f"h{r['host']}": r.get(key) for r in hosts}}
+        entry["max"] = max(r.get(key) or 0.0 for r in hosts)
+        entry["share"] = entry["max"] / wall
         table.append(entry)
-    for key, title in (
-        ("collect", "collect (leader: own shard sent -> every other shard in)"),
-        ("merge", "merge (leader: merged.jsonl)"),
-        ("timeline", "timeline.png"),
-        ("tracker", "tracker (log the summary, table and timeline; finish)"),
-        ("shutdown", "summary.json again, done, every process exiting"),
-    ):
-        table.append({"phase": title, "h0": leader[key], "max": leader[key], "share": leader[key] / wall})
+    for key, title in LEADER_PHASES:
+        table.append({"phase": title, "h0": own[key], "max": own[key], "share": own[key] / wall})
     table.append({"phase": "wall clock (launcher start -> exit)", "max": wall, "share": 1.0})
-    columns = [("phase", "phase", "{}")]
-    columns += [(f"h{r['host']}", f"host {r['host']} s", "{:.2f}") for r in rows]
-    columns += [("max", "max s", "{:.2f}"), ("share", "of wall", "{:.1%}")]
+    columns = [("phase", "phase", "{}"), *[(f"h{r['host']}", f"host {r['host']} s", "{:.2f}") for r in hosts],
+               ("max", "max s", "{:.2f}"), ("share", "of wall", "{:.1%}")]  # fmt: skip
     mode = "warm compilation cache" if args.cache else "no compilation cache"
-    print(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {mode}; tiny_local workload")
-    print(format_table(table, columns))
+    report.table(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {mode}; tiny_local", table, columns)
     s = run["summary"]
-    print(
-        f"tokens {s['sample/total_generated_tokens']}, round max {s['sample/round_time_max_s']:.2f}s, "
-        f"in-process wall (leader started_at -> summary) {s['sample/wall_clock_s']:.2f}s, "
-        f"launcher wall {wall:.2f}s; XLA compile of the engine's programs per host: "
-        + ", ".join(f"{r['xla_compile_only']:.2f}s" for r in rows)
-    )
-    write_json(
-        args.out,
-        {
-            "bench": "phases",
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": machine(),
-            "args": vars(args),
-            "mode": mode,
-            "hosts": rows,
-            "leader": leader,
-            "table": table,
-            "summary": s,
-        },
-    )
+    print(f"job {s['sample/job_tokens_per_s']:.0f} tok/s (slowest host's generate {s['sample/generate_time_max_s']:.2f}"
+          f" s), end to end {s['sample/end_to_end_tokens_per_s']:.0f} tok/s over {s['sample/wall_clock_s']:.2f} s, "
+          f"launcher wall {wall:.2f} s")  # fmt: skip
+    report.write(args.out, mode=mode, hosts=hosts, leader=own, summary=s)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ def main() -> None:
     merged_after_kill = (killed_dir / "merged.jsonl").exists()
 
     wait_for_quiet()
-    resumed = launch(config, killed_dir, args.hosts, *flags, "--resume=true", core_list=core_list,
-                     log_name="resumed_run.log")
+    resumed = launch(
+        config, killed_dir, args.hosts, *flags, "--resume=true", core_list=core_list, log_name="resumed_run.log"
+    )
     sampled = sum(m["sequences"] for m in resumed["host_metrics"])
     kept = sum(m["rows_kept"] for m in resumed["host_metrics"])
     merged = (killed_dir / "merged.jsonl").read_bytes()
@@ -155,7 +156,8 @@ def main() -> None:
     }
     report.table("Per host: parts after the kill, then the resume", host_rows, HOST_COLUMNS)
     report.table("Kill and resume", [result], COLUMNS)
-    tail = [line for line in open(killed["log"], errors="replace").read().splitlines() if "ERROR" in line][-5:]
+    with open(killed["log"], errors="replace") as f:
+        tail = [line for line in f.read().splitlines() if "ERROR" in line][-5:]
     report.write(args.out, result=result, hosts=host_rows, kill=kill, killed_log_errors=tail,
                  at=time.strftime("%H:%M:%S"))  # fmt: skip
 

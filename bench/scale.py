@@ -37,7 +37,6 @@ from _common import (
     write_config,
 )
 
-
 SAME = ("global_prompt_index", "generation_index", "generated_token_ids", "generated_text", "finish_reason")
 """What must match the baseline row for row (``process_index`` differs: another host samples the prompt)."""
 
@@ -54,7 +53,9 @@ def check_rows(path, n: int, baseline: list[dict] | None) -> dict:
     }
 
 
-def run_size(config_dir, n: int, hosts: int, flags: list[str], core_list, baseline, label: str = "") -> tuple[dict, list]:
+def run_size(
+    config_dir, n: int, hosts: int, flags: list[str], core_list, baseline, label: str = ""
+) -> tuple[dict, list]:
     prompts = addition_prompts(n, config_dir / f"addition_{n}.txt")
     config = write_config(config_dir / f"config_{n}.yaml", prompts_file=str(prompts), task="addition",
                           progress_interval_s=30, samples_table_rows=0)  # fmt: skip

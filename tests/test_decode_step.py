@@ -16,8 +16,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import decode_seam
-import decode_step
+import decode_seam  # noqa: E402  (bench/ is put on the path just above)
+import decode_step  # noqa: E402
 
 # (file, function) -> copies in the tiny model's decode program (4 layers); fori loops with static bounds are
 # scans in the jaxpr, whiles in HLO
