@@ -98,7 +98,8 @@ def _reporting():
 def _project(client, host: int, n: int, rows: list[dict], parts: list | None, prefix: str, out_dir: str) -> dict:
     """The sampler's path; ``parts`` None: make the parts' bytes from ``rows`` inside the clock."""
     from levanter_multihost import leader
-    from levanter_multihost.coordination import Collector, Coordinator
+    from levanter_multihost.collector import Collector
+    from levanter_multihost.coordination import Coordinator
     from levanter_multihost.rundir import MERGED_JSONL, RunDir
     from levanter_multihost.runplan import Timeouts
 

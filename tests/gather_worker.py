@@ -31,7 +31,8 @@ import jax
 from jax._src import distributed
 from synthetic_rows import synthetic_row
 
-from levanter_multihost.coordination import DONE, READY, Collector, CoordinationError, Coordinator
+from levanter_multihost.collector import Collector
+from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from levanter_multihost.payload import PayloadError, encode_payload
 from levanter_multihost.runplan import Timeouts

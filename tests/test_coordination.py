@@ -9,11 +9,11 @@ import time
 
 import pytest
 
+from levanter_multihost.collector import Collector
 from levanter_multihost.coordination import (
     DONE,
     PREFIX,
     READY,
-    Collector,
     CoordinationError,
     Coordinator,
     InMemoryKeyValue,

@@ -5,8 +5,9 @@ What crosses, in order (``docs/architecture.md`` draws it):
 1. ``READY`` — the leader (host 0) has checked and prepared the run directory; the message carries the attempt
    id and the attempts whose rows belong to the run. The other hosts wait for it before reading or writing it.
 2. parts — after every batch a host sends the part it just made durable (and, on resume, the rows it keeps),
-   as checksummed chunks and then a manifest (the commit point); the leader's :class:`Collector` drains them into
-   a local spool while it samples its own share, so the store never holds more than a few parts.
+   as checksummed chunks and then a manifest (the commit point); the leader's collector
+   (:mod:`levanter_multihost.collector`) drains them into a local spool while it samples its own share, so the
+   store never holds more than a few parts.
 3. end — each host's metrics, or its error: the leader then knows every part has arrived, or why not.
 4. ``DONE`` — the leader has merged and reported; the others may exit.
 
@@ -22,10 +23,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from levanter_multihost.payload import Manifest, decode_payload, encode_payload, verify_chunk
+from levanter_multihost.payload import encode_payload
 from levanter_multihost.runplan import Timeouts
 
 logger = logging.getLogger(__name__)
@@ -55,20 +55,6 @@ class KeyValueClient(Protocol):
     def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes: ...
 
     def key_value_delete(self, key: str) -> None: ...
-
-
-@dataclass
-class HostArrivals:
-    """What the leader has received from one host."""
-
-    parts: int = 0
-    """Parts received."""
-    bytes: int = 0
-    """Compressed bytes received through the store."""
-    end: dict[str, Any] | None = None
-    """The host's end message (``status``, ``metrics`` or ``error``), once it came."""
-    ended_at: float | None = None
-    """``time.time()`` on the leader when the end message arrived."""
 
 
 class Coordinator:
@@ -104,7 +90,7 @@ class Coordinator:
 
     def wait_for(self, name: str) -> dict[str, Any]:
         """Wait for the leader's ``name`` announcement while its heartbeat moves; return the message."""
-        watch = _Silence(self, LEADER)
+        watch = Silence(self, LEADER)
         while True:
             try:
                 raw = self._try_get(f"{PREFIX}/{name}")
@@ -183,7 +169,7 @@ class Coordinator:
         """Leader, after announcing a failure: wait until every other host has left or gone silent (at most
         ``timeout_s``), so none of them sees the leader's store vanish and dies with JAX's fatal-error dumps.
         Returns the hosts still there."""
-        watches = {h: _Silence(self, h) for h in range(self.num_hosts) if h != self.host}
+        watches = {h: Silence(self, h) for h in range(self.num_hosts) if h != self.host}
         deadline = time.monotonic() + timeout_s
         while watches and time.monotonic() < deadline:
             for h in list(watches):
@@ -241,7 +227,7 @@ class Coordinator:
             raise
 
 
-class _Silence:
+class Silence:
     """How long a host's heartbeat has not moved, as seen from here."""
 
     def __init__(self, coordinator: Coordinator, host: int):
@@ -254,111 +240,6 @@ class _Silence:
         if beat != self.beat:
             self.beat, self.since = beat, time.monotonic()
         return time.monotonic() - self.since
-
-
-class Collector:
-    """Leader: drains the other hosts' parts into ``receive`` from a background thread, until each host ends.
-
-    ``receive(host, header, data)`` is called on the collector's thread, one part at a time, in the order each host
-    sent them. :meth:`finish` waits for every host and raises :class:`CoordinationError` naming the hosts that
-    failed or went silent.
-    """
-
-    def __init__(self, coordinator: Coordinator, receive: Callable[[int, dict, bytes], None]):
-        self.c = coordinator
-        self.receive = receive
-        self.arrivals = {h: HostArrivals() for h in range(coordinator.num_hosts) if h != LEADER}
-        self.silent: list[int] = []
-        self.error: BaseException | None = None
-        self.trouble = threading.Event()
-        """Set as soon as a host failed or went silent, so the leader can stop early (:meth:`check`)."""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
-
-    def start(self) -> "Collector":
-        self._thread.start()
-        return self
-
-    def check(self) -> None:
-        """Raise now if a host has failed or gone silent (the leader calls this between its own batches)."""
-        if self.trouble.is_set():
-            self._thread.join(timeout=5 * POLL_INTERVAL_S)
-            self._raise()
-
-    def finish(self) -> dict[int, HostArrivals]:
-        """Wait until every host has ended or gone silent; return what arrived from each."""
-        self._thread.join()
-        self._raise()
-        return self.arrivals
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-        failed = {h: a.end.get("error", "unknown error") for h, a in self.arrivals.items()
-                  if a.end is not None and a.end.get("status") != "ok"}  # fmt: skip
-        if failed or self.silent:
-            parts = [f"host {h} failed: {error}" for h, error in sorted(failed.items())]
-            if self.silent:
-                parts.append(f"host(s) {sorted(self.silent)} went silent (no heartbeat for silent_host_s="
-                             f"{self.c.timeouts.silent_host_s:g}s: dead or hung)")  # fmt: skip
-            raise CoordinationError("Gather incomplete: " + "; ".join(parts) + ". No merged output was written.")
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        watches = {h: _Silence(self.c, h) for h in self.arrivals}
-        pending = set(self.arrivals)
-        try:
-            while pending and not self._stop.is_set():
-                progressed = False
-                for host in sorted(pending):
-                    if self._drain(host):
-                        progressed = True
-                    elif self.arrivals[host].end is not None:
-                        pending.discard(host)
-                        if self.arrivals[host].end.get("status") != "ok":
-                            self.trouble.set()
-                    elif watches[host].silent_for() > self.c.timeouts.silent_host_s:
-                        self.silent.append(host)
-                        pending.discard(host)
-                        self.trouble.set()
-                if not progressed:
-                    time.sleep(POLL_INTERVAL_S)
-        except BaseException as e:  # reported by finish() on the leader's main thread
-            self.error = e
-            self.trouble.set()
-
-    def _drain(self, host: int) -> bool:
-        """Receive the host's next part, or its end message once every part it sent is in; True if a part came."""
-        arrivals = self.arrivals[host]
-        part = f"part{arrivals.parts:06d}"
-        raw = self.c._try_get(self.c._key(host, part, "manifest"))
-        if raw is None:
-            end = self.c._try_get(self.c._key(host, "end"))
-            if end is not None:
-                message = json.loads(end)
-                # the end message is written after the host's last part, so it can only be ahead on a failure
-                if message.get("status") != "ok" or message.get("parts") == arrivals.parts:
-                    arrivals.end, arrivals.ended_at = message, time.time()
-            return False
-        manifest = Manifest.from_bytes(raw, host)
-        chunks = []
-        deadline = time.monotonic() + self.c.timeouts.silent_host_s
-        for i in range(manifest.num_chunks):
-            key = self.c._key(host, part, f"chunk{i:06d}")
-            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-            chunk = bytes(self.c.client.blocking_key_value_get_bytes(key, remaining_ms))
-            verify_chunk(manifest, i, chunk)
-            chunks.append(chunk)
-        header, data = decode_payload(manifest, chunks)
-        self.receive(host, header, data)
-        for i in range(manifest.num_chunks):
-            self.c.client.key_value_delete(self.c._key(host, part, f"chunk{i:06d}"))
-        self.c.client.key_value_delete(self.c._key(host, part, "manifest"))
-        arrivals.parts += 1
-        arrivals.bytes += manifest.total_bytes
-        return True
 
 
 class InMemoryKeyValue:

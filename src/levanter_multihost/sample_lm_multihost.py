@@ -22,7 +22,8 @@ import jax
 
 from levanter_multihost import coordination, leader, model_loading, runtime, sampling, seams, summary, tracking
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
-from levanter_multihost.coordination import DONE, READY, Collector, CoordinationError, Coordinator
+from levanter_multihost.collector import Collector
+from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
