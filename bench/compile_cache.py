@@ -9,9 +9,11 @@ Workload: ``config/sampler/tiny_local.yaml`` (256 prompts x 6 new tokens, one ba
 
 Per host, from summary.json ``hosts``: ``compile_s`` (JAX's own trace, lower and compile durations during the
 host's generate calls, from ``jax.monitoring``; on a cache hit "compile" is loading the executable), ``prefill_s``
-and ``decode_s`` (compile excluded), ``generate_s`` (their sum) and compile's share of it, plus
-``engine_build_s``; which of the engine's two programs (``_run_prefill``, ``_run_generation_loop``) were cache hits
-(``JAX_LOG_COMPILES`` lines); the files in the cache; the launcher's wall clock. Ratios are cold / warm.
+and ``decode_s`` (compile excluded), ``generate_s`` (their sum) and compile's share of it and of the launcher's
+wall clock, plus ``engine_build_s``; the CPU seconds of the host's ``generate`` call (``bench/bench_sampler.py``:
+unlike the wall clock, hardly moved by other users' load); which of the engine's two programs (``_run_prefill``,
+``_run_generation_loop``) were cache hits (``JAX_LOG_COMPILES`` lines); the files in the cache; the launcher's wall
+clock. Ratios are cold / warm.
 
 Two things make the warm run warm on every host, both in ``levanter_multihost.seams``: JAX writes cache entries
 from process 0 only, and host-data-parallel programs carry the host's device ids in their key, so
@@ -42,6 +44,8 @@ def host_rows(run: dict, variant: str, attempt: str, cache: Path) -> list[dict]:
             "engine_build_s": m["engine_build_s"], "compile_s": m["compile_s"], "prefill_s": m["prefill_s"],
             "decode_s": m["decode_s"], "generate_s": m["generate_s"],
             "compile_share": m["compile_s"] / m["generate_s"] if m["generate_s"] else None,
+            "compile_of_wall": m["compile_s"] / run["wall_outside_s"],
+            "generate_cpu_s": run["cpu"].get(m["host"], {}).get("cpu_s"),
             "engine_hits": ",".join(p for p in ENGINE_PROGRAMS if p in hits) or "none",
             "cache_files": cache_files(cache), "wall_s": run["wall_outside_s"], "load_1m": run["loadavg_1m"][0],
         })  # fmt: skip
@@ -62,6 +66,7 @@ def cold_and_warm(config: Path, work: Path, variant: str, hosts: int, env: dict[
         warm["compile_ratio"] = cold["compile_s"] / warm["compile_s"]
         warm["generate_ratio"] = cold["generate_s"] / warm["generate_s"]
         warm["wall_ratio"] = cold["wall_s"] / warm["wall_s"]
+        warm["cpu_ratio"] = cold["generate_cpu_s"] / warm["generate_cpu_s"]
     return rows
 
 
@@ -93,11 +98,14 @@ COLUMNS = [
     ("decode_s", "decode s", "{:.2f}"),
     ("generate_s", "generate s", "{:.2f}"),
     ("compile_share", "compile share", "{:.1%}"),
+    ("compile_of_wall", "compile of wall", "{:.1%}"),
+    ("generate_cpu_s", "generate CPU s", "{:.2f}"),
     ("engine_hits", "engine cache hits", "{}"),
     ("cache_files", "cache files", "{:d}"),
     ("wall_s", "wall s", "{:.1f}"),
     ("compile_ratio", "cold/warm compile", "{:.1f}x"),
     ("generate_ratio", "cold/warm generate", "{:.1f}x"),
+    ("cpu_ratio", "cold/warm CPU", "{:.1f}x"),
     ("wall_ratio", "cold/warm wall", "{:.2f}x"),
 ]
 

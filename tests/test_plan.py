@@ -244,3 +244,33 @@ def test_every_config_fits_the_topology_it_declares(path, capsys, monkeypatch):
     assert code == 0, out
     tpu_type = yaml.safe_load(path.read_text()).get("tpu_type")
     assert data["num_hosts"] == (parse_tpu_type(tpu_type).num_hosts if tpu_type else 1)
+
+
+def test_cli_takes_the_samplers_overrides_and_plans_the_emulated_topology(capsys, monkeypatch):
+    """tiny_local has no TPU type: planned as the launcher runs it, hosts of trainer.model_axis_size devices."""
+    monkeypatch.chdir(REPO)
+    code, out = run_cli(capsys, "--config_path", "config/sampler/tiny_local.yaml", "--json")
+    data = json.loads(out)
+    assert code == 0 and (data["num_hosts"], data["chips_per_host"], data["prompts_per_host"]) == (1, 4, [256])
+    argv = ["--config_path", "config/sampler/tiny_local.yaml", "--num_hosts", "4", "--max_new_tokens", "20",
+            "--batch_size", "32", "--engine.max_seq_len", "40", "--json"]  # fmt: skip
+    code, out = run_cli(capsys, *argv)
+    data = json.loads(out)
+    assert code == 0 and (data["num_hosts"], data["chips_per_host"], data["prompts_per_host"]) == (4, 4, [64] * 4)
+    assert data["batches_per_host"] == [2] * 4 and data["batch"]["limited_by"] == "batch_size"
+
+
+def test_a_local_output_dir_on_a_multi_host_tpu_run_is_warned_about(tmp_path, monkeypatch, caplog):
+    import jax
+
+    from levanter_multihost import config as config_module
+
+    config = draccus.parse(SampleLmMultihostConfig, config_path=str(REPO / "config/sampler/tiny_local.yaml"),
+                           args=[f"--output_dir={tmp_path}"])  # fmt: skip
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    caplog.set_level("WARNING")
+    config_module.resolve(config, 0, 2, 4)
+    assert "is a local path: on a multi-host slice every worker writes its parts to its own disk" in caplog.text
+    caplog.clear()
+    config_module.resolve(config, 0, 1, 4)  # one host: its disk is the only one
+    assert "local path" not in caplog.text

@@ -77,6 +77,8 @@ def test_wandb_samples_table_holds_the_first_rows(greedy_4x4):
 def test_summary_json_agrees_with_the_merged_file_and_defines_three_throughputs(greedy_4x4):
     data = greedy_4x4.summary()
     merged = greedy_4x4.rows()
+    assert data["run"]["name"] == "readme-job" and len(data["run"]["git_commit"]) == 40
+    assert data["run"]["versions"]["jax"] == "0.10.2" and len(data["run"]["fingerprint"]) == 16
     s = data["summary"]
     assert s["sample/total_generated_tokens"] == sum(r["generated_token_count"] for r in merged)
     assert s["sample/total_sequences"] == len(merged) == 256

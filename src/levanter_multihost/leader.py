@@ -124,10 +124,13 @@ def task_score(task: str, row: dict) -> bool:
     raise ValueError(f"task ({task!r}) is not a known task.")
 
 
-def write_summary(run_dir: RunDir, host_metrics: list[dict], result: dict, leader_phases: dict,
-                  started_at: float) -> None:  # fmt: skip
-    """``summary.json``: the totals, every host's metrics, and the leader's own phases."""
-    data = {"summary": result, "hosts": host_metrics,
+def write_summary(run_dir: RunDir, reporting: Reporting, host_metrics: list[dict], result: dict,
+                  leader_phases: dict, started_at: float) -> None:  # fmt: skip
+    """``summary.json``: the run's name, id, fingerprint, git commit and versions, the totals, every host's metrics,
+    and the leader's own phases."""
+    run = {"name": reporting.run_name, "id": reporting.run_id, **{k: v for k, v in reporting.config.items()
+                                                                 if k != "config"}}  # fmt: skip
+    data = {"run": run, "summary": result, "hosts": host_metrics,
             "leader": {"started_at": started_at, "phases": {k: list(v) for k, v in leader_phases.items()}}}  # fmt: skip
     run_dir.write_atomic(rundir.SUMMARY, json.dumps(data, indent=2).encode("utf-8"))
 

@@ -155,10 +155,10 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool, own: di
         png = tracking.timeline_png(host_metrics, {"started_at": ctx.started_at, "phases": ctx.phases})
         plan.run_dir.write_atomic("timeline.png", png)
     # written before the tracker too, which may be slow or fail, and again with the tracker's phase in it
-    leader.write_summary(plan.run_dir, host_metrics, result, ctx.phases, ctx.started_at)
+    leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
     with ctx.phase("tracker"):
         tracking.report(plan.reporting, result, merged.samples, png)
-    leader.write_summary(plan.run_dir, host_metrics, result, ctx.phases, ctx.started_at)
+    leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
     if decision.replaces:
         plan.run_dir.remove_parts_except(decision.attempts)
     leader.log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))

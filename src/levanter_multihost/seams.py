@@ -9,7 +9,7 @@ equinox 0.13.8 (``PINNED``).
 - :func:`checks_as_nan`: Levanter's engine guards its bookkeeping with Equinox's ``error_if``, which compiles to a
   host callback, and JAX never writes a program with host callbacks to the persistent compilation cache, so the
   engine would compile on every run. As NaN poisoning the checks still run and the programs can be cached; the
-  sampler checks the engine's state after every batch instead (:mod:`levanter_multihost.engine_state`). Can go
+  sampler checks the engine's state after every batch instead (`generation.check_engine_state`). Can go
   when JAX caches programs with host callbacks. ``EQX_ON_ERROR`` in the environment wins.
 - :func:`every_host_writes_compilation_cache`: JAX writes cache entries from process 0 only, which suits SPMD
   programs; host-data-parallel programs are host-local with the host's device ids in their keys, so the other
