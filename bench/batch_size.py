@@ -6,13 +6,16 @@
 Workload: ``--prompts`` (default 1,024) addition prompts, ``tiny_local.yaml`` otherwise (6 new tokens, greedy, an
 engine of 256 slots: ``max_seqs`` = ``max_tokens_per_round`` = ``max_seqs_in_prefill`` = 256), on 1 emulated
 host (1 CPU device, pinned to core 0), ``--batch_size`` B. The engine's programs have fixed shapes (sized by
-``max_seqs``, ``max_tokens_per_round``, ``max_prefill_size``), so a batch of 16 costs nearly what a batch of 256
-does. A first run fills a compilation cache; the measured runs load from it, alternating the sizes,
+``max_seqs``, ``max_tokens_per_round``, ``max_prefill_size``), so every batch pays a fixed part (a prefill of
+``max_prefill_size`` tokens, the per-step cost of 256 slots) that a batch of 256 spreads over 16 times the rows of
+a batch of 16. A first run fills a compilation cache; the measured runs load from it, alternating the sizes,
 ``--repeats`` times (medians reported).
 
 Per run, from summary.json: batches, compile / prefill / decode seconds (compile excluded from prefill and
 decode), ``decode_tokens_per_s`` (tokens / decode s); "loop tok/s" = tokens / the host's sampling loop (first
-compile start to last part sent: every batch's generate, rows, part write and send); and from the engine's own
+compile start to last part sent, less compile: every batch's prefill, decode, rows, part write and send); "rows
+ms/row" = the loop's time outside prefill, decode, write and send (turning tokens into rows: detokenizing, finish
+reasons; the engine check after each batch) per row; and from the engine's own
 log lines (``bench/bench_sampler.py``): the steady-state decode round (the second round on), its tokens/s and its
 step time (round seconds / iterations, iterations = new tokens / B); and the same step from summary.json alone:
 ``batch_stats`` ``decode_s`` of the second batch on / (max_new_tokens - 1) iterations a batch.
@@ -29,6 +32,7 @@ from _common import (
     addition_prompts,
     cache_flag,
     launch,
+    phase_s,
     steady_rounds,
     wait_for_quiet,
     write_config,
@@ -38,7 +42,9 @@ from _common import (
 def measure(run: dict, batch_size: int, repeat: int) -> dict:
     m = run["host_metrics"][0]
     spans = m["phases"]
-    loop_s = max(end for _, end in spans["send"]) - min(start for start, _ in spans["compile"])
+    # the sampling loop: first compile start to last part sent, less compiling (the cache load and tracing)
+    loop_s = max(end for _, end in spans["send"]) - min(start for start, _ in spans["compile"]) - m["compile_s"]
+    host_s = loop_s - m["prefill_s"] - m["decode_s"] - phase_s(m, "write") - phase_s(m, "send")
     rounds = steady_rounds(run, 0)
     steps = [r[0] / (r[3] / batch_size) for r in rounds if r[3]]
     # from summary.json alone: every sequence runs to max_new_tokens here, so a batch decodes max_new - 1 steps
@@ -55,6 +61,8 @@ def measure(run: dict, batch_size: int, repeat: int) -> dict:
         "decode_s": m["decode_s"],
         "generate_s": m["generate_s"],
         "loop_s": loop_s,
+        "host_ms_per_row": host_s / m["sequences"] * 1e3,
+        "prefill_ms_per_batch": m["prefill_s"] / m["batches"] * 1e3,
         "decode_tok_s": m["decode_tokens_per_s"],
         "sampling_tok_s": m["tokens_generated"] / (m["prefill_s"] + m["decode_s"]),
         "loop_tok_s": m["tokens_generated"] / loop_s,
@@ -98,7 +106,7 @@ def main() -> None:
         mine = [r for r in runs if r["batch_size"] == b]
         row = {"batch_size": b, "batches": mine[0]["batches"], "tokens": mine[0]["tokens"], "repeats": len(mine)}
         for key in ("compile_s", "prefill_s", "decode_s", "loop_s", "decode_tok_s", "sampling_tok_s", "loop_tok_s",
-                    "round_tok_s", "step_ms", "stats_step_ms"):  # fmt: skip
+                    "round_tok_s", "step_ms", "stats_step_ms", "host_ms_per_row", "prefill_ms_per_batch"):  # fmt: skip
             values = [r[key] for r in mine if r[key] is not None]
             row[key] = statistics.median(values) if values else None
         medians.append(row)
@@ -115,7 +123,9 @@ COLUMNS = [
     ("batches", "batches", "{:d}"),
     ("prefill_s", "prefill s", "{:.2f}"),
     ("decode_s", "decode s", "{:.2f}"),
+    ("prefill_ms_per_batch", "prefill ms/batch", "{:.0f}"),
     ("loop_s", "loop s", "{:.2f}"),
+    ("host_ms_per_row", "rows ms/row", "{:.2f}"),
     ("step_ms", "step ms (round 2+)", "{:.1f}"),
     ("stats_step_ms", "step ms (batch_stats 2+)", "{:.1f}"),
     ("round_tok_s", "round tok/s", "{:.0f}"),

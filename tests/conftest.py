@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest
-from multihost import REPO, compile_cache_env, launch
+from multihost import REPO, compile_cache_env, launch, run_in_process
 
 TINY = REPO / "assets" / "tiny-addition"
 FEATURE_ROWS = [
@@ -120,6 +120,9 @@ def features_2(tmp_path_factory, eos_checkpoint, feature_inputs):
 
 @pytest.fixture(scope="session")
 def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """The same from a dataset directory on 1 host, in batches of 3 sequences."""
+    """The same from a dataset directory on 1 host (in this process, 4 devices), in batches of 3 sequences."""
+    out = tmp_path_factory.mktemp("features_1")
     source = f"--prompts_dataset={feature_inputs / 'rows_dataset'}"
-    return _features(tmp_path_factory, eos_checkpoint, 1, source, "--prompts_file=null", "--batch_size=3")
+    flags = [f for f in FEATURE_FLAGS if not f.startswith("--trainer.model_axis_size")]
+    return run_in_process(out, f"--hf_checkpoint={eos_checkpoint}", source, "--prompts_file=null", *flags,
+                          "--batch_size=3")  # fmt: skip

@@ -106,6 +106,18 @@ def launch(
     return run
 
 
+def run_in_process(output_dir: Path, *overrides: str, config: Path = TINY_CONFIG) -> Run:
+    """Run the sampler as one host inside this process (the test session's 4 CPU devices): the same stages, without
+    a process start, and with this process's compiled programs."""
+    import draccus
+
+    from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
+
+    args = [f"--output_dir={output_dir}", *cache_flags(), *overrides]
+    main(draccus.parse(SampleLmMultihostConfig, config_path=str(config), args=args))
+    return Run(0, "", Path(output_dir))
+
+
 def launch_and_kill(
     output_dir: Path, victim: int, *overrides: str, after_parts: int = 0, hosts: int = 4, devices_per_host: int = 1,
     timeout: float = 600, sig: int = signal.SIGKILL,

@@ -12,7 +12,7 @@ from multihost import launch, launch_and_kill
 
 pytestmark = pytest.mark.multihost
 
-SILENT_S = 20
+SILENT_S = 10
 BATCH = 16
 FLAGS = ("--trainer.model_axis_size=1", "--progress_interval_s=0.05", f"--silent_host_timeout_s={SILENT_S}",
          f"--batch_size={BATCH}", "--overwrite=false")  # fmt: skip

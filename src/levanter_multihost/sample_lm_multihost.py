@@ -20,9 +20,19 @@ import time
 
 import jax
 
-from levanter_multihost import coordination, leader, model_loading, runtime, sampling, seams, summary, tracking
-from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
+from levanter_multihost import (
+    coordination,
+    leader,
+    model_loading,
+    rundir,
+    runtime,
+    sampling,
+    seams,
+    summary,
+    tracking,
+)
 from levanter_multihost.collector import Collector
+from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import build_engine, check_engine_state, generate_batch
@@ -153,7 +163,7 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool, own: di
         result["sample/task_accuracy"] = merged.correct / max(merged.rows, 1)
     with ctx.phase("timeline"):
         png = tracking.timeline_png(host_metrics, {"started_at": ctx.started_at, "phases": ctx.phases})
-        plan.run_dir.write_atomic("timeline.png", png)
+        plan.run_dir.write_atomic(rundir.TIMELINE, png)
     # written before the tracker too, which may be slow or fail, and again with the tracker's phase in it
     leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
     with ctx.phase("tracker"):
@@ -180,18 +190,18 @@ def cli() -> None:
 def stop_after(error: BaseException) -> int:
     """Log ``error`` where it belongs and let the other hosts go; return the exit status.
 
-    A user's mistake or another host's failure is one line, on the leader only (a non-leader's error reaches the
-    leader, which names the host); anything else is a bug and keeps its traceback on every host.
+    A user's mistake or a stop signal is one line, on the leader only (a non-leader's error reaches the leader,
+    which names the host); a failed or silent host is one line on the host that noticed it; anything else is a bug
+    and keeps its traceback on every host.
     """
     link = coordination.current()
-    leader = link.is_leader if link is not None else os.environ.get(ENV_PROCESS_ID, "0") == "0"
-    if isinstance(error, (UserError, CoordinationError, runtime.Stopped)):
-        if leader:
-            logger.error("%s", error)
-    else:
+    is_leader = link.is_leader if link is not None else os.environ.get(ENV_PROCESS_ID, "0") == "0"
+    if isinstance(error, CoordinationError) or (isinstance(error, (UserError, runtime.Stopped)) and is_leader):
+        logger.error("%s", error)
+    elif not isinstance(error, (UserError, runtime.Stopped)):
         logger.error("Sampling failed", exc_info=error)
     if link is not None:
-        if leader:
+        if is_leader:
             link.wait_for_others_to_leave(LEAVE_WAIT_S)
         else:
             link.leave()
