@@ -63,3 +63,8 @@ def test_the_tiny_config_runs_as_one_plain_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "host 0 of 1 (pid" in proc.stderr and "4 local devices" in proc.stderr
     assert (tmp_path / "merged.jsonl").read_text().count("\n") == 2
+
+
+def test_a_run_is_named_after_its_config_unless_named():
+    assert parse_command_line(["--config_path", str(TINY_CONFIG)]).run_name == "tiny_local"
+    assert parse_command_line(["--config_path", str(TINY_CONFIG), "--run_name", "mine"]).run_name == "mine"

@@ -131,7 +131,8 @@ class SampleLmMultihostConfig:
     """The slice this config is written for (e.g. v5p-32); the planner checks HBM against it."""
 
     run_name: str | None = None
-    """Name of the run in the tracker and summary.json; defaults to the config file's name."""
+    """Name of the run in the tracker and summary.json; defaults to the config file's name (on the command line),
+    else the output directory's."""
     defer_tracker_logs_until_end: bool = True
     """Log to the tracker only once, on the leader, after the merge. Required in host-DP mode."""
     samples_table_rows: int = 256
@@ -168,7 +169,11 @@ def parse_command_line(argv: list[str]) -> SampleLmMultihostConfig:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            return levanter.config.main(_parsed, args=argv)()
+            config = levanter.config.main(_parsed, args=argv)()
+        if config.run_name is None and "--config_path" in argv[:-1]:  # the run is named after its config file
+            name = os.path.splitext(os.path.basename(argv[argv.index("--config_path") + 1]))[0]
+            config = dataclasses.replace(config, run_name=name)
+        return config
     except draccus.utils.ParsingError as e:
         raise ConfigError(_with_closest_keys(str(e))) from None
     except SystemExit as e:
