@@ -35,7 +35,7 @@ from levanter_multihost.collector import Collector
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
-from levanter_multihost.generation import build_engine, check_engine_state, generate_batch
+from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.outputs import row_line
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
@@ -110,8 +110,8 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
             spool.close()
 
 
-def sample(plan: RunPlan, ctx: HostContext, batches, attempt: str, fingerprint: str, deliver,
-           collector: Collector | None) -> list[dict]:  # fmt: skip
+def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attempt: str, fingerprint: str,
+           deliver: sampling.Deliver, collector: Collector | None) -> list[dict]:  # fmt: skip
     """Load the model onto this host's chips and sample every batch; no cross-host communication."""
     with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
@@ -145,7 +145,8 @@ def sample(plan: RunPlan, ctx: HostContext, batches, attempt: str, fingerprint: 
     return stats
 
 
-def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool, own: dict, decision: Decision) -> None:
+def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.Spool, own: dict,
+           decision: Decision) -> None:  # fmt: skip
     """Leader: wait for every host's parts, merge, summarize, report; old outputs go only once the merge is in."""
     with ctx.phase("collect"):
         arrivals = collector.finish()
