@@ -257,7 +257,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     if config.engine.auto_size:
         engine = auto_sized(engine, limits, spec, slice_, model)
         limits = plan.engine_limits(engine)
-    capacity = plan.check_capacity(limits, spec, slice_, model)
+    capacity = plan.check_capacity(limits, spec, slice_, model, log=host == 0)
     run_dir = RunDir(config.output_dir)
     run_dir.check_writable(host)
     if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":

@@ -169,14 +169,17 @@ def model_footprint(config: dict, trainer: TrainerConfig, limits: EngineLimits):
                                      trainer.mp.compute_dtype, limits.page_size, dtype)  # fmt: skip
 
 
-def check_capacity(limits: EngineLimits, run: RunSpec, slice_: Topology, model: ModelShape | None) -> CapacityPlan:
+def check_capacity(limits: EngineLimits, run: RunSpec, slice_: Topology, model: ModelShape | None,
+                   log: bool = True) -> CapacityPlan:  # fmt: skip
     """Plan the run and raise :class:`CapacityError` if it cannot fit or would truncate; the same on every host,
-    before the model loads."""
+    before the model loads (``log``: say how it fits; one host is enough)."""
     plan = plan_capacity(limits, run, slice_, model)
-    for note in plan.notes:
-        logger.info("capacity: %s", note)
     if not plan.ok:
         raise CapacityError(plan)
+    if not log:
+        return plan
+    for note in plan.notes:
+        logger.info("capacity: %s", note)
     logger.info("capacity: ok; %s sequences per batch (set by %s), batches per host %s", plan.batch.sequences,
                 plan.batch.limited_by, plan.batches_per_host)  # fmt: skip
     return plan

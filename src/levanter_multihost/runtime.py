@@ -22,7 +22,7 @@ from levanter.trainer import TrainerConfig
 from levanter_multihost import seams
 from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
-NOISY_LOGGERS = ("levanter.inference", "levanter.compat", "jax._src", "absl")
+NOISY_LOGGERS = ("levanter.inference", "levanter.compat", "jax._src", "absl", "tqdm_loggable")
 COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",

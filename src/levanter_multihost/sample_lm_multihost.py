@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
     ctx = runtime.start(config.trainer, handle_signals)
-    seams.apply_ragged_attention(config.ragged_attention)
+    seams.apply_ragged_attention(config.ragged_attention, announce=ctx.is_leader)
     link = coordination.connect(seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes,
                                 timeouts(config))  # fmt: skip
     stop_heartbeat = link.start_heartbeat(on_leader_failure=leader_failed)

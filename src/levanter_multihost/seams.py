@@ -160,26 +160,28 @@ def check_ragged_attention_seam():
     return attention
 
 
-def apply_ragged_attention(config: RaggedAttentionConfig) -> Callable | None:
+def apply_ragged_attention(config: RaggedAttentionConfig, announce: bool = True) -> Callable | None:
     """Make Levanter's ragged paged attention use ``config``; return the kernel installed (None: the reference).
 
     Sets ``levanter.layers.attention.tpu_ragged_paged_attention`` for the rest of the process. Idempotent: every
-    call binds the knobs to the unbound Pallas kernel, so calls do not stack.
+    call binds the knobs to the unbound Pallas kernel, so calls do not stack. ``announce`` logs which runs (one
+    host is enough).
     """
     attention = check_ragged_attention_seam()
     import jax
 
+    say = logger.info if announce else logger.debug
     if not config.enabled:
         kernel = None
-        logger.info("ragged_attention.enabled is false: Levanter's reference ragged paged attention runs.")
+        say("ragged_attention.enabled is false: Levanter's reference ragged paged attention runs.")
     else:
         kernel = functools.partial(pallas_kernel(), **config.kernel_kwargs())
         backend = jax.default_backend()
         if backend == "tpu":
-            logger.info("Ragged paged attention: Pallas kernel with %s.", config.kernel_kwargs() or "its defaults")
+            say("Ragged paged attention: Pallas kernel with %s.", config.kernel_kwargs() or "its defaults")
         else:
-            logger.info("Backend is %s, not TPU: Levanter's reference ragged paged attention runs; the "
-                        "ragged_attention knobs apply on TPU only.", backend)  # fmt: skip
+            say("Backend is %s, not TPU: Levanter's reference ragged paged attention runs; the ragged_attention "
+                "knobs apply on TPU only.", backend)
     setattr(attention, KERNEL_GLOBAL, kernel)
     return kernel
 
