@@ -13,9 +13,9 @@ a batch of 16. A first run fills a compilation cache; the measured runs load fro
 
 Per run, from summary.json: batches, compile / prefill / decode seconds (compile excluded from prefill and
 decode), ``decode_tokens_per_s`` (tokens / decode s); "loop tok/s" = tokens / the host's sampling loop (first
-compile start to last part sent, less compile: every batch's prefill, decode, rows, part write and send); "rows
-ms/row" = the loop's time outside prefill, decode, write and send (turning tokens into rows: detokenizing, finish
-reasons; the engine check after each batch) per row; and from the engine's own
+compile start to last part sent, less compile: every batch's prefill, decode, rows, part write and send); "host
+ms/row" = the loop's time outside prefill, decode, write and send, per row (building the engine's requests, a few
+eager JAX ops per sequence; rows from tokens; the engine check after each batch); and from the engine's own
 log lines (``bench/bench_sampler.py``): the steady-state decode round (the second round on), its tokens/s and its
 step time (round seconds / iterations, iterations = new tokens / B); and the same step from summary.json alone:
 ``batch_stats`` ``decode_s`` of the second batch on / (max_new_tokens - 1) iterations a batch.
@@ -125,7 +125,7 @@ COLUMNS = [
     ("decode_s", "decode s", "{:.2f}"),
     ("prefill_ms_per_batch", "prefill ms/batch", "{:.0f}"),
     ("loop_s", "loop s", "{:.2f}"),
-    ("host_ms_per_row", "rows ms/row", "{:.2f}"),
+    ("host_ms_per_row", "host ms/row", "{:.2f}"),
     ("step_ms", "step ms (round 2+)", "{:.1f}"),
     ("stats_step_ms", "step ms (batch_stats 2+)", "{:.1f}"),
     ("round_tok_s", "round tok/s", "{:.0f}"),

@@ -17,7 +17,8 @@ process's creation, ``started_at``); a phase's seconds are the sum of its spans:
 * compile, prefill, decode: per batch, the sampler splits the ``generate`` call with JAX's compile clock, so
   compile (tracing, lowering, compiling or loading from the cache, the first batch's) is its own phase;
 * write (the part file), send (to the leader; the leader's own parts go to its spool); "between phases" is the
-  rest up to the last send: building rows from tokens, checking the engine's state;
+  rest up to the last send: building each batch's engine requests (a few eager JAX ops per sequence: its
+  sampling key, its scalars), rows from tokens, checking the engine's state after the batch;
 * wait (hosts other than the leader): last send -> the leader has this host's end message;
 * the leader's own: collect (its wait for every host's parts), merge (``merged.jsonl``), timeline
   (``timeline.png``), tracker; then shutdown: the tracker's end -> the launcher's exit.
@@ -52,7 +53,7 @@ HOST_PHASES = [
     ("decode", "decode (compile excluded)"),
     ("write", "part write"),
     ("send", "send to the leader"),
-    ("between", "between phases (rows from tokens, engine check)"),
+    ("between", "between phases (requests, rows, engine check)"),
     ("wait", "wait: last send -> the leader has the host's end"),
 ]
 LEADER_PHASES = [

@@ -1,7 +1,7 @@
 """The serial loops of one decode round (bench/decode_step.py) and the KV-write seam (bench/decode_seam.py).
 
 Traces Levanter's decode program on the tiny model (no compile, a few seconds) and checks that its loops are
-exactly the ones docs/decode_step.md lists, so that a Levanter upgrade that adds, removes or moves one shows up
+exactly the ones docs/benchmarks.md (section 11) lists, so that a Levanter upgrade that adds, removes or moves one shows up
 here; and that the seam's scatter writes the same KV cache as Levanter's per-token loop for every input
 (invalid, negative and duplicate destinations, any K) and fails loudly when what it relies on moves.
 """

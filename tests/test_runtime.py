@@ -39,3 +39,20 @@ def test_compile_clock_counts_compiling_not_running():
     f(jnp.arange(7.0)).block_until_ready()
     assert compiled > before
     assert runtime.CompileClock.seconds() == compiled
+
+
+def test_the_engines_own_log_is_quiet_unless_asked_for():
+    import logging
+
+    from levanter.trainer import TrainerConfig
+
+    runtime.start(TrainerConfig(model_axis_size=1))
+    assert logging.getLogger("levanter.inference").getEffectiveLevel() == logging.WARNING
+    runtime.start(TrainerConfig(model_axis_size=1), engine_log=True)
+    assert logging.getLogger("levanter.inference").getEffectiveLevel() == logging.INFO
+    runtime.setup_logging("0")
+
+
+def test_compile_clock_counts_nested_spans_once(monkeypatch):
+    monkeypatch.setattr(runtime.CompileClock, "spans", [(0.0, 10.0), (2.0, 5.0), (8.0, 12.0), (20.0, 21.0)])
+    assert runtime.CompileClock.seconds() == 13.0

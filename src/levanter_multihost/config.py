@@ -139,6 +139,8 @@ class SampleLmMultihostConfig:
     """Rows of the tracker's samples table (the first of the merged output); 0 for no table."""
     progress_interval_s: float = 10.0
     """Seconds between each host's progress lines while it samples; 0 turns them off."""
+    engine_log: bool = False
+    """Let Levanter's engine log every decode round (its time and tokens/s: the steady-state step on a TPU)."""
     silent_host_timeout_s: float = 300.0
     """A host (leader included) whose heartbeat has not moved this long is dead or hung; the others give up on it."""
     gather_chunk_bytes: int = 4 * 1024 * 1024

@@ -14,6 +14,9 @@ from levanter_multihost.errors import ConfigError
 from levanter_multihost.prompts import PromptError, PromptRecords
 from levanter_multihost.runplan import PromptSet, StopCondition, TokenTable
 
+TOKENIZE_CHUNK = 4096
+"""Prompts tokenized per call: one call for all of them would hold every prompt's Python token lists at once."""
+
 
 def bos_wanted(tokenizer, add_bos: bool | None) -> bool:
     """Whether text prompts start with BOS: ``add_bos`` if set, else what the tokenizer itself does."""
@@ -42,13 +45,16 @@ def encode_prompts(
     bos = bos_wanted(tokenizer, add_bos)
     texts = [t if t is not None else _render(m, tokenizer, chat_template, i)
              for i, (t, m) in enumerate(zip(records.texts, records.messages))]  # fmt: skip
-    ids = _tokenize(texts, tokenizer)
-    for i, prompt_ids in enumerate(ids):
-        # a chat template usually writes BOS itself; add it only where the prompt does not start with it
-        if bos and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
-            ids[i] = [tokenizer.bos_token_id, *prompt_ids]
-        if not ids[i]:
-            raise PromptError(f"Prompt {i} tokenizes to nothing. Remove it or give it text.")
+    tables = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):  # a chunk's Python lists at a time, not every prompt's
+        ids = _tokenize(texts[start : start + TOKENIZE_CHUNK], tokenizer, start)
+        for i, prompt_ids in enumerate(ids):
+            # a chat template usually writes BOS itself; add it only where the prompt does not start with it
+            if bos and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
+                ids[i] = [tokenizer.bos_token_id, *prompt_ids]
+            if not ids[i]:
+                raise PromptError(f"Prompt {start + i} tokenizes to nothing. Remove it or give it text.")
+        tables.append(TokenTable.of(ids))
 
     def column(name: str, default, dtype) -> np.ndarray:
         values = records.overrides.get(name)
@@ -58,7 +64,7 @@ def encode_prompts(
 
     return PromptSet(
         texts=texts,
-        tokens=TokenTable(ids),
+        tokens=TokenTable.concatenate(tables),
         max_new_tokens=column("max_new_tokens", max_new_tokens, np.int32),
         temperature=column("temperature", temperature, np.float32),
         n_generations=column("n_generations", n_generations, np.int32),
@@ -80,11 +86,12 @@ def _render(messages, tokenizer, chat_template: str | None, index: int) -> str:
         raise PromptError(f"Prompt {index}: the chat template fails on its messages ({type(e).__name__}: {e}).") from None
 
 
-def _tokenize(texts: list[str], tokenizer) -> list[list[int]]:
+def _tokenize(texts: list[str], tokenizer, first: int) -> list[list[int]]:
+    """Token ids of ``texts`` (prompts ``first``, ``first + 1``, ...), naming the prompt a tokenizer error is in."""
     try:
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     except Exception:  # the batch call does not say which prompt failed: find it
-        for i, text in enumerate(texts):
+        for i, text in enumerate(texts, start=first):
             try:
                 tokenizer(text, add_special_tokens=False)
             except Exception as e:

@@ -9,6 +9,7 @@ here is local to the host: no cross-host communication and no tracker call.
 """
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -68,11 +69,17 @@ class BatchStats:
     """Pages in use when decoding started."""
 
 
-def prompt_key(seed: int, global_index: int, generation: int = 0) -> jax.Array:
-    """The key of (prompt, generation): generation 0 uses the prompt's key, generation g > 0 folds in g, exactly as
-    the engine derives the keys of a request's clones."""
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), global_index)
-    return key if generation == 0 else jax.random.fold_in(key, generation)
+@functools.partial(jax.jit, static_argnums=0)
+def sequence_keys(seed: int, prompts: jax.Array, generations: jax.Array) -> jax.Array:
+    """The sampling key of each (prompt, generation): generation 0 uses the prompt's key, generation g > 0 folds in
+    g, exactly as the engine derives the keys of a request's clones. One call per batch: a key per sequence
+    derived eagerly costs two dispatches each, which at tens of thousands of sequences outweighs the decoding."""
+
+    def key(prompt, generation):
+        prompt_key = jax.random.fold_in(jax.random.PRNGKey(seed), prompt)
+        return jnp.where(generation == 0, prompt_key, jax.random.fold_in(prompt_key, generation))
+
+    return jax.vmap(key)(prompts, generations)
 
 
 def build_engine(model, tokenizer, config: InferenceEngineConfig, logprobs: bool) -> InferenceEngine:
@@ -96,20 +103,19 @@ def stop_array(stop: StopCondition):
 def build_requests(items: Sequence[WorkItem], sampling: Sampling) -> tuple[list[Request], list[tuple[int, int]]]:
     """Engine requests for ``items`` and, in output order, the (prompt, generation) of each sequence."""
     stop = stop_array(sampling.stop)
-    requests, order = [], []
+    # One request per generation, never the engine's clones: the pinned engine sets a clone up before its
+    # parent's prompt pages exist, so for prompts of page_size tokens or more a clone samples from the wrong
+    # context or leaks pages (tests/test_batch_engine.py pins it). The keys are the ones it would give clones.
+    order = [(item.global_index, g) for item in items for g in item.generations]
+    keys = np.asarray(sequence_keys(sampling.seed, np.array([p for p, _ in order]), np.array([g for _, g in order])))
+    requests = []
     for item in items:
-        # One request per generation, never the engine's clones: the pinned engine sets a clone up before its
-        # parent's prompt pages exist, so for prompts of page_size tokens or more a clone samples from the wrong
-        # context or leaks pages (tests/test_batch_engine.py pins it). The keys are the ones it would give clones.
-        for generation in item.generations:
-            params = SeqDecodingParams(
-                max_num_tokens=jnp.array(len(item.token_ids) + item.max_new_tokens, dtype=jnp.int32),
-                stop_tokens=stop,
-                temperature=jnp.array(item.temperature, dtype=jnp.float32),
-                key=prompt_key(sampling.seed, item.global_index, generation),
-            )
+        # the engine reads these with np.asarray: host scalars, not device arrays made one at a time
+        max_num_tokens = np.int32(len(item.token_ids) + item.max_new_tokens)
+        temperature = np.float32(item.temperature)
+        for _ in item.generations:
+            params = SeqDecodingParams(max_num_tokens, stop, temperature, keys[len(requests)])
             requests.append(Request(list(item.token_ids), len(requests), params, 1, sampling.logprobs))
-            order.append((item.global_index, generation))
     return requests, order
 
 

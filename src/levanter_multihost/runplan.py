@@ -25,10 +25,25 @@ if TYPE_CHECKING:  # Levanter's types only for annotations: the coordination and
 class TokenTable:
     """Token ids of many prompts in one flat array (a Python list per prompt would cost ~40 bytes a token)."""
 
-    def __init__(self, token_ids: Sequence[Sequence[int]]):
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat = flat
+        """Every prompt's ids, one after the other (int32)."""
+        self.offsets = offsets
+        """Where each prompt's ids start in ``flat``, and the end (int64, one more than the prompts)."""
+
+    @classmethod
+    def of(cls, token_ids: Sequence[Sequence[int]]) -> TokenTable:
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int32, count=int(self.offsets[-1]))
+        flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int32, count=int(lengths.sum()))
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    @classmethod
+    def concatenate(cls, tables: Sequence[TokenTable]) -> TokenTable:
+        if not tables:
+            return cls.of([])
+        ends = np.cumsum([0] + [len(t.flat) for t in tables[:-1]])
+        offsets = np.concatenate([[0]] + [t.offsets[1:] + end for t, end in zip(tables, ends)])
+        return cls(np.concatenate([t.flat for t in tables]), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -89,9 +89,13 @@ def stop_on_signals() -> None:
 
 
 class CompileClock:
-    """Seconds JAX has spent tracing, lowering and compiling in this process, from JAX's monitoring events."""
+    """Seconds JAX has spent tracing, lowering and compiling in this process, from JAX's monitoring events.
 
-    total = 0.0
+    Events nest (tracing a jitted function traces the jitted functions it calls, and each reports its own
+    duration), so the clock counts the union of their time spans, never a second twice.
+    """
+
+    spans: list[tuple[float, float]] = []
     _lock = threading.Lock()
     _installed = False
 
@@ -104,12 +108,20 @@ class CompileClock:
     @classmethod
     def _record(cls, event: str, duration: float, **kwargs) -> None:
         if event in COMPILE_EVENTS:
+            end = time.monotonic()
             with cls._lock:
-                cls.total += duration
+                cls.spans.append((end - duration, end))
 
     @classmethod
     def seconds(cls) -> float:
-        return cls.total
+        with cls._lock:
+            spans = sorted(cls.spans)
+        total, reached = 0.0, float("-inf")
+        for start, end in spans:
+            if end > reached:
+                total += end - max(start, reached)
+                reached = end
+        return total
 
 
 def distributed_from_env(trainer: TrainerConfig) -> TrainerConfig:
@@ -135,9 +147,10 @@ def emulate_cpu_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def start(trainer: TrainerConfig, handle_signals: bool = False) -> HostContext:
+def start(trainer: TrainerConfig, handle_signals: bool = False, engine_log: bool = False) -> HostContext:
     """Set up logging and JAX, join the distributed job, and return this host's context; with ``handle_signals``
-    (the command line), SIGTERM and SIGINT stop this host cleanly (:func:`stop_on_signals`)."""
+    (the command line), SIGTERM and SIGINT stop this host cleanly (:func:`stop_on_signals`); ``engine_log`` keeps
+    Levanter's engine logging its decode rounds."""
     started_at = process_started_at()
     startup = [0.0, time.time() - started_at]
     setup_logging(os.environ.get(ENV_PROCESS_ID, "?"))
@@ -160,6 +173,8 @@ def start(trainer: TrainerConfig, handle_signals: bool = False) -> HostContext:
     if jax.config.jax_compilation_cache_dir and ctx.num_hosts > 1:  # from the trainer or JAX's own env variable
         seams.every_host_writes_compilation_cache()
     setup_logging(str(ctx.host))
+    if engine_log:
+        logging.getLogger("levanter.inference").setLevel(logging.INFO)
     logger.info(
         "host %d of %d (pid %d), %d local devices", ctx.host, ctx.num_hosts, os.getpid(), jax.local_device_count()
     )

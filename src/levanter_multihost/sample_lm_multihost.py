@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
-    ctx = runtime.start(config.trainer, handle_signals)
+    ctx = runtime.start(config.trainer, handle_signals, config.engine_log)
     seams.apply_ragged_attention(config.ragged_attention, announce=ctx.is_leader)
     link = coordination.connect(seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes,
                                 timeouts(config))  # fmt: skip
