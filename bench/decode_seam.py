@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from levanter_multihost.seams import global_names
+
 PINNED_LEVANTER = "1.2.dev1644"
 MODULE = "levanter.layers.kv_cache"
 GLOBAL = "kv_update_unified_prefix"
@@ -74,14 +76,6 @@ def _error(what: str) -> DecodeSeamError:
     )
 
 
-def _global_names(code) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if inspect.iscode(const):
-            names |= _global_names(const)
-    return names
-
-
 def check_kv_update_seam():
     """Check every assumption of the seam; return (module, original function) or raise DecodeSeamError."""
     version = importlib.metadata.version("levanter")
@@ -103,7 +97,7 @@ def check_kv_update_seam():
     if digest != SOURCE_SHA256:
         raise _error(f"its source changed (sha256 {digest[:16]}..., pinned {SOURCE_SHA256[:16]}...)")
     cache_cls = getattr(module, "KvPageCache", None)
-    if cache_cls is None or GLOBAL not in _global_names(inspect.unwrap(cache_cls.update).__code__):
+    if cache_cls is None or GLOBAL not in global_names(inspect.unwrap(cache_cls.update).__code__):
         raise _error(f"KvPageCache.update no longer calls the module global {GLOBAL}")
     if not callable(getattr(module, "_interleave_kv", None)):
         raise _error(f"{MODULE}._interleave_kv is gone")

@@ -97,15 +97,22 @@ def test_an_overwrite_that_dies_before_its_merge_leaves_the_old_merged_file(tmp_
 
 def test_an_engine_whose_checks_poison_its_state_fails_the_run_with_no_merged_file(tmp_path, monkeypatch):
     """Pages too few for the batch the packer is made to give: 'Out of free pages' poisons the page table."""
+    import jax
+    from equinox import _errors
+
     from levanter_multihost import seams
 
+    monkeypatch.setattr(_errors, "EQX_ON_ERROR", _errors.EQX_ON_ERROR)  # restored after, for later in-process tests
+    monkeypatch.delenv("EQX_ON_ERROR", raising=False)
     seams.checks_as_nan()
+    jax.clear_caches()  # programs traced by earlier tests in this process carry the "raise" checks
     args = [f"--output_dir={tmp_path}", '--prompts=["4821+377=", "9999+9999=", "1+2=", "12+30="]', "--task=null",
             "--engine.max_pages=6", "--engine.max_seqs=4", "--trainer.model_axis_size=1", *cache_flags()]  # fmt: skip
     config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args)
     monkeypatch.setattr(sampling, "batches", lambda items, engine: [items])  # one batch, whatever the planner says
-    monkeypatch.setattr("levanter_multihost.plan.check_capacity", lambda *a: type("P", (), {"max_pages": 6})())
+    monkeypatch.setattr("levanter_multihost.plan.check_capacity", lambda *a, **k: type("P", (), {"max_pages": 6})())
     with pytest.raises(EngineStateError, match=r"host 0, batch 0: the engine's page table is poisoned .* engine.max_pages"):
         main(config)
+    jax.clear_caches()  # and the ones traced here carry "nan"
     assert not (tmp_path / "merged.jsonl").exists()
     assert not list((tmp_path / "parts").glob("*.jsonl"))

@@ -50,7 +50,7 @@ def checks_as_nan() -> str:
     mode in effect."""
     from equinox import _errors
 
-    if not hasattr(_errors, "EQX_ON_ERROR") or "EQX_ON_ERROR" not in _global_names(
+    if not hasattr(_errors, "EQX_ON_ERROR") or "EQX_ON_ERROR" not in global_names(
         inspect.unwrap(_errors.branched_error_if_impl).__code__
     ):
         raise _error("equinox._errors.branched_error_if_impl no longer reads the module global EQX_ON_ERROR")
@@ -151,7 +151,7 @@ def check_ragged_attention_seam():
             raise _error(f"{LEVANTER_ATTENTION}.{name} is gone")
     for name in ("ragged_paged_attention", "_do_tpu_ragged_paged_attention"):
         fn = inspect.unwrap(getattr(attention, name))
-        if KERNEL_GLOBAL not in _global_names(fn.__code__):
+        if KERNEL_GLOBAL not in global_names(fn.__code__):
             raise _error(f"{LEVANTER_ATTENTION}.{name} no longer reads the module global {KERNEL_GLOBAL}")
     parameters = inspect.signature(pallas_kernel()).parameters
     missing = [p for p in KERNEL_PARAMETERS if p not in parameters]
@@ -186,12 +186,12 @@ def apply_ragged_attention(config: RaggedAttentionConfig, announce: bool = True)
     return kernel
 
 
-def _global_names(code) -> set[str]:
+def global_names(code) -> set[str]:
     """Global names used by ``code`` and the functions nested in it."""
     names = set(code.co_names)
     for const in code.co_consts:
         if inspect.iscode(const):
-            names |= _global_names(const)
+            names |= global_names(const)
     return names
 
 
