@@ -97,7 +97,7 @@ def test_summary_json_agrees_with_the_merged_file_and_defines_three_throughputs(
     leader = data["leader"]["phases"]
     for before, after in [("collect", "merge"), ("merge", "timeline"), ("timeline", "tracker")]:
         assert leader[before][-1][1] <= leader[after][0][0] <= leader[after][0][1]
-    assert s["sample/gather_s"] == pytest.approx(leader["collect"][0][1] - leader["collect"][0][0])
+    assert s["sample/leader_wait_s"] == pytest.approx(leader["collect"][0][1] - leader["collect"][0][0])
 
 
 def test_phases_separate_compile_prefill_decode_and_waiting(greedy_4x4, greedy_2x4):

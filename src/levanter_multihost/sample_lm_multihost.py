@@ -159,7 +159,7 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.
                                      plan.reporting)  # fmt: skip
     result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
                                    wall_clock_s=time.time() - min(m["started_at"] for m in host_metrics),
-                                   gather_s=ctx.seconds("collect"))  # fmt: skip
+                                   leader_wait_s=ctx.seconds("collect"))  # fmt: skip
     if plan.reporting.task is not None:
         result["sample/task_accuracy"] = merged.correct / max(merged.rows, 1)
     with ctx.phase("timeline"):

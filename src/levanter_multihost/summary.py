@@ -92,7 +92,7 @@ def host_metrics(host: int, started_at: float, phases: dict[str, list[list[float
 
 
 def build_summary(host_metrics: Sequence[dict[str, Any]], *, num_prompts: int, wall_clock_s: float,
-                  gather_s: float) -> dict[str, Any]:  # fmt: skip
+                  leader_wait_s: float) -> dict[str, Any]:  # fmt: skip
     """Flat summary: ``sample/*`` totals and ``host/<i>/<metric>`` for every host, idle hosts included."""
     times = [m["generate_s"] for m in host_metrics]
     mean = sum(times) / len(times) if times else 0.0
@@ -109,7 +109,7 @@ def build_summary(host_metrics: Sequence[dict[str, Any]], *, num_prompts: int, w
         "sample/inference_mode": "host_data_parallel",
         "sample/batches": sum(m["batches"] for m in host_metrics),
         "sample/wall_clock_s": wall_clock_s,
-        "sample/gather_s": gather_s,
+        "sample/leader_wait_s": leader_wait_s,
         "sample/gather_bytes": sum(m["gather_bytes"] for m in host_metrics),
         "sample/generate_time_max_s": slowest,
         "sample/generate_time_min_s": min(times, default=0.0),
@@ -136,8 +136,8 @@ def format_summary(host_metrics: Sequence[dict[str, Any]], summary: dict[str, An
         f"decode tok/s per host (above); job {summary['sample/job_tokens_per_s']:.0f} tok/s (sampled tokens / "
         f"slowest host's generate time {summary['sample/generate_time_max_s']:.1f}s, imbalance "
         f"{summary['sample/host_imbalance']:.2f}); end to end {summary['sample/end_to_end_tokens_per_s']:.0f} tok/s "
-        f"over {summary['sample/wall_clock_s']:.1f}s; gather {summary['sample/gather_s']:.2f}s for "
-        f"{summary['sample/gather_bytes']} bytes"
+        f"over {summary['sample/wall_clock_s']:.1f}s; the leader waited {summary['sample/leader_wait_s']:.2f}s "
+        f"after its own share for the others' last parts ({summary['sample/gather_bytes']} bytes sent to it in all)"
     )
     return table + "\n" + tail
 
