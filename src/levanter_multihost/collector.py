@@ -5,7 +5,6 @@ as soon as they arrive, and hands each to a callback (the leader's spool) in the
 every host has ended, failed or gone silent. The protocol it reads is :mod:`levanter_multihost.coordination`'s.
 """
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from levanter_multihost.coordination import LEADER, POLL_INTERVAL_S, CoordinationError, Coordinator, Silence
-from levanter_multihost.payload import Manifest, decode_payload, verify_chunk
 
 
 @dataclass
@@ -106,30 +104,15 @@ class Collector:
     def _drain(self, host: int) -> bool:
         """Receive the host's next part, or its end message once every part it sent is in; True if a part came."""
         arrivals = self.arrivals[host]
-        part = f"part{arrivals.parts:06d}"
-        raw = self.c._try_get(self.c._key(host, part, "manifest"))
-        if raw is None:
-            end = self.c._try_get(self.c._key(host, "end"))
-            if end is not None:
-                message = json.loads(end)
-                # the end message is written after the host's last part, so it can only be ahead on a failure
-                if message.get("status") != "ok" or message.get("parts") == arrivals.parts:
-                    arrivals.end, arrivals.ended_at = message, time.time()
+        part = self.c.take_part(host, arrivals.parts)
+        if part is None:
+            end = self.c.end_of(host)
+            # the end message is written after the host's last part, so it can only be ahead on a failure
+            if end is not None and (end.get("status") != "ok" or end.get("parts") == arrivals.parts):
+                arrivals.end, arrivals.ended_at = end, time.time()
             return False
-        manifest = Manifest.from_bytes(raw, host)
-        chunks = []
-        deadline = time.monotonic() + self.c.timeouts.silent_host_s
-        for i in range(manifest.num_chunks):
-            key = self.c._key(host, part, f"chunk{i:06d}")
-            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-            chunk = bytes(self.c.client.blocking_key_value_get_bytes(key, remaining_ms))
-            verify_chunk(manifest, i, chunk)
-            chunks.append(chunk)
-        header, data = decode_payload(manifest, chunks)
+        header, data, size = part
         self.receive(host, header, data)
-        for i in range(manifest.num_chunks):
-            self.c.client.key_value_delete(self.c._key(host, part, f"chunk{i:06d}"))
-        self.c.client.key_value_delete(self.c._key(host, part, "manifest"))
         arrivals.parts += 1
-        arrivals.bytes += manifest.total_bytes
+        arrivals.bytes += size
         return True

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from levanter_multihost.payload import encode_payload
+from levanter_multihost.payload import Manifest, decode_payload, encode_payload, verify_chunk
 from levanter_multihost.runplan import Timeouts
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,16 @@ class Coordinator:
 
     def _key(self, host: int, *names: str) -> str:
         return "/".join((PREFIX, f"host{host:05d}", *names))
+
+    def _part_key(self, host: int, index: int, name: str) -> str:
+        return self._key(host, f"part{index:06d}", name)
+
+    def _chunk_key(self, host: int, index: int, chunk: int) -> str:
+        return self._part_key(host, index, f"chunk{chunk:06d}")
+
+    def heartbeat_of(self, host: int) -> bytes | None:
+        """``host``'s heartbeat counter as last written, or None before its first beat."""
+        return self._try_get(self._key(host, "heartbeat"))
 
     # -- barriers ----------------------------------------------------------------------------------------------
 
@@ -188,12 +198,37 @@ class Coordinator:
     def send_part(self, header: dict[str, Any], data: bytes) -> None:
         """Non-leader: send one part (a header and the part file's bytes) as chunks, then its manifest."""
         manifest, chunks = encode_payload(self.host, header, data, self.chunk_bytes)
-        part = f"part{self.parts_sent:06d}"
         for i, chunk in enumerate(chunks):
-            self.client.key_value_set_bytes(self._key(self.host, part, f"chunk{i:06d}"), chunk)
-        self.client.key_value_set_bytes(self._key(self.host, part, "manifest"), manifest.to_bytes())
+            self.client.key_value_set_bytes(self._chunk_key(self.host, self.parts_sent, i), chunk)
+        self.client.key_value_set_bytes(self._part_key(self.host, self.parts_sent, "manifest"), manifest.to_bytes())
         self.parts_sent += 1
         self.bytes_sent += manifest.total_bytes
+
+    def take_part(self, host: int, index: int) -> tuple[dict[str, Any], bytes, int] | None:
+        """Leader: ``host``'s part number ``index`` as (header, data, bytes through the store), removed from the
+        store; None while its manifest (the commit point) is not in. Its chunks are all in before the manifest, so
+        the wait for them is bounded by ``silent_host_s``."""
+        raw = self._try_get(self._part_key(host, index, "manifest"))
+        if raw is None:
+            return None
+        manifest = Manifest.from_bytes(raw, host)
+        chunks = []
+        deadline = time.monotonic() + self.timeouts.silent_host_s
+        for i in range(manifest.num_chunks):
+            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            chunk = bytes(self.client.blocking_key_value_get_bytes(self._chunk_key(host, index, i), remaining_ms))
+            verify_chunk(manifest, i, chunk)
+            chunks.append(chunk)
+        header, data = decode_payload(manifest, chunks)
+        for i in range(manifest.num_chunks):
+            self.client.key_value_delete(self._chunk_key(host, index, i))
+        self.client.key_value_delete(self._part_key(host, index, "manifest"))
+        return header, data, manifest.total_bytes
+
+    def end_of(self, host: int) -> dict[str, Any] | None:
+        """Leader: ``host``'s end message (``status``, ``parts``, and ``metrics`` or ``error``), once it is in."""
+        raw = self._try_get(self._key(host, "end"))
+        return None if raw is None else json.loads(raw)
 
     def send_end(self, metrics: dict[str, Any]) -> None:
         """Non-leader: every part is sent; here are this host's metrics."""
@@ -236,7 +271,7 @@ class Silence:
         self.since = time.monotonic()
 
     def silent_for(self) -> float:
-        beat = self.coordinator._try_get(self.coordinator._key(self.host, "heartbeat"))
+        beat = self.coordinator.heartbeat_of(self.host)
         if beat != self.beat:
             self.beat, self.since = beat, time.monotonic()
         return time.monotonic() - self.since
