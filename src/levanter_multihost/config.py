@@ -65,6 +65,8 @@ class EngineConfig(InferenceEngineConfig):
         """As Levanter's own config, with ``sizes`` replaced."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(InferenceEngineConfig)}
         return InferenceEngineConfig(**{**values, **sizes})
+
+
 TASKS = ("addition",)
 
 
@@ -296,7 +298,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     )
 
 
-def auto_sized(engine: InferenceEngineConfig, limits, spec, slice_, model) -> InferenceEngineConfig:
+def auto_sized(engine: InferenceEngineConfig, limits: plan.EngineLimits, spec: plan.RunSpec,
+               slice_: plan.Topology, model: plan.ModelShape | None) -> InferenceEngineConfig:  # fmt: skip
     """``engine`` with the planner's proposal applied (``engine.auto_size: true``)."""
     if slice_.generation is None or model is None:
         raise ConfigError("engine.auto_size is true, but it needs the HBM of the chips and the model's shape: set "

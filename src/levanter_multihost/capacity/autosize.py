@@ -52,9 +52,8 @@ def propose(engine: EngineLimits, worst: PromptDemand, share_sequences: int, top
         return None
     free = (gen.hbm_bytes_per_chip - model.weight_bytes_per_chip) * engine.hbm_utilization
     per_page = page_bytes_per_chip(engine, model)
-    max_seq_len = max(engine.max_seq_len, ceil_div(worst.prompt_tokens + worst.max_new_tokens, engine.page_size)
-                      * engine.page_size)  # fmt: skip
     pages_per_seq = ceil_div(worst.prompt_tokens + worst.max_new_tokens, engine.page_size)
+    max_seq_len = max(engine.max_seq_len, pages_per_seq * engine.page_size)
     bounds = {
         "HBM": int(free // per_page) // pages_per_seq if free > 0 else 0,
         "share": max(share_sequences, 1),
