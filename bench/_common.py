@@ -101,8 +101,7 @@ def write_config(path: Path, base: Path = TINY_CONFIG, **overrides: Any) -> Path
 
 def host_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
-                "BENCH_ENGINE_LOG": "1"})  # fmt: skip
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
 
@@ -138,7 +137,8 @@ def launch(
         PY, str(REPO / "infra" / "launch.py"), "--local_hosts", str(hosts), "--devices_per_host", "1",
         *launcher_flags, "--",
         PY, str(REPO / "bench" / "pin.py"), PY, str(REPO / "bench" / "bench_sampler.py"),
-        "--config_path", str(config), f"--output_dir={output_dir}", "--trainer.model_axis_size=1", *overrides,
+        "--config_path", str(config), f"--output_dir={output_dir}", "--trainer.model_axis_size=1",
+        "--engine_log=true", *overrides,
     ]  # fmt: skip
     env = host_env(BENCH_CORES=",".join(map(str, core_list)), **(env_extra or {}))
     load_before = loadavg()
@@ -203,8 +203,8 @@ def _by_host(log: str, regex: re.Pattern) -> dict[int, list[re.Match]]:
 def parse_engine_rounds(log: str) -> dict[int, list[list]]:
     """Per host, the engine's own line for every decode round (``Decode iter: total Xs (device Ys, host Zs ...),
     N new``) in order, each ``[total_s, device_s, host_s, new_tokens, batch]``; ``batch`` counts the engine's
-    ``Batch generated`` lines before it. Logged only through ``bench/bench_sampler.py`` (``BENCH_ENGINE_LOG=1``):
-    the sampler keeps ``levanter.inference`` at WARNING."""
+    ``Batch generated`` lines before it. Logged only with ``--engine_log true`` (which :func:`launch`
+    passes): the sampler otherwise keeps ``levanter.inference`` at WARNING."""
     out: dict[int, list[list]] = {}
     batches: dict[int, int] = {}
     for line in log.splitlines():

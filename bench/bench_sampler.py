@@ -6,18 +6,16 @@
 Adds, after every ``InferenceEngine.generate`` call (one per batch),
 ``BENCH host=<i> generate_cpu_s=<s> generate_wall_s=<s>``: the process CPU time (all threads) and the wall time of
 the call. CPU time hardly depends on what else runs on the machine, so it shows each host's work even when other
-users' load slows the wall clock. With ``BENCH_ENGINE_LOG=1`` (set by ``bench/_common.launch``) it also keeps
-Levanter's engine logger (``levanter.inference.engine``) at INFO, which the sampler lowers to WARNING
-(``runtime.NOISY_LOGGERS``): one ``Decode iter: total Xs (device Ys, host Zs, ...) ... N new`` line per decode
-round, and ``Batch generated in Xs, N tokens`` per call. The same lines on a TPU host are the steady-state step
-time (docs/benchmarks.md, "Reading a TPU run").
+users' load slows the wall clock. ``bench/_common.launch`` also passes ``--engine_log true``, which keeps Levanter's
+per-round engine lines (``Decode iter: total Xs (device Ys, host Zs, ...) ... N new``, and ``Batch generated in
+Xs, N tokens`` per call): the same lines give a TPU host's steady-state step time (docs/tpu.md, "What to read
+from a TPU run").
 """
 
 import logging
-import os
 import time
 
-from levanter_multihost import runtime, sample_lm_multihost
+from levanter_multihost import sample_lm_multihost
 
 logger = logging.getLogger("bench")
 
@@ -44,19 +42,6 @@ def log_generate_cpu_seconds() -> None:
     InferenceEngine.generate = timed
 
 
-def keep_engine_log() -> None:
-    """Let ``levanter.inference.engine`` log at INFO after every ``runtime.setup_logging``."""
-    setup_logging = runtime.setup_logging
-
-    def setup(host: str) -> None:
-        setup_logging(host)
-        logging.getLogger("levanter.inference.engine").setLevel(logging.INFO)
-
-    runtime.setup_logging = setup
-
-
 if __name__ == "__main__":
     log_generate_cpu_seconds()
-    if os.environ.get("BENCH_ENGINE_LOG") == "1":
-        keep_engine_log()
     sample_lm_multihost.cli()
