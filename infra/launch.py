@@ -256,6 +256,10 @@ def run_local(
                     deadline = time.monotonic() + grace_s
                     while hosts.running() and time.monotonic() < deadline and not caught:
                         time.sleep(poll_s)
+                    # several may have failed within one poll (a host and the leader that noticed it): name each
+                    for other, code in enumerate(hosts.codes()):
+                        if other != host and code not in (None, 0):
+                            say(f"host {other} exited with status {code}")
                     return status
                 if all(c is not None for c in codes):
                     for host, code in failed:

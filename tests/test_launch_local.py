@@ -27,7 +27,7 @@ FAKE_HOST = '''\
 
 MODE: wait (until a signal), stubborn:H (host H records SIGTERM but keeps running), child (each host starts a
 child that ignores SIGTERM), fail:H (host H exits 3 once every host is ready), keep_going:H (the same, and the
-others finish 1 s after it).
+others finish 1 s after it), follow:H (the same, and the others fail 0.3 s after it, as peers that noticed).
 """
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
@@ -58,7 +58,7 @@ for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
 (out / f"ready_{host}.tmp").write_text(json.dumps({"pid": os.getpid(), "child": child and child.pid, "env": env}))
 (out / f"ready_{host}.tmp").rename(out / f"ready_{host}.json")
 print(f"ready (pid {os.getpid()})", flush=True)
-if kind in ("fail", "keep_going"):
+if kind in ("fail", "keep_going", "follow"):
     if target == str(host):
         wait_for(*(f"ready_{h}.json" for h in range(hosts)))
         (out / f"exiting_{host}").touch()
@@ -68,6 +68,10 @@ if kind in ("fail", "keep_going"):
         time.sleep(1)  # the launcher sees host `target` fail meanwhile; it must leave this host alone
         (out / f"finished_{host}").touch()
         sys.exit(0)
+    if kind == "follow":
+        wait_for(f"exiting_{target}")
+        time.sleep(0.3)
+        sys.exit(1)
 deadline = time.monotonic() + 120  # a host the launcher lost still ends, and the test then fails on its pid
 while time.monotonic() < deadline:
     time.sleep(0.05)
@@ -312,6 +316,15 @@ def test_a_failed_host_stops_the_others_with_its_status(launch):
     assert run.signals_of(0) == run.signals_of(2) == {signal.SIGTERM}, run.output
     assert run.signals_of(1) == set(), run.output
     assert run.survivors() == [], run.output
+
+
+def test_hosts_that_fail_after_the_first_within_the_grace_period_are_named_too(launch):
+    run = launch("follow:1", "--grace_s", "20")
+    status = run.finish()
+    assert status == 3, run.output
+    assert "[launch] host 1 exited with status 3; stopping the others" in run.output
+    assert "[launch] host 0 exited with status 1\n" in run.output and "[launch] host 2 exited with status 1\n" in run.output
+    assert run.signals_of(0) == run.signals_of(2) == set(), run.output
 
 
 def test_keep_going_lets_the_other_hosts_finish(launch):
