@@ -94,8 +94,8 @@ class Setup:
             engine = self.fresh_engine()
             return engine.gen_state, engine
         import equinox as eqx
+        from levanter.inference import engine as engine_module
         from levanter.inference.engine import GenState
-        from levanter.inference.jit_scheduler import DecodeState
         from levanter.inference.page_table import PageTable
 
         c = self.engine_config
@@ -105,7 +105,8 @@ class Setup:
         table = PageTable.init(c.max_pages, c.max_seqs, c.page_size, c.max_pages_per_seq)
         cache = eqx.filter_eval_shape(lambda m: m.initial_cache(table.spec(), dtype=c.compute_dtype), self.model)
         cache = with_shardings(cache, self.config.trainer.compute_axis_mapping)
-        decode_state = DecodeState.init(
+        # the engine's own name for the class, which the decode-step seam replaces
+        decode_state = engine_module.DecodeState.init(
             table,
             max_stop_seqs=c.max_stop_seqs,
             max_stop_tokens=c.max_stop_tokens,
