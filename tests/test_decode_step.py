@@ -1,141 +1,228 @@
-"""The serial loops of one decode round (bench/decode_step.py) and the KV-write seam (bench/decode_seam.py).
+"""The decode step without serial loops (``levanter_multihost.seams.decode_step``) against Levanter's own step.
 
-Traces Levanter's decode program on the tiny model (no compile, a few seconds) and checks that its loops are
-exactly the ones docs/benchmarks.md (section 11) lists, so that a Levanter upgrade that adds, removes or moves one shows up
-here; and that the seam's scatter writes the same KV cache as Levanter's per-token loop for every input
-(invalid, negative and duplicate destinations, any K) and fails loudly when what it relies on moves.
+The same requests through the same engine shape, once with Levanter's bookkeeping and once with the seam's: greedy
+and sampled, mixed prompt lengths and budgets (sequences finishing mid-round, crossing page boundaries), stop
+sequences and EOS, several generations of a prompt. Tokens must be identical; log-probabilities agree to float32
+rounding (the two programs fuse the sampler's log-softmax differently, so they may differ in the last bits). Then
+what the seam changes on purpose: a stop sequence completed across the prompt boundary no longer ends a sequence.
+And the compiled decode program: no loop whose trip count grows with the batch.
 """
 
-import sys
-from collections import Counter
+import dataclasses
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
+import haliax as hax
+import jax
+import jax.numpy as jnp
+import jmp
 import numpy as np
 import pytest
+from haliax.partitioning import ResourceAxis
+from jax.sharding import Mesh
+from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
+from levanter.inference.engine import InferenceEngineConfig
+from levanter.models.llama import LlamaConfig
+from levanter.trainer import TrainerConfig
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+from levanter_multihost import seams
+from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, finish, generate_batch
+from levanter_multihost.model_loading import load_model
+from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
+from levanter_multihost.seams import SeamError, decode_step
 
-import decode_seam  # noqa: E402  (bench/ is put on the path just above)
-import decode_step  # noqa: E402
+TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny-addition"
+TRAINER = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
+# 8-token pages, 4 decode iterations a round: sequences of 4-9 prompt and 3-22 new tokens cross page boundaries
+# and finish in the middle of rounds
+ENGINE = InferenceEngineConfig(max_seq_len=32, page_size=8, max_pages=40, max_seqs=16, max_seqs_in_prefill=16,
+                               max_prefill_size=160, max_queued_tokens=16, max_rounds=4, max_stop_seqs=3,
+                               max_stop_tokens=2, compute_dtype=jnp.float32)  # fmt: skip
+PROMPTS = ["12+30=", "7+5=", "100+23=", "2269+795=", "9+9=", "4821+377=", "58+67=", "3+4="]
 
-# (file, function) -> copies in the tiny model's decode program (4 layers); fori loops with static bounds are
-# scans in the jaxpr, whiles in HLO
-EXPECTED = {
-    ("engine.py", "_run_generation_loop"): 1,
-    ("jit_scheduler.py", "SequenceTable.allocate_for_seq"): 1,
-    ("jit_scheduler.py", "SequenceTable.allocate_for_seq.<locals>._alloc_pages_for_seq"): 1,
-    ("jit_scheduler.py", "SequenceTable._create_batch_info"): 1,
-    ("kv_cache.py", "kv_update_unified_prefix"): 4,
-    ("attention.py", "default_ragged_paged_attention"): 4,
-    ("attention.py", "default_ragged_paged_attention.<locals>._compute_attention_for_seq"): 4,
-    (
-        "attention.py",
-        "default_ragged_paged_attention.<locals>._compute_attention_for_seq.<locals>._compute_attention_for_q_block",
-    ): 4,
-    ("jit_scheduler.py", "DecodeState.update_tokens"): 1,
-    ("jit_scheduler.py", "SequenceTable.free_pages_for_finished"): 1,
-    ("jit_scheduler.py", "SequenceTable.free_pages_for_finished.<locals>.dec_refcounts_for_seq"): 1,
-}
+
+@contextmanager
+def one_device():
+    mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
+                (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL))  # fmt: skip
+    with hax.partitioning.set_mesh(mesh), hax.axis_mapping(TRAINER.compute_axis_mapping):
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    import jax
+    from equinox import _errors
 
-    args = decode_step.parse_args_from(["--loops_only", "--no_compile"])
-    config = decode_step.load_config(args)
-    from levanter_multihost import model_loading
-
-    with model_loading.on_local_mesh(config.trainer):
-        setup = decode_step.Setup(config, args)
-        yield setup, config, args
+    with pytest.MonkeyPatch.context() as patch:  # the engine's checks as NaN, as the sampler runs them
+        patch.setattr(_errors, "EQX_ON_ERROR", _errors.EQX_ON_ERROR)
+        patch.delenv("EQX_ON_ERROR", raising=False)
+        seams.checks_as_nan()
+        tokenizer = load_tokenizer(str(TINY))
+        with one_device():
+            model = load_model(ModelSource(RepoRef(str(TINY)), None, LlamaConfig(), TRAINER), tokenizer)
+        yield model, tokenizer
     jax.clear_caches()
 
 
-def _trace_loops(setup, config):
-    from levanter.inference import engine as engine_mod
-
-    c = config.engine
-    gen_state, _engine = setup.gen_state_for_tracing()
-    traced = engine_mod._run_generation_loop.trace(
-        gen_state, setup.model, setup.sampler, c.imputed_max_tokens_per_round, c.max_rounds
-    )
-    return decode_step.jaxpr_loops(traced.jaxpr), traced
+def stop_condition(tokenizer, strings=(), eos=()) -> StopCondition:
+    ids = tuple(tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in strings)
+    return StopCondition(strings=tuple(strings), token_ids=ids, eos_ids=tuple(eos))
 
 
-def test_decode_round_has_the_documented_loops(tiny):
-    setup, config, _ = tiny
-    loops, traced = _trace_loops(setup, config)
-    assert Counter(r["key"] for r in loops) == Counter(EXPECTED), "Levanter's decode loops changed: update docs"
-    static = {r["key"][1]: r["static_length"] for r in loops if r["primitive"] == "scan"}
-    c = config.engine
-    assert static["SequenceTable._create_batch_info"] == c.imputed_max_tokens_per_round
-    assert static["SequenceTable.free_pages_for_finished"] == c.max_seqs
-    by_key = {r["key"]: r for r in loops}
-    kv = by_key[("kv_cache.py", "kv_update_unified_prefix")]
-    assert kv["primitive"] == "while" and kv["depth"] == 1  # a dynamic per-token loop in every decode iteration
-    # lowering: one StableHLO while per jaxpr loop, plus the CPU lowering's rolled threefry loops (2)
-    count = decode_step.stablehlo_while_count(traced.lower().as_text())
-    assert count["expanded"] == len(loops) + 2
+def items(tokenizer, temperature: float, generations: int = 1) -> list[WorkItem]:
+    out = []
+    for k, prompt in enumerate(PROMPTS):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n = generations if k % 2 else 1
+        out.append(WorkItem(k, prompt, ids, tuple(range(n)), n, 3 + (5 * k) % 20, temperature))
+    return out
 
 
-def test_seam_removes_exactly_the_kv_write_loops(tiny):
-    setup, config, _ = tiny
-    with decode_seam.kv_update_swapped("scatter"):
-        loops, _ = _trace_loops(setup, config)
-    expected = Counter(EXPECTED)
-    del expected[("kv_cache.py", "kv_update_unified_prefix")]
-    assert Counter(r["key"] for r in loops) == expected
-    # and the swap is undone
-    assert decode_seam.check_kv_update_seam()[1] is decode_seam.original_kv_update()
+def sample(tiny, work, sampling: Sampling) -> list[dict]:
+    model, tokenizer = tiny
+    with one_device():
+        engine = build_engine(model, tokenizer, ENGINE, logprobs=sampling.logprobs)
+        pairs, _ = generate_batch(engine, tokenizer, work, sampling, 0, lambda _: None, lambda: 0.0)
+    check_engine_state(engine, pairs, 0, 0, model.Vocab.size)  # every page and slot released
+    return [row for row, _ in pairs]
 
 
-@pytest.mark.parametrize("dedupe", [True, False])
-def test_scatter_writes_what_the_loop_writes(dedupe):
-    import jax.numpy as jnp
+def scenarios(tokenizer) -> dict[str, tuple[list[WorkItem], Sampling]]:
+    stops = stop_condition(tokenizer, ["9", "5"], eos=[tokenizer.convert_tokens_to_ids(".")])
+    return {
+        "greedy": (items(tokenizer, 0.0), Sampling(seed=0, stop=StopCondition(), logprobs=True)),
+        "sampled, n=3": (items(tokenizer, 0.9, 3), Sampling(seed=5, stop=StopCondition(), logprobs=True)),
+        "stops and EOS": (items(tokenizer, 0.0), Sampling(seed=0, stop=stops, logprobs=True)),
+        "sampled with stops": (items(tokenizer, 1.2, 2), Sampling(seed=9, stop=stops, logprobs=True)),
+    }
 
-    module, original = decode_seam.check_kv_update_seam()
-    replacement = decode_seam.make_kv_update_scatter(module, dedupe=dedupe)
+
+@pytest.fixture(scope="module")
+def both(tiny):
+    """Every scenario's rows with Levanter's step, then with the seam (each variant compiles once)."""
+    runs = scenarios(tiny[1])
+    with decode_step.levanter_own_step():
+        levanter = {name: sample(tiny, *run) for name, run in runs.items()}
+    seam = {name: sample(tiny, *run) for name, run in runs.items()}
+    return levanter, seam
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["greedy", "sampled, n=3", "stops and EOS", "sampled with stops"])
+def test_seam_gives_levanters_tokens(both, name):
+    levanter, seam = both[0][name], both[1][name]
+    assert [r["generated_token_ids"] for r in seam] == [r["generated_token_ids"] for r in levanter]
+    assert [r["finish_reason"] for r in seam] == [r["finish_reason"] for r in levanter]
+    for a, b in zip(seam, levanter):
+        np.testing.assert_allclose(a["generated_logprobs"], b["generated_logprobs"], rtol=1e-5, atol=1e-5)
+    assert len({r["generated_token_count"] for r in seam}) > 3  # mixed lengths, not one budget
+    if "stops" in name:
+        assert "stop" in {r["finish_reason"] for r in seam}
+
+
+@pytest.mark.slow
+def test_a_stop_across_the_prompt_boundary_does_not_end_the_sequence(tiny):
+    """ "12+30=" ends in "=" and the answer starts with "4": the stop string "=4" is spelled by the prompt's last
+    token and the first generated one. Levanter's step stops there (a row the text cannot explain: truncated);
+    the seam's keeps generating, and stops at a "=4" within the generation only."""
+    model, tokenizer = tiny
+    ids = tokenizer("12+30=", add_special_tokens=False)["input_ids"]
+    work = [WorkItem(0, "12+30=", ids, (0,), 1, 6, 0.0)]
+    sampling = Sampling(seed=0, stop=stop_condition(tokenizer, ["=4"]))
+    with decode_step.levanter_own_step():
+        (old,) = sample(tiny, work, sampling)
+    (new,) = sample(tiny, work, sampling)
+    assert (old["generated_text"], old["finish_reason"]) == ("4", "truncated")
+    assert new["generated_text"].startswith("42.") and new["finish_reason"] == "length"
+
+
+def test_a_stop_string_cuts_ids_and_text_alike(tiny):
+    """A stop string found in the text but not as the engine's tokens: ids end with the token completing it."""
+    _, tokenizer = tiny
+    ids = tokenizer("42.7+1", add_special_tokens=False)["input_ids"]
+    stop = StopCondition(strings=("2.",), token_ids=((999,),))  # tokens the engine never saw
+    row = finish(ids, tokenizer, stop, 10)
+    assert row["generated_token_ids"] == ids[:3] and row["generated_text"] == "4"
+    assert (row["finish_reason"], row["stop_reason"], row["generated_token_count"]) == ("stop", "2.", 3)
+    assert finish(row["generated_token_ids"], tokenizer, stop, 10) == row  # resume re-derives the same row
+    kept = finish(ids, tokenizer, dataclasses.replace(stop, include_stop_in_text=True), 10)
+    assert kept["generated_text"] == "42." and kept["generated_token_ids"] == ids[:3]
+
+
+def _whiles(tiny, max_seqs: int) -> list[tuple[str, str | None]]:
+    from levanter.inference import engine as engine_module
+
+    model, tokenizer = tiny
+    config = dataclasses.replace(ENGINE, max_seqs=max_seqs, max_tokens_per_round=max_seqs,
+                                 max_queued_tokens=max_seqs, max_seqs_in_prefill=max_seqs)  # fmt: skip
+    with one_device():
+        engine = build_engine(model, tokenizer, config, logprobs=False)
+        hlo = engine_module._run_generation_loop.lower(engine.gen_state, model, engine.sampler, max_seqs, 2)
+        text = hlo.compile().as_text()
+    found = []
+    for line in text.splitlines():
+        if " while(" in line:
+            name = re.search(r'op_name="([^"]*)"', line)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            found.append((name.group(1) if name else "", trips.group(1) if trips else None))
+    return found
+
+
+@pytest.mark.slow
+def test_no_loop_grows_with_the_batch(tiny):
+    """The compiled decode program at 8 and at 32 slots: besides the decode round itself and the reference
+    attention (a Pallas kernel on TPU), every loop has a trip count XLA knows and the batch does not change."""
+    loops = {}
+    for max_seqs in (8, 32):
+        rest = [(n, t) for n, t in _whiles(tiny, max_seqs) if n != "jit(_run_generation_loop)/while"]
+        loops[max_seqs] = sorted((n, t) for n, t in rest if "ragged_paged_attention" not in n)
+    assert loops[8] == loops[32], "a loop's trip count depends on the batch"
+    assert all(t is not None for _, t in loops[8]), f"a loop with a data-dependent trip count: {loops[8]}"
+    assert not any(re.search("allocate|update_tokens|free_pages|kv_update|batch_info", n) for n, _ in loops[8])
+
+
+def test_kv_scatter_writes_what_levanters_loop_writes():
+    """Engine-like inputs: the first K destinations valid and distinct, the rest invalid."""
+    original = decode_step._levanter_function("levanter.layers.kv_cache", "kv_update_unified_prefix")
     rng = np.random.default_rng(0)
-    pages, slots, heads, dim, n = 5, 4, 2, 3, 12
-    for trial in range(40):
+    pages, slots, heads, dim, n = 6, 4, 2, 3, 12
+    for trial in range(20):
         kv = rng.standard_normal((pages, slots, 2 * heads, dim)).astype(np.float32)
-        if dedupe:  # any destinations: invalid (clamped), negative (wrapped), duplicates (last write wins)
-            t_pages = rng.integers(-pages, pages + 2, n).astype(np.int32)
-            t_slots = rng.integers(-slots, slots + 2, n).astype(np.int32)
-            invalid = rng.random(n) < 0.2
-            t_pages[invalid], t_slots[invalid] = 2_000_000, 2_000_000
-        else:  # the engine's case: the first K destinations are valid and distinct
-            flat = rng.permutation(pages * slots)[:n]
-            t_pages, t_slots = (flat // slots).astype(np.int32), (flat % slots).astype(np.int32)
-        new_k = rng.standard_normal((n, heads, dim)).astype(np.float32)
-        new_v = rng.standard_normal((n, heads, dim)).astype(np.float32)
-        k = jnp.int32(rng.integers(0, n + 1))
-        want = original(jnp.asarray(kv), t_pages, t_slots, new_k, new_v, k)
-        got = replacement(jnp.asarray(kv), t_pages, t_slots, new_k, new_v, k)
+        k = int(rng.integers(0, n + 1))
+        flat = rng.permutation(pages * slots)[:n]
+        t_pages = np.where(np.arange(n) < k, flat // slots, 2_000_000).astype(np.int32)
+        t_slots = np.where(np.arange(n) < k, flat % slots, 2_000_000).astype(np.int32)
+        new_k, new_v = (rng.standard_normal((n, heads, dim)).astype(np.float32) for _ in range(2))
+        want = original(jnp.asarray(kv), t_pages, t_slots, new_k, new_v, jnp.int32(k))
+        got = decode_step.kv_update_scatter(jnp.asarray(kv), t_pages, t_slots, new_k, new_v, jnp.int32(k))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"trial {trial}")
 
 
-def test_seam_fails_loudly_when_levanter_moves(monkeypatch):
-    import importlib.metadata
+def test_guard_fails_loudly_when_levanter_moves(monkeypatch):
+    key = ("levanter.inference.jit_scheduler", "DecodeState.update_tokens")
+    monkeypatch.setitem(decode_step.SOURCES, key, "0" * 64)
+    with pytest.raises(SeamError, match="DecodeState.update_tokens changed"):
+        decode_step.check()
+    monkeypatch.undo()
+    caller = ("levanter.layers.kv_cache", "KvPageCache.update", "a_name_it_never_reads")
+    monkeypatch.setattr(decode_step, "CALLERS", [*decode_step.CALLERS, caller])
+    with pytest.raises(SeamError, match="no longer reads a_name_it_never_reads"):
+        decode_step.check()
 
+
+def test_install_is_idempotent_and_levanters_own_step_restores():
+    from levanter.inference import engine as engine_module
+    from levanter.inference.jit_scheduler import SequenceTable
     from levanter.layers import kv_cache
 
-    real_version = importlib.metadata.version
-
-    monkeypatch.setattr(importlib.metadata, "version", lambda d: "9.9" if d == "levanter" else real_version(d))
-    with pytest.raises(decode_seam.DecodeSeamError, match="not the pinned"):
-        decode_seam.check_kv_update_seam()
-    monkeypatch.setattr(importlib.metadata, "version", real_version)
-
-    def moved(kv_pages, t_pages, t_slots, new_k, new_v, K):
-        return kv_pages
-
-    moved.__module__ = kv_cache.__name__
-    monkeypatch.setattr(kv_cache, "kv_update_unified_prefix", moved)
-    with pytest.raises(decode_seam.DecodeSeamError, match="source changed"):
-        decode_seam.check_kv_update_seam()
-    monkeypatch.setattr(kv_cache, "kv_update_unified_prefix", lambda kv_pages, pages: kv_pages)
-    with pytest.raises(decode_seam.DecodeSeamError, match="comes from|signature"):
-        decode_seam.check_kv_update_seam()
+    decode_step.install()
+    decode_step.install()
+    assert engine_module.DecodeState is decode_step.PromptLengthDecodeState
+    assert kv_cache.kv_update_unified_prefix is decode_step.kv_update_scatter
+    with decode_step.levanter_own_step():
+        decode_step.install()  # held off inside the block, as build_engine calls it
+        assert engine_module.DecodeState is not decode_step.PromptLengthDecodeState
+        assert SequenceTable.allocate_for_seq is not decode_step.allocate_for_seq
+        decode_step.check()  # Levanter's own functions, as pinned
+    assert SequenceTable.allocate_for_seq is decode_step.allocate_for_seq

@@ -110,7 +110,7 @@ class SampleLmMultihostConfig:
     stop_at_eos: bool = True
     """Stop a sequence at EOS (the tokenizer's and the checkpoint's generation_config.json eos_token_id)."""
     include_stop_in_text: bool = False
-    """Keep the stop string in `generated_text`; token ids always keep what the model produced."""
+    """Keep the stop string in `generated_text`; token ids end with the token that completes it."""
     logprobs: bool = False
     """Write `generated_logprobs`: the log-probability of each generated token (temperature-scaled)."""
     batch_size: int | None = None

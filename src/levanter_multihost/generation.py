@@ -24,6 +24,7 @@ from levanter.inference.jit_scheduler import SeqDecodingParams
 from levanter.inference.utils import INVALID
 
 from levanter_multihost.runplan import Sampling, StopCondition
+from levanter_multihost.seams import decode_step
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def sequence_keys(seed: int, prompts: jax.Array, generations: jax.Array) -> jax.
 
 
 def build_engine(model, tokenizer, config: InferenceEngineConfig, logprobs: bool) -> InferenceEngine:
-    """The host's engine, with its KV cache allocated; built once and reused for every batch."""
+    """The host's engine, with its KV cache allocated and the decode step without serial loops
+    (:mod:`levanter_multihost.seams.decode_step`); built once and reused for every batch."""
+    decode_step.install()  # before the engine exists: it builds the seam's DecodeState
     config = dataclasses.replace(config, enable_logprobs=logprobs)
     engine = InferenceEngine.from_model_with_config(model=model, tokenizer=tokenizer, config=config)
     jax.block_until_ready(engine.gen_state)
@@ -162,23 +165,24 @@ def generate_batch(
         item = by_index[index]
         ids = [int(t) for t in tokens if t != INVALID]
         row = {"global_prompt_index": index, "generation_index": generation, "process_index": host,
-               "prompt": item.prompt, "prompt_token_count": len(item.token_ids), "generated_token_ids": ids,
+               "prompt": item.prompt, "prompt_token_count": len(item.token_ids),
                **finish(ids, tokenizer, sampling.stop, item.max_new_tokens)}  # fmt: skip
         if sampling.logprobs:
-            row["generated_logprobs"] = [float(x) for x in lps[: len(ids)]]
+            row["generated_logprobs"] = [float(x) for x in lps[: row["generated_token_count"]]]
         rows.append((row, item.extra_json))
-        stats.tokens += len(ids)
+        stats.tokens += len(ids)  # what the engine decoded, cut or not
     rows.sort(key=lambda r: (r[0]["global_prompt_index"], r[0]["generation_index"]))
     return rows, stats
 
 
 def finish(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) -> dict:
-    """Text and finish reason of a sequence's tokens.
+    """Token ids, text and finish reason of a sequence's tokens.
 
     The stop string that appears first in the text wins (the engine matches stop strings as tokens, and a string
-    can also be spelled by other tokens); then EOS as the last token; then ``length`` at max_new_tokens; anything
-    shorter is ``truncated`` (the engine's decode budget ran out, which the planner rules out). ``stop_reason`` is
-    the stop string, or the EOS token's text.
+    can also be spelled by other tokens): the token ids are cut after the token that completes it, as vLLM cuts
+    them, so ids, log-probabilities and text agree. Then EOS as the last token; then ``length`` at
+    max_new_tokens; anything shorter is ``truncated`` (the engine's decode budget ran out, which the planner rules
+    out). ``stop_reason`` is the stop string, or the EOS token's text.
     """
     eos = bool(ids) and ids[-1] in stop.eos_ids
     text = tokenizer.decode(ids[:-1] if eos else ids, skip_special_tokens=True)
@@ -186,14 +190,28 @@ def finish(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) 
     if hits:
         at, k = min(hits)
         s = stop.strings[k]
+        ids = ids[: _tokens_spelling(ids, tokenizer, at + len(s), s)]
         text = text[: at + len(s)] if stop.include_stop_in_text else text[:at]
         reason, stop_reason = "stop", s
     elif eos:  # the EOS token's own text ("</s>", "<|eot_id|>"): stop_reason is always a string or null
         reason, stop_reason = "stop", tokenizer.convert_ids_to_tokens(ids[-1])
     else:
         reason, stop_reason = ("length" if len(ids) >= max_new_tokens else "truncated"), None
-    return {"generated_text": text, "generated_token_count": len(ids), "finish_reason": reason,
-            "stop_reason": stop_reason}  # fmt: skip
+    return {"generated_token_ids": ids, "generated_text": text, "generated_token_count": len(ids),
+            "finish_reason": reason, "stop_reason": stop_reason}  # fmt: skip
+
+
+def _tokens_spelling(ids: list[int], tokenizer, end: int, stop: str) -> int:
+    """The fewest leading tokens of ``ids`` whose text holds ``stop`` ending at character ``end`` (a binary
+    search: once a prefix spells it, every longer prefix does)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(ids[:mid], skip_special_tokens=True)[end - len(stop) : end] == stop:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def pages_in_use(engine: InferenceEngine) -> int:

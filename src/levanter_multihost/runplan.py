@@ -95,7 +95,7 @@ class StopCondition:
     eos_ids: tuple[int, ...] = ()
     """End-of-sequence token ids that stop a sequence (empty when ``stop_at_eos`` is false)."""
     include_stop_in_text: bool = False
-    """Keep the stop string in ``generated_text`` (token ids always keep what the model produced)."""
+    """Keep the stop string in ``generated_text`` (token ids end with the token that completes it)."""
 
     @property
     def sequences(self) -> tuple[tuple[int, ...], ...]:

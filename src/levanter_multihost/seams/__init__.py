@@ -16,6 +16,10 @@ equinox 0.13.8 (``PINNED``).
   hosts never found an entry (docs/benchmarks.md). Can go when JAX lets every process write.
 - :func:`distributed_client`: JAX exposes its key-value store client only as ``jax._src.distributed``'s global.
   Can go when JAX makes it public.
+- :mod:`levanter_multihost.seams.decode_step`: Levanter's decode bookkeeping runs as serial loops (a trip per
+  token, per sequence and per layer), which a TPU runs one after another; replaced by whole-array operations,
+  with stop sequences matched within the generation only. Installed by every engine build
+  (``generation.build_engine``) and by :func:`install`. Can go when Levanter's scheduler is vectorized upstream.
 - :func:`apply_ragged_attention`: Levanter passes the TPU ragged paged-attention kernel only ``sm_scale`` and
   ``soft_cap``, so block sizes and VMEM stay at defaults that run out of VMEM at page_size 128 (docs/tpu.md). Can
   go when Levanter takes the kernel's block sizes in its config.
@@ -41,8 +45,11 @@ class SeamError(RuntimeError):
 
 def install() -> None:
     """Install the seams that need no config; called once by the command-line entry."""
+    from levanter_multihost.seams import decode_step
+
     checks_as_nan()
     check_ragged_attention_seam()
+    decode_step.install()
 
 
 def checks_as_nan() -> str:

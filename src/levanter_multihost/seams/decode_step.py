@@ -29,11 +29,13 @@ naming what moved. Can go when Levanter's scheduler is vectorized upstream (its 
 and stops match within the generation only.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib
 import inspect
+from collections.abc import Iterator
 
 import equinox as eqx
 import haliax as hax
@@ -317,14 +319,14 @@ def _replacements():
     }
 
 
-def installed() -> bool:
-    return bool(_originals)
+_held_off = False
+"""True inside :func:`levanter_own_step`: :func:`install` does nothing there."""
 
 
 def install() -> None:
     """Replace Levanter's decode bookkeeping (idempotent). Engines built afterwards use it; compiled programs
     traced before keep what they traced, so call it before building an engine."""
-    if _originals:
+    if _originals or _held_off:
         return
     check()
     for (module, qualname), replacement in _replacements().items():
@@ -336,8 +338,23 @@ def install() -> None:
     jax.clear_caches()  # jit caches traces by argument shapes, not by the functions they called
 
 
+@contextlib.contextmanager
+def levanter_own_step() -> Iterator[None]:
+    """Engines built inside the block run Levanter's own decode step (benchmarks and tests compare the two)."""
+    global _held_off
+    was_installed = bool(_originals)
+    uninstall()
+    _held_off = True
+    try:
+        yield
+    finally:
+        _held_off = False
+        if was_installed:
+            install()
+
+
 def uninstall() -> None:
-    """Put Levanter's own functions back (benchmarks and tests compare the two)."""
+    """Put Levanter's own functions back."""
     for (module, qualname), original in _originals.items():
         owner, name = _lookup(module, qualname)
         setattr(owner, name, original)
