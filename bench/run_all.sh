@@ -18,8 +18,8 @@ run bench/scale.py
 run bench/gather_cost.py
 run bench/sharding.py
 run bench/scaling.py
-run bench/decode_step.py --config_path config/sampler/tiny_local.yaml --batch_sizes 1,8,64,256 --repeats 7 \
-    --seams none,scatter,scatter_plain
+run bench/decode_program.py --shape llama8b --batch 1,64,256,1024 --seams off,on \
+    --out bench/results/decode_program.json
 if uv run python -c "import sys; sys.path.insert(0, '${TORCH_PATH:-}'); import torch" 2>/dev/null; then
     run bench/engine_vs_hf.py ${TORCH_PATH:+--torch_path "$TORCH_PATH"}
 else
