@@ -1,16 +1,12 @@
 """The serial loops of Levanter's decode program: found in its jaxpr, counted in StableHLO and compiled HLO.
 
-Part of ``bench/decode_step.py`` (which see for how to run it; findings in docs/benchmarks.md, "Decode step").
-``KNOWN_LOOPS`` is the table of the loops read in Levanter's source; ``tests/test_decode_step.py`` checks the tiny
-model's decode round has exactly these.
+Part of ``bench/decode_program.py`` (which see for how to run it; findings in docs/benchmarks.md, section 11).
+``KNOWN_LOOPS`` is the table of the loops read in Levanter's source; a loop not in it makes the report's trip
+count null, so a Levanter upgrade that adds one shows up.
 """
 
 import math
 import os
-import re
-import time
-from collections import defaultdict
-from pathlib import Path
 
 # --------------------------------------------------------------------------------------------------------------
 # The loops read in Levanter's source (levanter 1.2.dev1644). Key: (file, function) of the innermost Levanter
@@ -207,98 +203,6 @@ def loop_table(loops: list[dict], B: int, ctx: int, c: dict) -> list[dict]:
     return rows
 
 
-def stablehlo_while_count(text: str) -> dict:
-    """``stablehlo.while`` ops in the module, textually and with every func.call expanded."""
-    funcs: dict[str, dict] = {}
-    current = None
-    for line in text.splitlines():
-        m = re.match(r"\s*func\.func (?:public |private )?@([\w.$-]+)\(", line)
-        if m:
-            current = funcs.setdefault(m.group(1), {"whiles": 0, "calls": defaultdict(int)})
-            continue
-        if current is None:
-            continue
-        current["whiles"] += line.count("stablehlo.while")
-        for callee in re.findall(r"(?:func\.)?call @([\w.$-]+)\(", line):
-            current["calls"][callee] += 1
-
-    memo: dict[str, int] = {}
-
-    def expanded(name: str) -> int:
-        if name not in memo:
-            f = funcs.get(name, {"whiles": 0, "calls": {}})
-            memo[name] = f["whiles"] + sum(n * expanded(c) for c, n in f["calls"].items())
-        return memo[name]
-
-    return {"textual": sum(f["whiles"] for f in funcs.values()), "expanded": expanded("main")}
-
-
-def hlo_whiles(text: str) -> list[dict]:
-    """Every ``while`` of the compiled HLO: op_name, nesting (``while/body`` in the op_name), XLA's trip count."""
-    out = []
-    for line in text.splitlines():
-        if " while(" not in line:
-            continue
-        op = re.search(r'op_name="([^"]*)"', line)
-        op_name = op.group(1) if op else ""
-        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-        out.append(
-            {
-                "op_name": op_name,
-                "depth": op_name.count("/while/body"),
-                "known_trip_count": int(trip.group(1)) if trip else None,
-                "class": classify_hlo_while(op_name),
-            }
-        )
-    return out
-
-
-_COLLECTIVE = re.compile(
-    r"= [^=]*? (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(?:-start)?\("
-)
-_CALLED = re.compile(r"(?:body|condition|to_apply|calls|true_computation|false_computation)=%([\w.\-]+)")
-
-
-def hlo_collectives_by_loop(text: str) -> dict[str, dict[str, int]]:
-    """Collectives of the compiled HLO, by the class of their innermost enclosing while (``-`` outside any):
-    a collective inside a serial loop pays its latency once per iteration."""
-    comps: dict[str, list[str]] = {}
-    current, entry = None, None
-    for line in text.splitlines():
-        m = re.match(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$", line)
-        if m:
-            current = m.group(2)
-            comps[current] = []
-            entry = current if m.group(1) else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            comps[current].append(line)
-    found: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    seen = set()
-
-    def walk(comp: str, innermost: str) -> None:
-        for line in comps.get(comp, []):
-            if m := _COLLECTIVE.search(line):
-                found[innermost][m.group(1)] += 1
-            called = _CALLED.findall(line)
-            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-            if branches:
-                called += [b.strip().lstrip("%") for b in branches.group(1).split(",")]
-            inner = innermost
-            if " while(" in line:
-                op = re.search(r'op_name="([^"]*)"', line)
-                inner = classify_hlo_while(op.group(1) if op else "")
-            for callee in called:
-                if (callee, inner) not in seen:
-                    seen.add((callee, inner))
-                    walk(callee, inner)
-
-    if entry is not None:
-        walk(entry, "-")
-    return {k: dict(v) for k, v in found.items()}
-
-
 def classify_hlo_while(op_name: str) -> str:
     if op_name == OUTER_OP_NAME:
         return "decode round (outer while_loop)"
@@ -308,62 +212,3 @@ def classify_hlo_while(op_name: str) -> str:
         if needle in op_name:
             return cls
     return "other: " + op_name
-
-
-def analyze_loops(setup, seam: str, args, B: int, ctx: int) -> tuple[dict, object]:
-    """Trace, lower and (unless --no_compile) compile one decode call of ``rounds`` iterations; the loops in it."""
-    from levanter.inference import engine as engine_mod
-
-    c = setup.engine_config
-    gen_state, engine = setup.gen_state_for_tracing()
-    T, R = c.imputed_max_tokens_per_round, args.rounds
-    t0 = time.perf_counter()
-    traced = engine_mod._run_generation_loop.trace(gen_state, setup.model, setup.sampler, T, R)
-    t1 = time.perf_counter()
-    loops = jaxpr_loops(traced.jaxpr)
-    lowered = traced.lower()
-    stablehlo = lowered.as_text()
-    t2 = time.perf_counter()
-    cfg = {"page_size": c.page_size, "max_seqs": c.max_seqs, "T": T}
-    result = {
-        "seam": seam,
-        "trace_s": t1 - t0,
-        "lower_s": t2 - t1,
-        "jaxpr_loops": len(loops),
-        "unknown_loops": [f"{r['file']}:{r['line']} {r['function']}" for r in loops if r["key"] not in KNOWN_LOOPS],
-        "table": loop_table(loops, B, ctx, cfg),
-        "table_B": B,
-        "table_context": ctx,
-        "stablehlo_whiles": stablehlo_while_count(stablehlo),
-    }
-    compiled = None
-    if not args.no_compile:
-        compiled = lowered.compile()
-        result["compile_s"] = time.perf_counter() - t2
-        hlo = compiled.as_text()
-        whiles = hlo_whiles(hlo)
-        counts: dict[str, int] = defaultdict(int)
-        trips: dict[str, set] = defaultdict(set)
-        for w in whiles:
-            counts[w["class"]] += 1
-            trips[w["class"]].add(w["known_trip_count"])
-        result["hlo_whiles"] = len(whiles)
-        collectives = hlo_collectives_by_loop(hlo)
-        result["hlo_collectives_by_loop"] = collectives
-        result["hlo_classes"] = [
-            {
-                "class": k,
-                "count": v,
-                "known_trip_counts": sorted(trips[k], key=lambda x: (x is None, x)),
-                "collectives_inside": sum(collectives.get(k, {}).values()),
-            }
-            for k, v in counts.items()
-        ]
-        if args.hlo_dir:
-            Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.hlo_dir) / f"decode_round_{seam}.hlo.txt").write_text(hlo)
-    if args.hlo_dir:
-        Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.hlo_dir) / f"decode_round_{seam}.stablehlo.txt").write_text(stablehlo)
-    del engine
-    return result, compiled

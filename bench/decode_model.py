@@ -1,4 +1,4 @@
-"""Model and engine for ``bench/decode_step.py``: the checkpoint as the sampler loads it, or random / abstract weights.
+"""Model and engine for ``bench/decode_program.py``: the checkpoint as the sampler loads it, or random / abstract weights.
 
 Abstract weights (shapes only, nothing allocated) let the loops of the 8B TPU config's program be traced and
 compiled on this CPU, partitioned as on a v5p host.

@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -45,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_loops import KNOWN_LOOPS, classify_hlo_while, jaxpr_loops, loop_table  # noqa: E402
+from decode_loops import classify_hlo_while, jaxpr_loops, loop_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -194,8 +195,8 @@ def one(setup_cls, config, args, seam: bool, B: int, context: int) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import draccus
-
     from decode_model import Setup
+
     from levanter_multihost import model_loading
     from levanter_multihost.config import SampleLmMultihostConfig
 
@@ -211,7 +212,7 @@ def main(argv=None) -> dict:
                 print(json.dumps(rows[-1]), file=sys.stderr)
     for seam in args.seams:
         mine = [r for r in rows if r["seams"] == seam]
-        for prev, r in zip(mine, mine[1:]):
+        for prev, r in itertools.pairwise(mine):
             for key in ("serial_loop_trips", "executed_ops"):
                 if r.get(key) is not None and prev.get(key) is not None:
                     r[f"slope_{key}"] = round((r[key] - prev[key]) / (r["B"] - prev["B"]), 3)

@@ -130,7 +130,7 @@ def test_a_stop_across_the_prompt_boundary_does_not_end_the_sequence(tiny):
     """ "12+30=" ends in "=" and the answer starts with "4": the stop string "=4" is spelled by the prompt's last
     token and the first generated one. Levanter's step stops there (a row the text cannot explain: truncated);
     the seam's keeps generating, and stops at a "=4" within the generation only."""
-    model, tokenizer = tiny
+    tokenizer = tiny[1]
     ids = tokenizer("12+30=", add_special_tokens=False)["input_ids"]
     work = [WorkItem(0, "12+30=", ids, (0,), 1, 6, 0.0)]
     sampling = Sampling(seed=0, stop=stop_condition(tokenizer, ["=4"]))

@@ -42,8 +42,6 @@ import haliax as hax
 import jax
 import jax.numpy as jnp
 from haliax.jax_utils import ensure_scalar
-from levanter.inference import engine as engine_module
-from levanter.inference import jit_scheduler
 from levanter.inference.jit_scheduler import DecodeState, SequenceTable
 from levanter.inference.page_table import PageBatchInfo
 from levanter.inference.utils import INVALID, get_unique_in_order, is_invalid, is_valid, purge
