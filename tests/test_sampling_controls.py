@@ -6,6 +6,7 @@ with them, and the first tokens sampled under each control follow the truncated,
 transformers' own logits (Flax Llama, float32), by an exact support check and a chi-square test.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from levanter.inference.engine import InferenceEngineConfig
 from levanter.layers.sampler import Sampler
 from levanter.models.llama import LlamaConfig
 from levanter.trainer import TrainerConfig
+from multihost import run_in_process
 from test_bad_input import config, fails, jsonl
 
 from levanter_multihost import model_loading, seams
@@ -218,3 +220,16 @@ def test_a_bad_control_in_the_config_is_one_line_before_load(tmp_path, flag, mat
 def test_a_bad_control_in_a_row_names_the_line(tmp_path, column, value):
     path = jsonl(tmp_path, [{"prompt": "1+2="}, {"prompt": "3+4=", column: value}])
     fails(config(tmp_path, f"--prompts_file={path}"), rf"line 2: `{column}` is {value!r}; it must be")
+
+
+@pytest.mark.slow
+def test_the_command_line_top_k_1_or_top_p_1e_9_at_temperature_1_5_gives_the_greedy_output(tmp_path):
+    prompts = "--prompts=" + json.dumps(make_prompts(32, seed=8))
+    runs = {}
+    hot = ["--temperature=1.5"]
+    cases = {"greedy": [], "top_k": ["--top_k=1", *hot], "top_p": ["--top_p=1e-9", *hot], "hot": hot}
+    for name, flags in cases.items():
+        run_in_process(tmp_path / name, prompts, "--task=null", *flags)
+        rows = [json.loads(line) for line in (tmp_path / name / "merged.jsonl").read_text().splitlines()]
+        runs[name] = [r["generated_token_ids"] for r in rows]
+    assert runs["top_k"] == runs["greedy"] == runs["top_p"] != runs["hot"]

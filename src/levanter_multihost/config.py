@@ -25,7 +25,7 @@ from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import addition, encoding, plan, seams
+from levanter_multihost import addition, encoding, model_loading, plan, seams
 from levanter_multihost.config_keys import keys, with_closest_keys
 from levanter_multihost.errors import ConfigError
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
@@ -240,6 +240,9 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     limits = plan.engine_limits(engine)
     slice_ = plan.topology(config.tpu_type, num_hosts, local_devices)
     model = plan.model_shape(checkpoint, config.trainer, limits) if config.tpu_type else None
+    revision = config.hf_checkpoint.revision if checkpoint is not None else None
+    architecture = model_loading.architecture(plan.hf_config(checkpoint, revision)[0] if checkpoint else None,
+                                              config.model, f"hf_checkpoint {checkpoint}")  # fmt: skip
     spec = plan.run_spec(prompts, stop, config.shard_strategy, config.batch_size)
     if config.engine.auto_size:
         engine = auto_sized(engine, limits, spec, slice_, model)
@@ -259,7 +262,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         prompts=prompts,
         sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs),
         engine=EngineSettings(engine, limits, capacity.max_pages, config.batch_size),
-        model=ModelSource(ref, config.checkpoint_path, config.model, config.trainer),
+        model=ModelSource(ref, config.checkpoint_path, architecture, config.trainer),
         tokenizer=tokenizer,
         run_dir=run_dir,
         fingerprint=fields,
@@ -271,7 +274,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             tracker=config.trainer.tracker,
             run_name=config.run_name or os.path.basename(config.output_dir.rstrip("/")) or "levanter-multihost",
             run_id=config.trainer.id or os.environ.get("RUN_ID"),
-            config={"config": draccus.encode(config), "fingerprint": fingerprint_hash(fields), **provenance()},
+            config={"config": {**draccus.encode(config), "model": model_loading.encoded(architecture)},
+                    "fingerprint": fingerprint_hash(fields), **provenance()},
             samples_table_rows=config.samples_table_rows,
             task=config.task,
             progress_interval_s=config.progress_interval_s,

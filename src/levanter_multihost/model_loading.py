@@ -19,7 +19,9 @@ from haliax.partitioning import ResourceAxis, round_axis_for_partitioning
 from jax.sharding import Mesh
 from levanter.checkpoint import load_checkpoint
 from levanter.compat.hf_checkpoints import HFCheckpointConverter
-from levanter.models.lm_model import LmHeadModel
+from levanter.models.llama import LlamaConfig
+from levanter.models.lm_model import LmConfig, LmHeadModel
+from levanter.models.qwen import Qwen3Config
 from levanter.trainer import TrainerConfig
 
 from levanter_multihost.errors import ConfigError
@@ -73,6 +75,40 @@ def model_vocab_size(hf_checkpoint: str | None) -> int | None:
         return None
     with open(path) as f:
         return int(json.load(f)["vocab_size"])
+
+
+ARCHITECTURES: dict[str, type[LmConfig]] = {"llama": LlamaConfig, "qwen3": Qwen3Config}
+"""Hugging Face ``model_type`` -> Levanter config: what the pinned Levanter both converts from a checkpoint and
+decodes in its ``InferenceEngine``. It converts Mistral, Qwen2, Gemma and OLMo too, but their models have no paged
+decode (``decode`` / ``initial_cache``)."""
+
+
+def architecture(hf_config: dict | None, given: LmConfig, where: str) -> LmConfig:
+    """The model config a checkpoint's ``config.json`` (``hf_config``) describes; ``given`` (the config's
+    ``model``) where no config.json is readable. ``where`` names the checkpoint in errors."""
+    if hf_config is None:
+        return given
+    model_type = hf_config.get("model_type", "llama")  # the planner's known shapes are Llama's and name none
+    if model_type not in ARCHITECTURES:
+        named = f"{model_type!r} ({', '.join(hf_config.get('architectures') or [])})".replace(" ()", "")
+        raise ConfigError(f"{where} is a {named} model; this sampler runs {' and '.join(ARCHITECTURES)} "
+                          "checkpoints (what the pinned Levanter's inference engine decodes). Use one of those.")  # fmt: skip
+    cls = ARCHITECTURES[model_type]
+    if type(given) not in (LlamaConfig, cls):  # Llama is the default, so only another explicit type contradicts
+        given_name = LmConfig.get_choice_name(type(given))
+        raise ConfigError(f"model is {given_name!r} but {where} is a {model_type!r} model. Leave `model` unset with "
+                          "hf_checkpoint: its architecture comes from the checkpoint's config.json.")  # fmt: skip
+    import transformers
+
+    settings = {k: v for k, v in hf_config.items() if k != "model_type"}
+    return cls.from_hf_config(transformers.CONFIG_MAPPING[model_type](**settings))
+
+
+def encoded(model: LmConfig) -> dict:
+    """``model`` as the tracker logs it: its registered type, then its fields."""
+    import draccus
+
+    return {"type": LmConfig.get_choice_name(type(model)), **draccus.encode(model)}
 
 
 def load_model(source: ModelSource, tokenizer) -> LmHeadModel:

@@ -212,7 +212,7 @@ def _file_rows(path: str):
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    lines = [line.removesuffix("\r") for line in lines]
     for number, line in enumerate(lines, start=1):
         if line.strip() == "":
             raise PromptError(f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "
