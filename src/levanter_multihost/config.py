@@ -117,7 +117,8 @@ class SampleLmMultihostConfig:
     include_stop_in_text: bool = False
     """Keep the stop string in `generated_text`; token ids always keep what the model produced."""
     logprobs: bool = False
-    """Write `generated_logprobs`: the log-probability of each generated token (temperature-scaled)."""
+    """Write `generated_logprobs`: the log-probability of each generated token under the distribution it was sampled
+    from (temperature-scaled; truncated by top_k, top_p, min_p and renormalized)."""
     batch_size: int | None = None
     """Most sequences per engine call; null takes the largest the engine completes in one wave (the planner's)."""
 
