@@ -233,3 +233,15 @@ def test_the_command_line_top_k_1_or_top_p_1e_9_at_temperature_1_5_gives_the_gre
         rows = [json.loads(line) for line in (tmp_path / name / "merged.jsonl").read_text().splitlines()]
         runs[name] = [r["generated_token_ids"] for r in rows]
     assert runs["top_k"] == runs["greedy"] == runs["top_p"] != runs["hot"]
+
+
+def test_the_seam_checks_what_it_relies_on_and_fails_loudly_when_it_moves(monkeypatch):
+    from levanter.inference import engine
+
+    from levanter_multihost.seams import SeamError
+    from levanter_multihost.seams.sampler import check_sampler_seam
+
+    check_sampler_seam()  # the pinned engine has everything
+    monkeypatch.delattr(engine, "_handle_clones")
+    with pytest.raises(SeamError, match=r"engine._handle_clones no longer gathers .* \(installed: levanter 1\.2"):
+        check_sampler_seam()
