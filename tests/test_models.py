@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from multihost import REPO, run_in_process
+from multihost import REPO, launch, run_in_process
 from safetensors.numpy import load_file
 from test_bad_input import config, fails
 
@@ -94,20 +94,38 @@ def test_the_architecture_comes_from_config_json():
     assert model_loading.encoded(model)["type"] == "qwen3"
 
 
+QWEN3_FLAGS = (f"--hf_checkpoint={QWEN3}", "--prompts=" + json.dumps(PROMPTS), "--task=null",
+               f"--max_new_tokens={NEW_TOKENS}", "--stop_at_eos=false")  # fmt: skip
+"""The README's job shape (tiny_local.yaml: every axis sharded over a host's 4 devices) on the tiny Qwen3, greedy."""
+
+
+@pytest.fixture(scope="module")
+def qwen3_1x4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen3_1x4")
+    return run_in_process(out, *QWEN3_FLAGS)
+
+
 @pytest.mark.slow
-def test_qwen3_runs_end_to_end_and_matches_hugging_face_greedy(tmp_path):
+def test_qwen3_runs_end_to_end_and_matches_hugging_face_greedy(qwen3_1x4):
     from levanter.compat.hf_checkpoints import load_tokenizer
 
     tokenizer = load_tokenizer(str(QWEN3))
-    out = tmp_path / "qwen3"
-    run_in_process(out, f"--hf_checkpoint={QWEN3}", "--prompts=" + json.dumps(PROMPTS), "--task=null",
-                   f"--max_new_tokens={NEW_TOKENS}", "--stop_at_eos=false")  # fmt: skip
-    rows = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
+    rows = qwen3_1x4.rows()
     assert [r["prompt"] for r in rows] == PROMPTS
     for row in rows:
         expected, gap = greedy(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"], NEW_TOKENS)
         assert gap > 1e-3  # no near-tie that float32 could flip
         assert row["generated_token_ids"] == expected, row["prompt"]
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_qwen3_on_4_hosts_gives_the_rows_of_1_host(qwen3_1x4, tmp_path):
+    four = launch(tmp_path / "qwen3_4x4", *QWEN3_FLAGS, hosts=4)
+    assert {r["process_index"] for r in four.rows()} == {0, 1, 2, 3}
+    drop = ("process_index",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in four.rows()] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in qwen3_1x4.rows()]  # fmt: skip
 
 
 def test_an_architecture_the_engine_cannot_run_is_one_line_before_load(tmp_path, monkeypatch):
