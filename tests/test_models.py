@@ -157,3 +157,24 @@ def test_the_plan_and_the_tracker_see_the_checkpoints_own_shape(tmp_path):
     assert type(resolved.model.model).__name__ == "Qwen3Config"
     shape = plan.model_shape(str(QWEN3), resolved.model.trainer, resolved.engine.limits)  # trainer.mp is f32
     assert shape.weight_bytes == sum(a.nbytes for a in load_file(QWEN3 / "model.safetensors").values())
+
+
+@pytest.mark.slow
+def test_loading_reads_the_architecture_even_where_the_plan_could_not():
+    """A hub id outside the cache or a URL leaves the plan with the config's default (Llama); the loader still
+    reads config.json and builds the checkpoint's own architecture, never a Llama from Qwen3 weights."""
+    import os
+
+    import jmp
+    from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
+    from levanter.models.llama import LlamaConfig
+    from levanter.models.qwen import Qwen3LMHeadModel
+    from levanter.trainer import TrainerConfig
+
+    from levanter_multihost.runplan import ModelSource
+
+    trainer = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
+    source = ModelSource(RepoRef(os.path.abspath(QWEN3)), None, LlamaConfig(), trainer)
+    with model_loading.on_local_mesh(trainer):
+        model = model_loading.load_model(source, load_tokenizer(str(QWEN3)))
+    assert type(model) is Qwen3LMHeadModel

@@ -11,6 +11,7 @@ import logging
 import os
 
 import equinox as eqx
+import fsspec
 import haliax as hax
 import jax
 import numpy as np
@@ -111,6 +112,19 @@ def encoded(model: LmConfig) -> dict:
     return {"type": LmConfig.get_choice_name(type(model)), **draccus.encode(model)}
 
 
+def checkpoint_config(ref) -> dict:
+    """The ``config.json`` of an HF checkpoint: from its directory or fsspec URL, else from the hub (as its weights
+    will be)."""
+    name = ref.model_name_or_path
+    if os.path.isdir(name) or "://" in name:
+        with fsspec.open(f"{name.rstrip('/')}/config.json") as f:
+            return json.load(f)
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(name, "config.json", revision=ref.revision)) as f:
+        return json.load(f)
+
+
 def load_model(source: ModelSource, tokenizer) -> LmHeadModel:
     """Load the model onto the current (local) mesh, in the trainer's compute dtype. Call inside on_local_mesh."""
     trainer = source.trainer
@@ -118,10 +132,13 @@ def load_model(source: ModelSource, tokenizer) -> LmHeadModel:
     dtype = trainer.mp.compute_dtype
     if source.hf_checkpoint is not None:
         ref = source.hf_checkpoint
+        # the plan knew the architecture only where config.json was readable before load (not a URL, nor a hub
+        # id outside the cache): read it now, so no checkpoint ever loads as another architecture
+        model_config = architecture(checkpoint_config(ref), source.model, f"hf_checkpoint {ref.model_name_or_path}")
         # name the checkpoint up front: the converter's default reference is a hub model it would try to fetch
-        converter: HFCheckpointConverter = source.model.hf_checkpoint_converter(ref_checkpoint=ref.model_name_or_path)
+        converter: HFCheckpointConverter = model_config.hf_checkpoint_converter(ref_checkpoint=ref.model_name_or_path)
         converter = converter.replaced(reference_checkpoint=ref, tokenizer=tokenizer)
-        model = converter.load_pretrained(source.model.model_type, ref=ref, axis_mapping=mapping, dtype=dtype)
+        model = converter.load_pretrained(model_config.model_type, ref=ref, axis_mapping=mapping, dtype=dtype)
     else:
         vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), mapping)
         shape = eqx.filter_eval_shape(source.model.build, vocab, key=jax.random.PRNGKey(0))
