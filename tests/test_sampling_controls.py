@@ -69,14 +69,19 @@ def truncated(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: floa
     return out / out.sum()
 
 
+@jax.jit
+def draw(sampler, logits, temperature, keys):
+    """One (token, log-probability) per key from ``sampler`` on the same logits; compiled once per sampler type."""
+    return jax.vmap(lambda k: tuple(x.array for x in sampler(logits, temperature, key=k)))(keys)
+
+
 def sample_alone(controls: tuple, n: int = 20000) -> np.ndarray:
     """``n`` tokens from ``ControlledSampler`` on LOGITS, one key each, under (temperature, top_k, top_p, min_p)."""
     coded, table = controlled_temperatures(np.array([controls], np.float32))
-    sampler = ControlledSampler(VOCAB, table) if table is not None else Sampler(VOCAB)
     keys = jax.random.split(jax.random.PRNGKey(1), n)
-    logits = hax.named(jnp.asarray(LOGITS), VOCAB)
-    t = hax.named(jnp.asarray(coded[0]), ())
-    return np.asarray(jax.vmap(lambda k: sampler(logits, t, key=k)[0].array)(keys))
+    tokens, _ = draw(ControlledSampler(VOCAB, table), hax.named(jnp.asarray(LOGITS), VOCAB),
+                     hax.named(jnp.asarray(coded[0]), ()), keys)  # fmt: skip
+    return np.asarray(tokens)
 
 
 # kept: 2, 2, 4 tokens; then 2, because top-p reads the distribution top-k left renormalized (3 on the raw one)
@@ -91,12 +96,10 @@ def test_without_controls_the_sampler_is_levanters_bit_for_bit():
     coded, table = controlled_temperatures(np.array([[0.7, 0, 1.0, 0.0], [0.7, 2, 1.0, 0.0]], np.float32))
     assert coded[0] == np.float32(0.7) and coded[1] < 0  # only the controlled one is coded
     logits = hax.named(jax.random.normal(jax.random.PRNGKey(0), (6,)), VOCAB)
-    t = hax.named(jnp.float32(0.7), ())
-    for k in range(50):
-        key = jax.random.PRNGKey(k)
-        ours = ControlledSampler(VOCAB, table)(logits, t, key=key)
-        theirs = Sampler(VOCAB)(logits, t, key=key)
-        assert [np.asarray(x.array).tobytes() for x in ours] == [np.asarray(x.array).tobytes() for x in theirs]
+    t, keys = hax.named(jnp.float32(0.7), ()), jax.random.split(jax.random.PRNGKey(2), 200)
+    ours = draw(ControlledSampler(VOCAB, table), logits, t, keys)
+    theirs = draw(Sampler(VOCAB), logits, t, keys)
+    assert [np.asarray(x).tobytes() for x in ours] == [np.asarray(x).tobytes() for x in theirs]
 
 
 def test_greedy_rows_and_rows_without_controls_leave_no_table():
