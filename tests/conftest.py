@@ -27,10 +27,11 @@ FEATURE_ROWS = [
     {"prompt": "4821+377=", "id": "r5", "meta": {"source": "held-out", "tags": ["a", "b"]}},
     {"messages": [{"role": "system", "content": "1"}, {"role": "user", "content": "5+5="}], "id": "r6"},
     {"prompt": "999+1=", "id": "r7", "answer": None},
-    {"prompt": "58+67=", "id": "r8"},
-    {"prompt": "3+4=", "id": "r9"},
+    {"prompt": "58+67=", "id": "r8", "top_p": 0.8, "seed": 2**40 + 3},
+    {"prompt": "3+4=", "id": "r9", "top_k": 2, "min_p": 0.05},
 ]
-"""Text and chat prompts, carried columns of several types, and per-row overrides."""
+"""Text and chat prompts, carried columns of several types, and per-row overrides (sampling controls and a 64-bit
+seed included)."""
 FEATURE_FLAGS = (
     "--temperature=0.8", "--seed=7", "--n_generations=2", '--stop_sequences=["9", "0"]', "--logprobs=true",
     "--max_new_tokens=6", "--gather_chunk_bytes=512", "--trainer.model_axis_size=1", "--task=null",

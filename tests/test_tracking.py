@@ -32,6 +32,8 @@ def test_wandb_run_holds_the_config_name_commit_and_versions(greedy_4x4):
     sampled = config["config"]
     assert (sampled["temperature"], sampled["max_new_tokens"], sampled["seed"]) == (0.0, 6, 0)
     assert sampled["hf_checkpoint"].endswith("assets/tiny-addition")
+    model = sampled["model"]  # the checkpoint's own shape, not the default Llama's
+    assert (model["type"], model["hidden_dim"], model["num_layers"]) == ("llama", 64, 4)
     assert config["versions"]["levanter"] == "1.2.dev1644"
     assert len(config["git_commit"]) == 40
     assert len(config["fingerprint"]) == 16

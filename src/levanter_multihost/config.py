@@ -6,14 +6,12 @@ the only code that reads it: every check that needs no model runs there, on ever
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import io
 import json
 import logging
 import math
 import os
-import re
 import subprocess
 from dataclasses import dataclass, field
 
@@ -27,10 +25,11 @@ from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import addition, encoding, plan, seams
+from levanter_multihost import addition, encoding, model_loading, plan, seams
+from levanter_multihost.config_keys import keys, with_closest_keys
 from levanter_multihost.errors import ConfigError
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
-from levanter_multihost.prompts import PromptError, read_prompts
+from levanter_multihost.prompts import PromptError, broken_rule, read_prompts
 from levanter_multihost.rundir import RunDir, fingerprint_hash
 from levanter_multihost.runplan import (
     EngineSettings,
@@ -48,9 +47,6 @@ draccus.decode.register(jnp.dtype, lambda value: jnp.dtype(value))
 draccus.encode.register(jnp.dtype, lambda value: str(value))
 
 logger = logging.getLogger(__name__)
-
-MAX_SEED = 2**63 - 1
-
 
 @dataclass(frozen=True)
 class EngineConfig(InferenceEngineConfig):
@@ -102,7 +98,16 @@ class SampleLmMultihostConfig:
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy. A `temperature` column overrides it per row."""
     seed: int = 0
-    """Seed of the sampling keys; a key depends only on this, the global prompt index and the generation."""
+    """Seed of the sampling keys (all 64 bits count); a key depends only on this (or the row's `seed` column), the
+    global prompt index and the generation."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 keeps every token. A `top_k` column overrides it per row."""
+    top_p: float = 1.0
+    """Sample from the fewest most likely tokens whose probability reaches top_p (after top_k); 1 keeps every
+    token. A `top_p` column overrides it per row."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0 keeps every token. A `min_p` column
+    overrides it per row. Greedy (temperature 0) ignores top_k, top_p and min_p."""
     n_generations: int = 1
     """Sequences sampled per prompt; an `n_generations` column overrides it per row."""
     stop_sequences: list[str] = field(default_factory=list)
@@ -112,7 +117,8 @@ class SampleLmMultihostConfig:
     include_stop_in_text: bool = False
     """Keep the stop string in `generated_text`; token ids end with the token that completes it."""
     logprobs: bool = False
-    """Write `generated_logprobs`: the log-probability of each generated token (temperature-scaled)."""
+    """Write `generated_logprobs`: the log-probability of each generated token under the distribution it was sampled
+    from (temperature-scaled; truncated by top_k, top_p, min_p and renormalized)."""
     batch_size: int | None = None
     """Most sequences per engine call; null takes the largest the engine completes in one wave (the planner's)."""
 
@@ -179,40 +185,17 @@ def parse_command_line(argv: list[str]) -> SampleLmMultihostConfig:
             config = dataclasses.replace(config, run_name=name)
         return config
     except draccus.utils.ParsingError as e:
-        raise ConfigError(_with_closest_keys(str(e))) from None
+        raise ConfigError(with_closest_keys(str(e), keys(SampleLmMultihostConfig()))) from None
     except SystemExit as e:
         if e.code == 0:
             raise
         lines = stderr.getvalue().strip().splitlines()
-        raise ConfigError(_with_closest_keys(lines[-1].split("error: ", 1)[-1] if lines else str(e))) from None
+        message = lines[-1].split("error: ", 1)[-1] if lines else str(e)
+        raise ConfigError(with_closest_keys(message, keys(SampleLmMultihostConfig()))) from None
 
 
 def _parsed(config: SampleLmMultihostConfig) -> SampleLmMultihostConfig:
     return config
-
-
-def _with_closest_keys(message: str) -> str:
-    """``message`` and, for each unknown key in it, the closest keys the config has."""
-    unknown = re.findall(r"`([\w.]+)`", message) + re.findall(r"--([\w.]+)", message)
-    known = _keys(SampleLmMultihostConfig())
-    hints = []
-    for key in dict.fromkeys(unknown):
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            close = close or difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=3)
-            hints.append(f"`{key}`: did you mean {' or '.join(close)}?" if close else f"`{key}` is not a key.")
-    return f"{message}. {' '.join(hints)}" if hints else message
-
-
-def _keys(config, prefix: str = "") -> list[str]:
-    """Every key of ``config``, nested ones dotted (``engine.max_seqs``)."""
-    keys = []
-    for f in dataclasses.fields(config):
-        keys.append(prefix + f.name)
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            keys += _keys(value, f"{prefix}{f.name}.")
-    return keys
 
 
 def timeouts(config: SampleLmMultihostConfig) -> Timeouts:
@@ -247,7 +230,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
                                    config.include_stop_in_text, checkpoint)  # fmt: skip
     prompts = encoding.encode_prompts(records, tokenizer, chat_template=config.chat_template, add_bos=config.add_bos,
                                       max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      n_generations=config.n_generations)  # fmt: skip
+                                      n_generations=config.n_generations, top_k=config.top_k, top_p=config.top_p,
+                                      min_p=config.min_p, seed=config.seed)  # fmt: skip
     if config.task == "addition":
         bad = next((i for i, t in enumerate(prompts.texts) if not addition.is_prompt(t)), None)
         if bad is not None:
@@ -257,6 +241,9 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     limits = plan.engine_limits(engine)
     slice_ = plan.topology(config.tpu_type, num_hosts, local_devices)
     model = plan.model_shape(checkpoint, config.trainer, limits) if config.tpu_type else None
+    revision = config.hf_checkpoint.revision if checkpoint is not None else None
+    architecture = model_loading.architecture(plan.hf_config(checkpoint, revision)[0] if checkpoint else None,
+                                              config.model, f"hf_checkpoint {checkpoint}")  # fmt: skip
     spec = plan.run_spec(prompts, stop, config.shard_strategy, config.batch_size)
     if config.engine.auto_size:
         engine = auto_sized(engine, limits, spec, slice_, model)
@@ -276,7 +263,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         prompts=prompts,
         sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs),
         engine=EngineSettings(engine, limits, capacity.max_pages, config.batch_size),
-        model=ModelSource(ref, config.checkpoint_path, config.model, config.trainer),
+        model=ModelSource(ref, config.checkpoint_path, architecture, config.trainer),
         tokenizer=tokenizer,
         run_dir=run_dir,
         fingerprint=fields,
@@ -288,7 +275,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             tracker=config.trainer.tracker,
             run_name=config.run_name or os.path.basename(config.output_dir.rstrip("/")) or "levanter-multihost",
             run_id=config.trainer.id or os.environ.get("RUN_ID"),
-            config={"config": draccus.encode(config), "fingerprint": fingerprint_hash(fields), **provenance()},
+            config={"config": {**draccus.encode(config), "model": model_loading.encoded(architecture)},
+                    "fingerprint": fingerprint_hash(fields), **provenance()},
             samples_table_rows=config.samples_table_rows,
             task=config.task,
             progress_interval_s=config.progress_interval_s,
@@ -339,8 +327,10 @@ def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
     number("samples_table_rows", 0, integer=True, strict=False)
     if config.batch_size is not None:
         number("batch_size", 0, integer=True)
-    if not (isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED):
-        raise ConfigError(f"seed ({config.seed}) must be an integer in [0, 2**63 - 1].")
+    for name in ("seed", "top_k", "top_p", "min_p"):
+        rule = broken_rule(name, getattr(config, name))
+        if rule is not None:
+            raise ConfigError(f"{name} ({getattr(config, name)}) must be {rule}.")
     if (config.hf_checkpoint is None) == (config.checkpoint_path is None):
         raise ConfigError("Set exactly one of `hf_checkpoint` and `checkpoint_path`.")
     choices = {"inference_mode": ("host_data_parallel",), "shard_strategy": STRATEGIES,
@@ -369,6 +359,10 @@ def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, toke
     digest = hashlib.sha256(json.dumps(prompts.texts).encode("utf-8"))
     for column in (prompts.tokens.flat, prompts.max_new_tokens, prompts.temperature, prompts.n_generations):
         digest.update(column.tobytes())
+    controls = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": config.seed}
+    for name, default in controls.items():  # only when set: the fingerprints of runs without them stay as they were
+        if (getattr(prompts, name) != default).any():
+            digest.update(name.encode() + getattr(prompts, name).tobytes())
     for extra in prompts.extra_json or ():
         digest.update(extra + b"\n")
     model = str(config.hf_checkpoint) if config.hf_checkpoint is not None else str(config.checkpoint_path)
@@ -386,6 +380,7 @@ def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, toke
         "stop_at_eos": config.stop_at_eos,
         "include_stop_in_text": config.include_stop_in_text,
         "logprobs": config.logprobs,
+        **{name: getattr(config, name) for name, default in controls.items() if getattr(config, name) != default},
     }
 
 

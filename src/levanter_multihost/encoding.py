@@ -40,6 +40,10 @@ def encode_prompts(
     max_new_tokens: int,
     temperature: float,
     n_generations: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int = 0,
 ) -> PromptSet:
     """Render chats, tokenize every prompt and apply the per-row overrides on the config's defaults."""
     bos = bos_wanted(tokenizer, add_bos)
@@ -68,6 +72,10 @@ def encode_prompts(
         max_new_tokens=column("max_new_tokens", max_new_tokens, np.int32),
         temperature=column("temperature", temperature, np.float32),
         n_generations=column("n_generations", n_generations, np.int32),
+        top_k=column("top_k", top_k, np.int32),
+        top_p=column("top_p", top_p, np.float32),
+        min_p=column("min_p", min_p, np.float32),
+        seed=column("seed", seed, np.int64),
         extra_json=records.extra_json,
     )
 

@@ -9,7 +9,6 @@ here is local to the host: no cross-host communication and no tracker call.
 """
 
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from levanter.inference.utils import INVALID
 
 from levanter_multihost.runplan import Sampling, StopCondition
 from levanter_multihost.seams import decode_step
+from levanter_multihost.seams import sampler as sampler_seam
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ class WorkItem:
     max_new_tokens: int
     temperature: float
     extra_json: bytes | None = None
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 keeps every token."""
+    top_p: float = 1.0
+    """Sample from the fewest most likely tokens whose probability reaches p; 1 keeps every token."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0 keeps every token."""
+    seed: int | None = None
+    """The row's own seed of its sampling keys; None takes the run's (``Sampling.seed``)."""
 
 
 @dataclass
@@ -70,17 +78,21 @@ class BatchStats:
     """Pages in use when decoding started."""
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def sequence_keys(seed: int, prompts: jax.Array, generations: jax.Array) -> jax.Array:
-    """The sampling key of each (prompt, generation): generation 0 uses the prompt's key, generation g > 0 folds in
-    g, exactly as the engine derives the keys of a request's clones. One call per batch: a key per sequence
-    derived eagerly costs two dispatches each, which at tens of thousands of sequences outweighs the decoding."""
+@jax.jit
+def sequence_keys(seeds: jax.Array, prompts: jax.Array, generations: jax.Array) -> jax.Array:
+    """The sampling key of each (seed, prompt, generation): generation 0 uses the prompt's key, generation g > 0
+    folds in g, exactly as the engine derives the keys of a request's clones. ``seeds`` holds each 64-bit seed as
+    (low, high) uint32 halves. One call per batch: a key per sequence derived eagerly costs two dispatches each,
+    which at tens of thousands of sequences outweighs the decoding."""
 
-    def key(prompt, generation):
-        prompt_key = jax.random.fold_in(jax.random.PRNGKey(seed), prompt)
+    def key(seed, prompt, generation):
+        seed_key = jax.random.PRNGKey(seed[0])  # PRNGKey keeps only a seed's low 32 bits
+        # the high half folded in, so seeds s and s + 2**32 differ; seeds below 2**32 keep the keys they always had
+        seed_key = jnp.where(seed[1] == 0, seed_key, jax.random.fold_in(seed_key, seed[1]))
+        prompt_key = jax.random.fold_in(seed_key, prompt)
         return jnp.where(generation == 0, prompt_key, jax.random.fold_in(prompt_key, generation))
 
-    return jax.vmap(key)(prompts, generations)
+    return jax.vmap(key)(seeds, prompts, generations)
 
 
 def build_engine(model, tokenizer, config: InferenceEngineConfig, logprobs: bool) -> InferenceEngine:
@@ -103,23 +115,28 @@ def stop_array(stop: StopCondition):
     return hax.named(jnp.asarray(rows, dtype=jnp.int32), ("stop_seq", "position"))
 
 
-def build_requests(items: Sequence[WorkItem], sampling: Sampling) -> tuple[list[Request], list[tuple[int, int]]]:
-    """Engine requests for ``items`` and, in output order, the (prompt, generation) of each sequence."""
+def build_requests(items: Sequence[WorkItem],
+                   sampling: Sampling) -> tuple[list[Request], list[tuple[int, int]], np.ndarray | None]:
+    """Engine requests for ``items``, in output order the (prompt, generation) of each sequence, and the table of
+    sampling controls the engine's sampler needs (None when no sequence uses top-k, top-p or min-p)."""
     stop = stop_array(sampling.stop)
     # One request per generation, never the engine's clones: the pinned engine sets a clone up before its
     # parent's prompt pages exist, so for prompts of page_size tokens or more a clone samples from the wrong
     # context or leaks pages (tests/test_batch_engine.py pins it). The keys are the ones it would give clones.
-    order = [(item.global_index, g) for item in items for g in item.generations]
-    keys = np.asarray(sequence_keys(sampling.seed, np.array([p for p, _ in order]), np.array([g for _, g in order])))
+    each = [(item, g) for item in items for g in item.generations]
+    order = [(item.global_index, g) for item, g in each]
+    seeds = np.array([sampling.seed if item.seed is None else item.seed for item, _ in each], dtype=np.uint64)
+    halves = np.stack([seeds & 0xFFFFFFFF, seeds >> 32], axis=1).astype(np.uint32)
+    keys = np.asarray(sequence_keys(halves, np.array([p for p, _ in order]), np.array([g for _, g in order])))
+    asked = [(item.temperature, item.top_k, item.top_p, item.min_p) for item, _ in each]
+    temperatures, controls = sampler_seam.controlled_temperatures(np.array(asked, np.float32).reshape(-1, 4))
     requests = []
-    for item in items:
+    for item, _ in each:
         # the engine reads these with np.asarray: host scalars, not device arrays made one at a time
         max_num_tokens = np.int32(len(item.token_ids) + item.max_new_tokens)
-        temperature = np.float32(item.temperature)
-        for _ in item.generations:
-            params = SeqDecodingParams(max_num_tokens, stop, temperature, keys[len(requests)])
-            requests.append(Request(list(item.token_ids), len(requests), params, 1, sampling.logprobs))
-    return requests, order
+        params = SeqDecodingParams(max_num_tokens, stop, temperatures[len(requests)], keys[len(requests)])
+        requests.append(Request(list(item.token_ids), len(requests), params, 1, sampling.logprobs))
+    return requests, order, controls
 
 
 def generate_batch(
@@ -137,7 +154,8 @@ def generate_batch(
     ``on_round(tokens_so_far)`` is called at the start of every decode round (for progress lines);
     ``compile_clock()`` reads the process's compile seconds, so compiling is split off prefill and decode.
     """
-    requests, order = build_requests(items, sampling)
+    requests, order, controls = build_requests(items, sampling)
+    sampler_seam.use(engine, controls)
     stats = BatchStats(sequences=len(order))
     marks: list[tuple[float, float]] = []
 

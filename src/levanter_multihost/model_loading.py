@@ -11,6 +11,7 @@ import logging
 import os
 
 import equinox as eqx
+import fsspec
 import haliax as hax
 import jax
 import numpy as np
@@ -19,7 +20,9 @@ from haliax.partitioning import ResourceAxis, round_axis_for_partitioning
 from jax.sharding import Mesh
 from levanter.checkpoint import load_checkpoint
 from levanter.compat.hf_checkpoints import HFCheckpointConverter
-from levanter.models.lm_model import LmHeadModel
+from levanter.models.llama import LlamaConfig
+from levanter.models.lm_model import LmConfig, LmHeadModel
+from levanter.models.qwen import Qwen3Config
 from levanter.trainer import TrainerConfig
 
 from levanter_multihost.errors import ConfigError
@@ -75,6 +78,53 @@ def model_vocab_size(hf_checkpoint: str | None) -> int | None:
         return int(json.load(f)["vocab_size"])
 
 
+ARCHITECTURES: dict[str, type[LmConfig]] = {"llama": LlamaConfig, "qwen3": Qwen3Config}
+"""Hugging Face ``model_type`` -> Levanter config: what the pinned Levanter both converts from a checkpoint and
+decodes in its ``InferenceEngine``. It converts Mistral, Qwen2, Gemma and OLMo too, but their models have no paged
+decode (``decode`` / ``initial_cache``)."""
+
+
+def architecture(hf_config: dict | None, given: LmConfig, where: str) -> LmConfig:
+    """The model config a checkpoint's ``config.json`` (``hf_config``) describes; ``given`` (the config's
+    ``model``) where no config.json is readable. ``where`` names the checkpoint in errors."""
+    if hf_config is None:
+        return given
+    model_type = hf_config.get("model_type", "llama")  # the planner's known shapes are Llama's and name none
+    if model_type not in ARCHITECTURES:
+        named = f"{model_type!r} ({', '.join(hf_config.get('architectures') or [])})".replace(" ()", "")
+        raise ConfigError(f"{where} is a {named} model; this sampler runs {' and '.join(ARCHITECTURES)} "
+                          "checkpoints (what the pinned Levanter's inference engine decodes). Use one of those.")  # fmt: skip
+    cls = ARCHITECTURES[model_type]
+    if type(given) not in (LlamaConfig, cls):  # Llama is the default, so only another explicit type contradicts
+        given_name = LmConfig.get_choice_name(type(given))
+        raise ConfigError(f"model is {given_name!r} but {where} is a {model_type!r} model. Leave `model` unset with "
+                          "hf_checkpoint: its architecture comes from the checkpoint's config.json.")  # fmt: skip
+    import transformers
+
+    settings = {k: v for k, v in hf_config.items() if k != "model_type"}
+    return cls.from_hf_config(transformers.CONFIG_MAPPING[model_type](**settings))
+
+
+def encoded(model: LmConfig) -> dict:
+    """``model`` as the tracker logs it: its registered type, then its fields."""
+    import draccus
+
+    return {"type": LmConfig.get_choice_name(type(model)), **draccus.encode(model)}
+
+
+def checkpoint_config(ref) -> dict:
+    """The ``config.json`` of an HF checkpoint: from its directory or fsspec URL, else from the hub (as its weights
+    will be)."""
+    name = ref.model_name_or_path
+    if os.path.isdir(name) or "://" in name:
+        with fsspec.open(f"{name.rstrip('/')}/config.json") as f:
+            return json.load(f)
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(name, "config.json", revision=ref.revision)) as f:
+        return json.load(f)
+
+
 def load_model(source: ModelSource, tokenizer) -> LmHeadModel:
     """Load the model onto the current (local) mesh, in the trainer's compute dtype. Call inside on_local_mesh."""
     trainer = source.trainer
@@ -82,10 +132,13 @@ def load_model(source: ModelSource, tokenizer) -> LmHeadModel:
     dtype = trainer.mp.compute_dtype
     if source.hf_checkpoint is not None:
         ref = source.hf_checkpoint
+        # the plan knew the architecture only where config.json was readable before load (not a URL, nor a hub
+        # id outside the cache): read it now, so no checkpoint ever loads as another architecture
+        model_config = architecture(checkpoint_config(ref), source.model, f"hf_checkpoint {ref.model_name_or_path}")
         # name the checkpoint up front: the converter's default reference is a hub model it would try to fetch
-        converter: HFCheckpointConverter = source.model.hf_checkpoint_converter(ref_checkpoint=ref.model_name_or_path)
+        converter: HFCheckpointConverter = model_config.hf_checkpoint_converter(ref_checkpoint=ref.model_name_or_path)
         converter = converter.replaced(reference_checkpoint=ref, tokenizer=tokenizer)
-        model = converter.load_pretrained(source.model.model_type, ref=ref, axis_mapping=mapping, dtype=dtype)
+        model = converter.load_pretrained(model_config.model_type, ref=ref, axis_mapping=mapping, dtype=dtype)
     else:
         vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), mapping)
         shape = eqx.filter_eval_shape(source.model.build, vocab, key=jax.random.PRNGKey(0))

@@ -153,19 +153,18 @@ def model_shape(checkpoint: str | None, trainer: TrainerConfig, limits: EngineLi
 
 
 def model_footprint(config: dict, trainer: TrainerConfig, limits: EngineLimits):
-    """The footprint of an HF-style Llama config under the trainer's sharding, its head tiling checked."""
-    import transformers
+    """The footprint of an HF config (its architecture's) under the trainer's sharding, its head tiling checked."""
     from levanter.models.llama import LlamaConfig
 
     from levanter_multihost import footprint
+    from levanter_multihost.model_loading import architecture
 
-    hf = transformers.LlamaConfig(**config)
-    model = LlamaConfig.from_hf_config(hf)
+    model = architecture(config, LlamaConfig(), "the checkpoint")
     kv_bytes = limits.kv_dtype_bytes
     footprint.check_head_tiling(model.num_heads, model.num_kv_heads, trainer.model_axis_size,
                                 trainer.tensor_parallel_axes, kv_dtype_bytes=kv_bytes)  # fmt: skip
     dtype = {1: np.int8, 2: "bfloat16", 4: np.float32}[kv_bytes]
-    return footprint.model_footprint(model, hf.vocab_size, trainer.compute_axis_mapping, trainer.model_axis_size,
+    return footprint.model_footprint(model, config["vocab_size"], trainer.compute_axis_mapping, trainer.model_axis_size,
                                      trainer.mp.compute_dtype, limits.page_size, dtype)  # fmt: skip
 
 

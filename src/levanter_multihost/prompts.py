@@ -3,7 +3,8 @@
 Each input row becomes one prompt; its position in the input is its ``global_prompt_index``. A row holds a text
 prompt (``prompt_field``) or a chat (``messages_field``: a list of ``{"role", "content"}``), exactly one of
 them. Every other column is carried through, unchanged, into the row's outputs, and ``max_new_tokens``,
-``temperature`` and ``n_generations`` columns also override the config for that row. Covers the checks that
+``temperature``, ``n_generations``, ``top_k``, ``top_p``, ``min_p`` and ``seed`` columns also override the
+config for that row. Covers the checks that
 need only the data; tokenizing lives in :mod:`levanter_multihost.encoding`. No JAX import.
 """
 
@@ -19,7 +20,21 @@ import fsspec
 from levanter_multihost.errors import UserError
 from levanter_multihost.outputs import OUTPUT_FIELDS
 
-OVERRIDES = ("max_new_tokens", "temperature", "n_generations")
+MAX_SEED = 2**63 - 1
+REAL_OVERRIDES = {
+    "temperature": (lambda v: v >= 0, "a finite number >= 0 (0 is greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 keeps every token)"),
+    "min_p": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 keeps every token)"),
+}
+"""Real-valued overrides: each one's valid range, and how to say it."""
+INTEGER_OVERRIDES = {
+    "max_new_tokens": (lambda v: v >= 1, "a positive integer"),
+    "n_generations": (lambda v: v >= 1, "a positive integer"),
+    "top_k": (lambda v: v >= 0, "an integer >= 0 (0 keeps every token)"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**63 - 1]"),
+}
+"""Integer overrides: each one's valid range, and how to say it."""
+OVERRIDES = (*INTEGER_OVERRIDES, *REAL_OVERRIDES)
 """Columns that override the config's value for their row (and are carried through like any other)."""
 MAX_PROMPTS_FILE_BYTES = 16 * 1024**3
 """Larger prompt files are refused before reading (use a Parquet file or a dataset, which are read in batches)."""
@@ -113,7 +128,7 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
                 raise PromptError(f"{at}: column `{k}` clashes with the output field of the same name. Rename it "
                                   "in the input (every column but the prompt is carried into the outputs).")  # fmt: skip
         for k in OVERRIDES:
-            overrides[k].append(_override(k, carried.get(k), at))
+            overrides[k].append(override_value(k, carried.get(k), at))
         members = "".join(f", {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False, default=str)}"
                           for k, v in carried.items())  # fmt: skip
         any_extra = any_extra or bool(members)
@@ -122,20 +137,27 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
     return PromptRecords(texts, messages, extras if any_extra else None, overrides)
 
 
-def _override(column: str, value: Any, at: str) -> Any:
-    """A row's override, checked: positive integers for counts, a finite non-negative temperature."""
+def override_value(column: str, value: Any, at: str) -> Any:
+    """A row's override, checked against its range and converted (None where the row leaves it unset)."""
     if value is None:
         return None
-    if column == "temperature":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-        if not ok:
-            raise PromptError(f"{at}: `temperature` is {value!r}; it must be a finite number >= 0 (0 is greedy).")
-        return float(value)
-    # Parquet and datasets hand integer columns with gaps over as floats (3.0)
-    integral = isinstance(value, float) and math.isfinite(value) and value.is_integer()
-    if not (isinstance(value, int) or integral) or isinstance(value, bool) or value < 1:
-        raise PromptError(f"{at}: `{column}` is {value!r}; it must be a positive integer.")
-    return int(value)
+    rule = broken_rule(column, value)
+    if rule is not None:
+        raise PromptError(f"{at}: `{column}` is {value!r}; it must be {rule}.")
+    return float(value) if column in REAL_OVERRIDES else int(value)
+
+
+def broken_rule(column: str, value: Any) -> str | None:
+    """The rule of ``column`` that ``value`` breaks, or None when it is valid."""
+    if column in REAL_OVERRIDES:
+        valid, rule = REAL_OVERRIDES[column]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        valid, rule = INTEGER_OVERRIDES[column]
+        # Parquet and datasets hand integer columns with gaps over as floats (3.0)
+        integral = isinstance(value, float) and math.isfinite(value) and value.is_integer()
+        number = (isinstance(value, int) or integral) and not isinstance(value, bool)
+    return None if number and valid(value) else rule
 
 
 def _check_messages(chat: Any, at: str) -> None:
@@ -190,7 +212,7 @@ def _file_rows(path: str):
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    lines = [line.removesuffix("\r") for line in lines]
     for number, line in enumerate(lines, start=1):
         if line.strip() == "":
             raise PromptError(f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "

@@ -73,6 +73,14 @@ class PromptSet:
     """Sampling temperature per prompt; 0 is greedy."""
     n_generations: np.ndarray
     """Sequences sampled per prompt."""
+    top_k: np.ndarray
+    """Per prompt, sample from the k most likely tokens only (int32; 0 keeps every token)."""
+    top_p: np.ndarray
+    """Per prompt, sample from the fewest most likely tokens whose probability reaches p (float32; 1: all)."""
+    min_p: np.ndarray
+    """Per prompt, drop tokens less likely than min_p times the most likely one (float32; 0: none)."""
+    seed: np.ndarray
+    """Per prompt, the seed of its sampling keys (int64: the row's `seed`, else the config's)."""
     extra_json: list[bytes] | None = None
     """Per prompt, its carried input columns as JSON object members (``b', "id": 3'``), or None for none."""
 

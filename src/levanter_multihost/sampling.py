@@ -121,7 +121,9 @@ def work_items(prompts: PromptSet, share: list[int], kept: set[tuple[int, int]])
         if missing:
             extra = prompts.extra_json[p] if prompts.extra_json is not None else None
             items.append(WorkItem(p, prompts.texts[p], prompts.tokens[p], missing, n, int(prompts.max_new_tokens[p]),
-                                  float(prompts.temperature[p]), extra))  # fmt: skip
+                                  float(prompts.temperature[p]), extra, top_k=int(prompts.top_k[p]),
+                                  top_p=float(prompts.top_p[p]), min_p=float(prompts.min_p[p]),
+                                  seed=int(prompts.seed[p])))  # fmt: skip
     return items
 
 

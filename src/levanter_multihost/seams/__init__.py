@@ -23,6 +23,7 @@ equinox 0.13.8 (``PINNED``).
 - :func:`apply_ragged_attention`: Levanter passes the TPU ragged paged-attention kernel only ``sm_scale`` and
   ``soft_cap``, so block sizes and VMEM stay at defaults that run out of VMEM at page_size 128 (docs/tpu.md). Can
   go when Levanter takes the kernel's block sizes in its config.
+- :mod:`levanter_multihost.seams.sampler`: top-k, top-p and min-p per sequence inside the engine's sampling step.
 """
 
 import functools
@@ -45,11 +46,12 @@ class SeamError(RuntimeError):
 
 def install() -> None:
     """Install the seams that need no config; called once by the command-line entry."""
-    from levanter_multihost.seams import decode_step
+    from levanter_multihost.seams import decode_step, sampler
 
     checks_as_nan()
     check_ragged_attention_seam()
     decode_step.install()
+    sampler.check_sampler_seam()  # top-k, top-p, min-p
 
 
 def checks_as_nan() -> str:
