@@ -17,6 +17,7 @@ The fresh / resume / refuse decision (:func:`decide`) is made by the leader alon
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -40,7 +41,9 @@ RUN_FILE = "run.json"
 LOCK = ".lock"
 PARTS = "parts"
 LOCK_REFRESH_S = 60.0
-"""How often the running leader rewrites ``.lock``; a lock not rewritten for 5 times this is stale."""
+"""How often the running leader rewrites ``.lock``, bumping its beat."""
+LOCK_STALE_BEATS = 5
+"""A lock held on another machine is stale once its beat has been still for this many refresh periods."""
 PART_NAME = re.compile(r"(\d{10})-(\d{10})\.([0-9a-f]{16})\.([0-9a-f]{8})\.h(\d{4})b(\d{6})\.jsonl")
 """A part's file name, whole (temporary files, ``name.tmp-1a2b3c4d``, and other names do not match)."""
 
@@ -234,33 +237,35 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, attempt: str, refresh_s: float = LOCK_REFRESH_S):
-        """Hold ``.lock`` (created atomically, holding the attempt, host, pid and time) while the block runs;
-        refuse if another run holds it.
+        """Hold ``.lock`` (created atomically) while the block runs; refuse if another run holds it.
 
-        The holder rewrites the lock every ``refresh_s``. A lock is stale, and taken over with a warning, when it
-        has not been rewritten for 5 x ``refresh_s`` or was written on this machine by a process that is gone;
-        otherwise the run is refused, naming the holder. Delete ``.lock`` by hand only if that run is really gone.
+        The lock holds the attempt, the machine (host name and boot id), the pid and its start time, and a beat
+        the holder bumps every ``refresh_s``. Whether the holder lives is judged by alive-ness first: on this
+        machine by its process; on another, by its beat, aged by the storage's own clock (the lock's modification
+        time against a probe's, so no two machines' clocks are compared) or, where the storage keeps no times,
+        watched on this machine's monotonic clock. Only a lock whose beat has been still for
+        ``LOCK_STALE_BEATS`` x ``refresh_s`` is taken over (with a warning). A block that ends after another run
+        took its lock over raises :class:`RunDirError`: two runs wrote this directory.
         """
         self.fs.makedirs(self.root, exist_ok=True)
+        beats = itertools.count()
         try:
             with self.fs.open(self.path(LOCK), "xb") as f:
-                f.write(_holder(attempt))
+                f.write(_holder(attempt, next(beats)))
         except FileExistsError:
-            other = self._lock_holder()
-            if not _is_stale(other, 5 * refresh_s):
-                raise RunDirError(
-                    f"output_dir ({self.url}) is in use by run {other.get('attempt')} (pid {other.get('pid')} on "
-                    f"{other.get('host')}, {LOCK} written {time.time() - other.get('time', 0):.0f}s ago). Wait for "
-                    f"it, choose another output_dir, or delete {self.url_of(LOCK)} if that run is gone."
-                ) from None
-            logger.warning("Taking over the stale lock of run %s in %s.", other.get("attempt"), self.url)
-            self.write_atomic(LOCK, _holder(attempt))
-        stop = threading.Event()
+            other, why = self._stale_lock(refresh_s)
+            logger.warning("Taking over the stale lock of run %s in %s: %s.", other.get("attempt"), self.url, why)
+            self.write_atomic(LOCK, _holder(attempt, next(beats)))
+        stop, lost = threading.Event(), threading.Event()
 
         def refresh():
             while not stop.wait(refresh_s):
                 with contextlib.suppress(OSError):
-                    self.write_atomic(LOCK, _holder(attempt))
+                    if self._lock_holder().get("attempt") != attempt:
+                        lost.set()
+                        logger.error("Another run took over the lock of %s from this run (%s).", self.url, attempt)
+                        return
+                    self.write_atomic(LOCK, _holder(attempt, next(beats)))
 
         refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
         refresher.start()
@@ -272,30 +277,98 @@ class RunDir:
             with contextlib.suppress(OSError):
                 if self._lock_holder().get("attempt") == attempt:
                     self.fs.rm(self.path(LOCK))
+        if lost.is_set():
+            raise RunDirError(f"Another run took over the lock of output_dir ({self.url}) while this run ({attempt}) "
+                              "held it, so both wrote there: check both runs' outputs, or rerun into another "
+                              "output_dir.")  # fmt: skip
+
+    def _stale_lock(self, refresh_s: float) -> tuple[dict[str, Any], str]:
+        """The holder of an existing lock and why it is stale; raise :class:`RunDirError` while it may live."""
+        path = self.path(LOCK)
+        if self.fs.info(path).get("type") != "file":
+            raise RunDirError(f"{self.url_of(LOCK)} is a {self.fs.info(path).get('type')}, not a lock file: no run "
+                              "can hold it. Remove it, or choose another output_dir.")  # fmt: skip
+        other = self._lock_holder()
+        if other.get("host") == socket.gethostname() and other.get("boot") == _boot_id():
+            if _process_alive(other.get("pid"), other.get("pid_start")):
+                raise self._in_use(other, "alive on this machine")
+            return other, f"its process {other.get('pid')} on this machine is gone"
+        stale_after = LOCK_STALE_BEATS * refresh_s
+        age = self._storage_age(LOCK)
+        if age is not None:  # the storage stamped both times: no clock of any machine is compared
+            if age <= stale_after:
+                raise self._in_use(other, f"its beat is {age:.0f}s old, stale after {stale_after:g}s")
+            return other, f"its beat is {age:.0f}s old (stale after {stale_after:g}s)"
+        watched = time.monotonic()
+        while time.monotonic() - watched <= stale_after:
+            time.sleep(min(1.0, refresh_s / 4))
+            now = self._lock_holder()
+            if now != other:
+                raise self._in_use(now, "its beat moved while this run watched")
+        return other, f"its beat did not move for {stale_after:g}s"
+
+    def _in_use(self, holder: dict[str, Any], why: str) -> RunDirError:
+        return RunDirError(
+            f"output_dir ({self.url}) is in use by run {holder.get('attempt')} (pid {holder.get('pid')} on "
+            f"{holder.get('host')}, {why}). Wait for it, choose another output_dir, or delete {self.url_of(LOCK)} "
+            "if that run is gone."
+        )
+
+    def _storage_age(self, name: str) -> float | None:
+        """Seconds since ``name`` was last written, by the storage's clock (a probe's time against its); None
+        where the storage keeps no modification times."""
+        probe = self.path(f".lock-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"")
+            try:
+                return max((self.fs.modified(probe) - self.fs.modified(self.path(name))).total_seconds(), 0.0)
+            finally:
+                self.fs.rm(probe)
+        except (NotImplementedError, OSError, TypeError, ValueError):
+            return None
 
     def _lock_holder(self) -> dict[str, Any]:
         try:
-            return json.loads(self.read_bytes(LOCK))
+            holder = json.loads(self.read_bytes(LOCK))
         except (OSError, ValueError, UnicodeDecodeError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
 
 def new_attempt() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def _holder(attempt: str) -> bytes:
-    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+def _holder(attempt: str, beat: int) -> bytes:
+    pid = os.getpid()
+    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "boot": _boot_id(), "pid": pid,
+                       "pid_start": _process_start(pid), "beat": beat, "time": time.time()}).encode()  # fmt: skip
 
 
-def _is_stale(holder: dict[str, Any], stale_after_s: float) -> bool:
-    if not holder or time.time() - holder.get("time", 0) > stale_after_s:
-        return True
-    if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return False
-    return False
+def _boot_id() -> str | None:
+    """This machine's boot id (Linux): with the host name, what tells a pid here from one elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """Process ``pid``'s start time in clock ticks since boot (Linux), so a reused pid is not taken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_alive(pid: Any, started: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError):
+        return True  # someone else's live process, or a lock we cannot read: assume it lives
+    return started is None or _process_start(int(pid)) in (None, started)
