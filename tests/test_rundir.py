@@ -292,9 +292,9 @@ def test_two_runs_whatever_their_clocks_the_second_is_refused_while_the_first_li
     first = RemoteHolder(run_dir, refresh_s=0.05, skew_s=skew_s)
     try:
         for _ in range(3):
-            with pytest.raises(RunDirError, match=r"in use by run 0ther000 \(pid 1 on another-machine, its beat is"):
-                with run_dir.lock("00000002", refresh_s=1.0):
-                    pass
+            refused = pytest.raises(RunDirError, match=r"in use by run 0ther000 \(pid 1 on another-machine, its beat is")
+            with refused, run_dir.lock("00000002", refresh_s=1.0):
+                pass
             time.sleep(0.1)
     finally:
         first.freeze()
@@ -309,9 +309,9 @@ def test_without_storage_times_the_beat_is_watched_on_this_machines_clock(run_di
     monkeypatch.setattr(RunDir, "_storage_age", lambda self, name: None)
     first = RemoteHolder(run_dir, refresh_s=0.02, skew_s=-86400.0)
     try:
-        with pytest.raises(RunDirError, match="its beat moved while this run watched"):
-            with run_dir.lock("00000002", refresh_s=0.1):
-                pass
+        refused = pytest.raises(RunDirError, match="its beat moved while this run watched")
+        with refused, run_dir.lock("00000002", refresh_s=0.1):
+            pass
     finally:
         first.freeze()
     with caplog.at_level(logging.WARNING), run_dir.lock("00000002", refresh_s=0.02):
@@ -322,9 +322,9 @@ def test_without_storage_times_the_beat_is_watched_on_this_machines_clock(run_di
 def test_a_lock_that_is_not_a_file_is_refused(run_dir):
     run_dir.fs.makedirs(run_dir.path(LOCK), exist_ok=True)
     run_dir.fs.touch(run_dir.path(f"{LOCK}/inside"))
-    with pytest.raises(RunDirError, match=r"\.lock is a directory, not a lock file: no run can hold it. Remove it"):
-        with run_dir.lock("00000001"):
-            pass
+    refused = pytest.raises(RunDirError, match=r"\.lock is a directory, not a lock file: no run can hold it. Remove it")
+    with refused, run_dir.lock("00000001"):
+        pass
     assert run_dir.fs.isdir(run_dir.path(LOCK))
 
 
@@ -346,8 +346,8 @@ def test_no_lock_is_left_behind_by_a_rewrite_in_flight_at_exit(run_dir):
 
 
 def test_a_lock_taken_over_by_another_run_is_left_to_it_and_fails_the_run(run_dir):
-    with pytest.raises(RunDirError, match=r"Another run took over the lock of output_dir .* so both wrote there"):
-        with run_dir.lock("00000001", refresh_s=0.01):
-            plant_lock(run_dir)
-            time.sleep(0.1)
+    failed = pytest.raises(RunDirError, match=r"Another run took over the lock of output_dir .* so both wrote there")
+    with failed, run_dir.lock("00000001", refresh_s=0.01):
+        plant_lock(run_dir)
+        time.sleep(0.1)
     assert holder(run_dir)["attempt"] == "0ther000"
