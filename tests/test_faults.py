@@ -7,14 +7,17 @@ Every run samples 1024 addition prompts on 2 hosts of 1 device in batches of 32,
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import draccus
 import pytest
-from multihost import TINY_CONFIG, Background, cache_flags
+from multihost import REPO, TINY_CONFIG, Background, cache_flags, host_env
 
 from levanter_multihost import sampling
 from levanter_multihost.generation import EngineStateError
+from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
 
 pytestmark = pytest.mark.multihost
@@ -116,3 +119,23 @@ def test_an_engine_whose_checks_poison_its_state_fails_the_run_with_no_merged_fi
     jax.clear_caches()  # and the ones traced here carry "nan"
     assert not (tmp_path / "merged.jsonl").exists()
     assert not list((tmp_path / "parts").glob("*.jsonl"))
+
+
+@pytest.mark.slow
+def test_two_hosts_given_different_prompt_files_are_refused_naming_the_host_before_anything_is_written(tmp_path):
+    """A stale copy of the prompts on one worker: each host reads its own file (the launcher's host index picks it)."""
+    prompts = open("config/prompts/addition_256.txt").read().splitlines()
+    (tmp_path / "p0.txt").write_text("\n".join(prompts[:64]) + "\n")
+    (tmp_path / "p1.txt").write_text("\n".join(prompts[64:128]) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "infra" / "launch.py"), "--local_hosts", "2", "--devices_per_host", "1",
+               "--", "bash", "-c", f'exec "{sys.executable}" -m levanter_multihost.sample_lm_multihost --config_path '
+               f'{TINY_CONFIG} --output_dir={out} --trainer.model_axis_size=1 '
+               f'--prompts_file={tmp_path}/p${{{ENV_PROCESS_ID}}}.txt ' + " ".join(cache_flags())]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, env=host_env(), capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-10000:]
+    assert output.count("The hosts resolved") == 1  # said once, by the leader; host 1 exits 2 quietly
+    assert "The hosts resolved different runs: host 1 differs in prompts_sha256 (" in output, output[-10000:]
+    assert "Nothing was sampled or merged." in output and "Traceback" not in output, output[-10000:]
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []  # no lock, no run.json, no part

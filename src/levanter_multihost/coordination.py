@@ -2,6 +2,9 @@
 
 What crosses, in order (``docs/architecture.md`` draws it):
 
+0. fingerprint — each other host's run fingerprint (its first message, right after it resolved the config); the
+   leader compares every one with its own before it decides anything, and refuses a host that differs (a stale
+   copy of the prompts or the model on one worker), so no host samples and no row is merged.
 1. ``READY`` — the leader (host 0) has checked and prepared the run directory; the message carries the attempt
    id and the attempts whose rows belong to the run. The other hosts wait for it before reading or writing it.
 2. parts — after every batch a host sends the part it just made durable (and, on resume, the rows it keeps),
@@ -25,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from levanter_multihost.errors import UserError
 from levanter_multihost.payload import Manifest, decode_payload, encode_payload, verify_chunk
 from levanter_multihost.runplan import Timeouts
 
@@ -34,6 +38,8 @@ READY = "ready"
 """Leader to all: the run directory is ready (or why not)."""
 DONE = "done"
 """Leader to all: the merged output is written (or why not)."""
+FINGERPRINT = "fingerprint"
+"""Each other host to the leader, first: the run as it resolved it, which must be the leader's."""
 FAILED = "failed"
 """Leader to all: the run failed; every host watches for it from its heartbeat thread and stops at once."""
 LEADER = 0
@@ -43,6 +49,14 @@ PREFIX = "levanter_multihost"
 
 class CoordinationError(RuntimeError):
     """Another host failed or went silent; the message names it and why."""
+
+
+class LeaderRefused(UserError):
+    """The leader refused the run as a user's mistake; its own log says which, so this host says nothing more."""
+
+
+class HostsDisagree(UserError):
+    """Another host resolved a different run (other prompts, model or settings) than the leader's."""
 
 
 class KeyValueClient(Protocol):
@@ -92,11 +106,13 @@ class Coordinator:
         """Leader: tell every other host that ``name`` happened, with ``message``."""
         self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": True, **message}).encode())
 
-    def announce_failure(self, error: str) -> None:
-        """Leader: tell every other host, whatever it waits for or does, that the run failed."""
+    def announce_failure(self, error: str, user: bool = False) -> None:
+        """Leader: tell every other host, whatever it waits for or does, that the run failed (``user``: refused
+        as a user's mistake, which every host exits with 2 for)."""
+        message = json.dumps({"ok": False, "error": error, "user": user}).encode()
         for name in (READY, DONE, FAILED):
             with contextlib.suppress(Exception):  # one may be announced already; the other still tells them
-                self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": False, "error": error}).encode())
+                self.client.key_value_set_bytes(f"{PREFIX}/{name}", message)
 
     def wait_for(self, name: str) -> dict[str, Any]:
         """Wait for the leader's ``name`` announcement while its heartbeat moves; return the message."""
@@ -112,7 +128,7 @@ class Coordinator:
             if raw is not None:
                 message = json.loads(raw)
                 if not message.get("ok"):
-                    raise CoordinationError(f"The leader (host 0) failed: {message.get('error')}")
+                    raise leader_failure(message)
                 return message
             if silent > self.timeouts.silent_host_s:
                 raise CoordinationError(
@@ -122,13 +138,44 @@ class Coordinator:
                 )
             time.sleep(POLL_INTERVAL_S)
 
+    def agree(self, fields: dict[str, Any]) -> None:
+        """Every host must sample the same run. A non-leader sends its fingerprint ``fields`` (its first message);
+        the leader waits for every other host's and raises :class:`HostsDisagree` naming each host that differs
+        and how, before anything is decided, sampled or merged."""
+        if not self.is_leader:
+            self.client.key_value_set_bytes(self._key(self.host, FINGERPRINT), json.dumps(fields).encode(), True)
+            return
+        mine = json.loads(json.dumps(fields))  # as the others' arrive: tuples are lists
+        waiting = {h: Silence(self, h) for h in range(self.num_hosts) if h != self.host}
+        differ = []
+        while waiting:
+            for h in sorted(waiting):
+                raw = self._try_get(self._key(h, FINGERPRINT))
+                if raw is not None:
+                    del waiting[h]
+                    theirs = json.loads(raw)
+                    changed = [f"{k} ({_short(theirs.get(k))} vs the leader's {_short(mine.get(k))})"
+                               for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]  # fmt: skip
+                    if changed:
+                        differ.append(f"host {h} differs in {', '.join(changed)}")
+                elif (end := self.end_of(h)) is not None:  # it failed before it could say: its error says why
+                    raise CoordinationError(f"host {h} failed: {end.get('error')}")
+                elif waiting[h].silent_for() > self.timeouts.silent_host_s:
+                    raise CoordinationError(f"host {h} went silent before it sent its run fingerprint (no heartbeat "
+                                            f"for silent_host_s={self.timeouts.silent_host_s:g}s: dead or hung).")  # fmt: skip
+            time.sleep(POLL_INTERVAL_S if waiting else 0)
+        if differ:
+            raise HostsDisagree(f"The hosts resolved different runs: {'; '.join(differ)}. Give every host the same "
+                                "prompts, model and config (a stale local copy on one worker?). Nothing was sampled "
+                                "or merged.")  # fmt: skip
+
     # -- liveness ----------------------------------------------------------------------------------------------
 
-    def start_heartbeat(self, on_leader_failure: Callable[[str], None] | None = None) -> threading.Event:
+    def start_heartbeat(self, on_leader_failure: Callable[[Exception], None] | None = None) -> threading.Event:
         """Bump this host's heartbeat every ``heartbeat_interval_s`` until the returned event is set (a killed
         process stops bumping it).
 
-        A non-leader also calls ``on_leader_failure(message)`` from a background thread when the leader announces
+        A non-leader also calls ``on_leader_failure(error)`` from a background thread when the leader announces
         a failure, or when the store (which lives in the leader's process) has not answered for ``silent_host_s``:
         a frozen leader freezes every call into the store, so only a watch from outside the call can notice it.
         """
@@ -144,18 +191,19 @@ class Coordinator:
                     answered[0] = time.monotonic()
                     failed = None if self.is_leader else self._try_get(f"{PREFIX}/{FAILED}")
                     if failed is not None and on_leader_failure is not None:  # the leader's own log says why
-                        on_leader_failure("Stopping: the leader (host 0) reported a failure.")
+                        on_leader_failure(leader_failure(json.loads(failed), "Stopping: the leader (host 0) reported "
+                                                         "a failure."))  # fmt: skip
                 stop.wait(self.timeouts.heartbeat_interval_s)
 
         def watch():
             while not stop.wait(min(1.0, self.timeouts.heartbeat_interval_s)):
                 quiet = time.monotonic() - answered[0]
                 if quiet > self.timeouts.silent_host_s:
-                    on_leader_failure(
+                    on_leader_failure(CoordinationError(
                         f"The leader (host 0) went silent: its key-value store has not answered for {quiet:.0f}s "
                         f"(silent_host_s {self.timeouts.silent_host_s:g}s): it is frozen or hung. This host's parts "
                         "are durable in the run directory; rerun with resume: true."
-                    )
+                    ))
                     return
 
         threading.Thread(target=beat, name=f"heartbeat-{self.host}", daemon=True).start()
@@ -248,7 +296,10 @@ class Coordinator:
         except BaseException as e:
             message = f"{type(e).__name__}: {e}"
             try:
-                self.announce_failure(message) if self.is_leader else self.send_failure(message)
+                if self.is_leader:
+                    self.announce_failure(message, user=isinstance(e, UserError))
+                else:
+                    self.send_failure(message)
             except Exception:
                 logger.exception("host %d: could not report its failure to the other hosts", self.host)
             raise
@@ -260,6 +311,19 @@ class Coordinator:
             if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
                 return None
             raise
+
+
+def leader_failure(message: dict[str, Any], said: str | None = None) -> Exception:
+    """The error a non-leader stops with when the leader announced ``message``, a failure: ``said``, else its
+    error."""
+    if message.get("user"):
+        return LeaderRefused(f"The leader (host 0) refused the run: {message.get('error')}")
+    return CoordinationError(said or f"The leader (host 0) failed: {message.get('error')}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 class Silence:

@@ -58,6 +58,7 @@ def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
         with link.failures_reported():
             with ctx.phase("prepare"):
                 plan = resolve(config, ctx.host, ctx.num_hosts, jax.local_device_count())
+                link.agree(plan.fingerprint)
             attempt = new_attempt()
             with plan.run_dir.lock(attempt) if ctx.is_leader else contextlib.nullcontext():
                 with ctx.phase("prepare"):
@@ -211,11 +212,9 @@ def stop_after(error: BaseException) -> int:
     return 2 if isinstance(error, UserError) else 1
 
 
-def leader_failed(message: str) -> None:
-    """Non-leader, from a background thread: the leader failed or went silent (``message`` says which); stop now."""
-    logger.error("%s", message)
-    coordination.current().leave()
-    runtime.exit_now(1)
+def leader_failed(error: Exception) -> None:
+    """Non-leader, from a background thread: the leader failed, refused the run or went silent; stop now."""
+    runtime.exit_now(stop_after(error))
 
 
 if __name__ == "__main__":
