@@ -6,6 +6,7 @@ Each case runs the real entrypoint in-process (one host) with model loading boob
 
 import json
 import os
+import re
 import shutil
 
 import draccus
@@ -202,3 +203,17 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     fails(
         config(tmp_path, f"--hf_checkpoint={ckpt}"), r"The tokenizer has \d+ tokens but the model's vocabulary has 5"
     )
+
+
+@pytest.mark.parametrize("output_dir,match", [
+    ("memory://bad_input/out", r"output_dir \(memory://bad_input/out\) is in this process's memory"),
+    ("", r"output_dir is empty"),
+])  # fmt: skip
+def test_an_output_dir_that_would_not_keep_the_outputs(tmp_path, output_dir, match):
+    fails(config(tmp_path, f"--output_dir={output_dir}"), match)
+
+
+@pytest.mark.parametrize("name", ["merged.jsonl", "run.json", ".lock"])
+def test_an_output_path_that_is_a_directory(tmp_path, name):
+    (tmp_path / "out" / name).mkdir(parents=True)
+    fails(config(tmp_path), rf"out/{re.escape(name)} is a directory, but this run writes a file there")

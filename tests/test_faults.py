@@ -6,6 +6,7 @@ Every run samples 1024 addition prompts on 2 hosts of 1 device in batches of 32,
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,3 +141,22 @@ def test_two_hosts_given_different_prompt_files_are_refused_naming_the_host_befo
     assert "The hosts resolved different runs: host 1 differs in prompts_sha256 (" in output, output[-10000:]
     assert "Nothing was sampled or merged." in output and "Traceback" not in output, output[-10000:]
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []  # no lock, no run.json, no part
+
+
+@pytest.mark.slow
+def test_a_run_directory_deleted_mid_run_fails_the_run(tmp_path, monkeypatch):
+    from levanter_multihost.rundir import RunDir, RunDirError
+
+    out = tmp_path / "out"
+    write_part = RunDir.write_part
+
+    def write_then_delete(self, *args):
+        part = write_part(self, *args)
+        shutil.rmtree(out)  # someone cleans up the run directory while the run writes it
+        return part
+
+    monkeypatch.setattr(RunDir, "write_part", write_then_delete)
+    args = [f"--output_dir={out}", '--prompts=["4821+377=", "1+2="]', "--trainer.model_axis_size=1", *cache_flags()]
+    with pytest.raises(RunDirError, match=r"was deleted or replaced while this run wrote it"):
+        main(draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args))
+    assert not (out / "merged.jsonl").exists()

@@ -5,6 +5,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import uuid
 
 import pytest
 
+from levanter_multihost import processes
 from levanter_multihost.rundir import (
     LOCK,
     LOCK_STALE_BEATS,
@@ -23,7 +25,6 @@ from levanter_multihost.rundir import (
     Part,
     RunDir,
     RunDirError,
-    _boot_id,
     fingerprint_hash,
 )
 
@@ -203,7 +204,7 @@ def holder(d: RunDir) -> dict:
 
 
 def plant_lock(d: RunDir, **fields) -> None:
-    d.write_atomic(LOCK, json.dumps({"attempt": "0ther000", "host": socket.gethostname(), "boot": _boot_id(),
+    d.write_atomic(LOCK, json.dumps({"attempt": "0ther000", "host": socket.gethostname(), "boot": processes.boot_id(),
                                      "pid": os.getpid(), "beat": 0, "time": time.time(), **fields}).encode())  # fmt: skip
 
 
@@ -351,3 +352,48 @@ def test_a_lock_taken_over_by_another_run_is_left_to_it_and_fails_the_run(run_di
         plant_lock(run_dir)
         time.sleep(0.1)
     assert holder(run_dir)["attempt"] == "0ther000"
+
+
+# -- outputs where the run says ------------------------------------------------------------------------------------
+
+
+def test_an_output_dir_that_does_not_persist_or_is_empty_is_refused(tmp_path):
+    with pytest.raises(RunDirError, match=r"output_dir \(memory://x/out\) is in this process's memory"):
+        RunDir("memory://x/out").check_usable(host=0)
+    with pytest.raises(RunDirError, match=r"output_dir is empty: the run would write into the working directory"):
+        RunDir("").check_usable(host=0)
+
+
+@pytest.mark.parametrize("name", ["merged.jsonl", "merged.parquet", "run.json", "summary.json", ".lock", "parts"])
+def test_a_path_the_run_writes_taken_by_the_wrong_kind_of_thing_is_refused(tmp_path, name):
+    d = RunDir(str(tmp_path / "out"))
+    wrong = tmp_path / "out" / name
+    wrong.parent.mkdir()
+    if name == "parts":
+        wrong.write_text("")
+    else:
+        wrong.mkdir()
+    kinds = ("file", "directory") if name == "parts" else ("directory", "file")
+    with pytest.raises(RunDirError, match=rf"/out/{re.escape(name)} is a {kinds[0]}, but this run writes a {kinds[1]}"):
+        d.check_usable(host=0)
+
+
+def test_a_directory_named_like_a_part_is_refused(run_dir):
+    write_parts(run_dir, "aaaaaaaa", (0, 39, 0, 0))
+    run_dir.fs.makedirs(run_dir.path(f"parts/0000000040-0000000079.{FP}.aaaaaaaa.h0001b000000.jsonl"))
+    run_dir.fs.touch(run_dir.path(f"parts/0000000040-0000000079.{FP}.aaaaaaaa.h0001b000000.jsonl/x"))
+    with pytest.raises(RunDirError, match=r"h0001b000000.jsonl is named like a part but is a directory"):
+        run_dir.list_parts()
+
+
+def test_a_run_directory_deleted_or_replaced_mid_run_is_a_failure(run_dir):
+    decision = run_dir.decide(FIELDS, resume=False, overwrite=False, attempt="aaaaaaaa")
+    run_dir.record(FIELDS, decision)
+    run_dir.check_still_ours("aaaaaaaa")
+    run_dir.record(FIELDS, Decision("bbbbbbbb", ("bbbbbbbb",), replaces=True))
+    with pytest.raises(RunDirError, match=r"was deleted or replaced while this run wrote it: its run.json no longer "
+                                          r"lists attempt aaaaaaaa"):  # fmt: skip
+        run_dir.check_still_ours("aaaaaaaa")
+    run_dir.fs.rm(run_dir.root, recursive=True)
+    with pytest.raises(RunDirError, match="was deleted or replaced"):
+        run_dir.check_still_ours("bbbbbbbb")

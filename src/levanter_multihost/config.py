@@ -263,7 +263,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         limits = plan.engine_limits(engine)
     capacity = plan.check_capacity(limits, spec, slice_, model, log=host == 0)
     run_dir = RunDir(config.output_dir)
-    run_dir.check_writable(host)
+    run_dir.check_usable(host)
     if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
         logger.warning(
             "output_dir (%s) is a local path: on a multi-host slice every worker writes its parts to its own disk, "

@@ -31,6 +31,7 @@ from typing import Any
 
 import fsspec
 
+from levanter_multihost import processes
 from levanter_multihost.errors import UserError
 
 MERGED_JSONL = "merged.jsonl"
@@ -40,6 +41,8 @@ TIMELINE = "timeline.png"
 RUN_FILE = "run.json"
 LOCK = ".lock"
 PARTS = "parts"
+FILES = (MERGED_JSONL, MERGED_PARQUET, SUMMARY, TIMELINE, RUN_FILE, LOCK)
+"""Every file a run writes at the top of the run directory."""
 LOCK_REFRESH_S = 60.0
 """How often the running leader rewrites ``.lock``, bumping its beat."""
 LOCK_STALE_BEATS = 5
@@ -134,6 +137,23 @@ class RunDir:
                 self.fs.rm(tmp)
             raise
 
+    def check_usable(self, host: int) -> None:
+        """Before anything loads: the directory persists, is writable, and no path this run writes is taken by
+        the wrong kind of thing (``merged.jsonl`` a directory, ``parts`` a file); raise :class:`RunDirError`."""
+        if not self.url.strip():
+            raise RunDirError("output_dir is empty: the run would write into the working directory. Name a "
+                              "directory.")  # fmt: skip
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if "memory" in protocols:
+            raise RunDirError(f"output_dir ({self.url}) is in this process's memory: nothing written there outlives "
+                              "it. Use a local path or a bucket URL.")  # fmt: skip
+        self.check_writable(host)
+        expected = {**dict.fromkeys(FILES, "file"), PARTS: "directory"}
+        for name, kind in expected.items():
+            if self.fs.exists(self.path(name)) and (found := self.fs.info(self.path(name)).get("type")) != kind:
+                raise RunDirError(f"{self.url_of(name)} is a {found}, but this run writes a {kind} there. Move it "
+                                  "away, or choose another output_dir.")  # fmt: skip
+
     def check_writable(self, host: int) -> None:
         """Write and delete a probe file; raise :class:`RunDirError` naming the directory if that fails."""
         try:
@@ -196,6 +216,18 @@ class RunDir:
             )
         return Decision(attempt, (*run.get("attempts", ()), attempt), replaces=False)
 
+    def check_still_ours(self, attempt: str) -> None:
+        """Raise :class:`RunDirError` unless ``run.json`` still lists this attempt: a run directory deleted or
+        replaced mid-run is a failure, not a success written into a fresh, empty directory."""
+        try:
+            run = self.read_run_file()
+        except RunDirError:
+            run = None
+        if run is None or attempt not in run.get("attempts", ()):
+            raise RunDirError(f"output_dir ({self.url}) was deleted or replaced while this run wrote it: its "
+                              f"{RUN_FILE} no longer lists attempt {attempt}. Rerun (resume: true keeps what "
+                              "is still there), into a directory nothing else writes.")  # fmt: skip
+
     def record(self, fields: dict[str, Any], decision: Decision) -> None:
         """Leader: write ``run.json`` for this attempt."""
         data = {"fingerprint": fingerprint_hash(fields), "fields": fields, "attempts": list(decision.attempts)}
@@ -215,8 +247,12 @@ class RunDir:
         if not self.fs.exists(folder):
             return []
         parts = []
-        for path in self.fs.ls(folder, detail=False):
+        for entry in self.fs.ls(folder, detail=True):
+            path = entry["name"]
             m = PART_NAME.fullmatch(path.rsplit("/", 1)[-1])
+            if m and entry.get("type") != "file":
+                raise RunDirError(f"{path} is named like a part but is a {entry.get('type')}. Move it away, or "
+                                  "choose another output_dir.")  # fmt: skip
             if m:
                 first, last, fp, attempt, host, batch = m.groups()
                 parts.append(Part(int(first), int(last), fp, attempt, int(host), int(batch), path))
@@ -289,8 +325,8 @@ class RunDir:
             raise RunDirError(f"{self.url_of(LOCK)} is a {self.fs.info(path).get('type')}, not a lock file: no run "
                               "can hold it. Remove it, or choose another output_dir.")  # fmt: skip
         other = self._lock_holder()
-        if other.get("host") == socket.gethostname() and other.get("boot") == _boot_id():
-            if _process_alive(other.get("pid"), other.get("pid_start")):
+        if other.get("host") == socket.gethostname() and other.get("boot") == processes.boot_id():
+            if processes.alive(other.get("pid"), other.get("pid_start")):
                 raise self._in_use(other, "alive on this machine")
             return other, f"its process {other.get('pid')} on this machine is gone"
         stale_after = LOCK_STALE_BEATS * refresh_s
@@ -342,33 +378,5 @@ def new_attempt() -> str:
 
 def _holder(attempt: str, beat: int) -> bytes:
     pid = os.getpid()
-    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "boot": _boot_id(), "pid": pid,
-                       "pid_start": _process_start(pid), "beat": beat, "time": time.time()}).encode()  # fmt: skip
-
-
-def _boot_id() -> str | None:
-    """This machine's boot id (Linux): with the host name, what tells a pid here from one elsewhere."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> int | None:
-    """Process ``pid``'s start time in clock ticks since boot (Linux), so a reused pid is not taken for it."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _process_alive(pid: Any, started: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError):
-        return True  # someone else's live process, or a lock we cannot read: assume it lives
-    return started is None or _process_start(int(pid)) in (None, started)
+    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "boot": processes.boot_id(), "pid": pid,
+                       "pid_start": processes.start_ticks(pid), "beat": beat, "time": time.time()}).encode()  # fmt: skip

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import jax
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import seams
+from levanter_multihost import processes, seams
 from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 NOISY_LOGGERS = ("levanter.inference", "levanter.compat", "jax._src", "absl", "tqdm_loggable")
@@ -203,11 +203,10 @@ def exit_now(code: int) -> None:
 def process_started_at(pid: int | str = "self") -> float:
     """Wall-clock time process ``pid`` (this one by default) was created, to 10 ms (Linux ``/proc``); now, where
     that cannot be read."""
+    ticks = processes.start_ticks(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time()
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK") if ticks is not None else time.time()

@@ -133,6 +133,7 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
                 ctx.add(name, start, start + seconds)
                 start += seconds
             with ctx.phase("write"):
+                plan.run_dir.check_still_ours(attempt)  # else the part would go into a directory nobody reads
                 data = b"".join(row_line(row, extra) for row, extra in rows)
                 plan.run_dir.write_part(data, items[0].global_index, items[-1].global_index, fingerprint, attempt,
                                         ctx.host, b)  # fmt: skip
@@ -156,6 +157,7 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.
         m["phases"]["wait"] = [[m["phases"]["send"][-1][1] if m["phases"].get("send") else 0.0,
                                 arrivals[m["host"]].ended_at - m["started_at"]]]  # fmt: skip
     with ctx.phase("merge"):
+        plan.run_dir.check_still_ours(decision.attempt)
         merged = leader.write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format,
                                      plan.reporting)  # fmt: skip
     result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
@@ -171,6 +173,7 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.
     with ctx.phase("tracker"):
         tracking.report(plan.reporting, result, merged.samples, png)
     leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
+    plan.run_dir.check_still_ours(decision.attempt)  # deleted while merging: the run failed
     if decision.replaces:
         plan.run_dir.remove_parts_except(decision.attempts)
     leader.log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
