@@ -29,6 +29,7 @@ from levanter.trainer import TrainerConfig
 
 from levanter_multihost import addition, encoding, plan, seams
 from levanter_multihost.errors import ConfigError
+from levanter_multihost.fingerprint import run_identity
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
 from levanter_multihost.prompts import PromptError, read_prompts
 from levanter_multihost.rundir import RunDir, fingerprint_hash
@@ -270,7 +271,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             "merged.jsonl lives only on worker 0's, and all of it goes with the VMs. Use a bucket URL "
             "(gs://...) for anything worth keeping.", config.output_dir,
         )  # fmt: skip
-    fields = fingerprint_fields(config, prompts, tokenizer_name)
+    fields = fingerprint_fields(config, prompts, checkpoint)
     ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
     return RunPlan(
         prompts=prompts,
@@ -364,17 +365,15 @@ def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
                           f"Set it to a divisor of {local_devices}.")  # fmt: skip
 
 
-def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, tokenizer: str) -> dict:
-    """What identifies a run's outputs: a resume refuses a directory written under other values."""
+def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, checkpoint: str | None) -> dict:
+    """What identifies a run's outputs: a resume refuses a directory, the leader a host, with other values."""
     digest = hashlib.sha256(json.dumps(prompts.texts).encode("utf-8"))
     for column in (prompts.tokens.flat, prompts.max_new_tokens, prompts.temperature, prompts.n_generations):
         digest.update(column.tobytes())
     for extra in prompts.extra_json or ():
         digest.update(extra + b"\n")
-    model = str(config.hf_checkpoint) if config.hf_checkpoint is not None else str(config.checkpoint_path)
     return {
-        "model": model,
-        "tokenizer": tokenizer,
+        **run_identity(config, checkpoint),
         "precision": str(config.trainer.mp),
         "prompts_sha256": digest.hexdigest(),
         "num_prompts": len(prompts),
