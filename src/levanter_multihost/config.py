@@ -27,7 +27,7 @@ from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import addition, encoding, plan, seams
+from levanter_multihost import addition, checks, encoding, plan, seams
 from levanter_multihost.errors import ConfigError
 from levanter_multihost.fingerprint import run_identity
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
@@ -40,7 +40,6 @@ from levanter_multihost.runplan import (
     Reporting,
     RunPlan,
     Sampling,
-    Timeouts,
 )
 from levanter_multihost.sharding import STRATEGIES
 
@@ -97,6 +96,9 @@ class SampleLmMultihostConfig:
     """Jinja chat template for chat rows; defaults to the tokenizer's own."""
     add_bos: bool | None = None
     """Start text prompts with BOS; null follows the tokenizer (Llama-3 adds it, the tiny model has none)."""
+    allow_unknown_tokens: bool = False
+    """Sample prompts holding characters the tokenizer cannot spell (they become its unknown token); by default
+    such a prompt is refused, naming it."""
 
     max_new_tokens: int = 128
     """Tokens to generate per sequence (fewer if it stops first); a `max_new_tokens` column overrides it per row."""
@@ -171,6 +173,8 @@ def parse_command_line(argv: list[str]) -> SampleLmMultihostConfig:
     """
     if any(a in ("-h", "--help") for a in argv):
         return levanter.config.main(_parsed, args=argv)()
+    if "--config_path" in argv[:-1]:
+        checks.check_yaml(argv[argv.index("--config_path") + 1])
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -216,19 +220,6 @@ def _keys(config, prefix: str = "") -> list[str]:
     return keys
 
 
-def timeouts(config: SampleLmMultihostConfig) -> Timeouts:
-    """The waits between hosts; checked first, since every host needs them to report any other failure."""
-    t = config.silent_host_timeout_s
-    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-        raise ConfigError(f"silent_host_timeout_s ({t}) must be a finite number of seconds > 0 (the v5p configs "
-                          "use 60).")  # fmt: skip
-    if not (isinstance(config.gather_chunk_bytes, int) and config.gather_chunk_bytes >= 1):
-        raise ConfigError(f"gather_chunk_bytes ({config.gather_chunk_bytes}) must be an integer >= 1 (default "
-                          f"{4 * 1024 * 1024}).")  # fmt: skip
-    # several beats per timeout, so one late beat never reads as a dead host
-    return Timeouts(heartbeat_interval_s=min(2.0, t / 4), silent_host_s=t)
-
-
 def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_devices: int) -> RunPlan:
     """Every check that needs no model, and the plan the stages run; the same on every host."""
     check_values(config, local_devices)
@@ -238,12 +229,13 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     if tokenizer_name is None:
         raise ConfigError(f"`tokenizer` is not set and `checkpoint_path` ({config.checkpoint_path}) is a Levanter "
                           "checkpoint, which holds no tokenizer. Set `tokenizer`.")  # fmt: skip
-    tokenizer = load_tokenizer(resolve_location(tokenizer_name, "tokenizer"))
+    tokenizer = encoding.load_checked(load_tokenizer, resolve_location(tokenizer_name, "tokenizer"))
     vocab = model_vocab_size(checkpoint)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
                           "ids past the embedding would be garbage. Use the tokenizer the model was trained with.")  # fmt: skip
     records = read_prompts(**prompt_source(config))
+    checks.check_carried_columns(records, config.output_format)
     stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
                                    config.include_stop_in_text, checkpoint)  # fmt: skip
     prompts = encoding.encode_prompts(records, tokenizer, chat_template=config.chat_template, add_bos=config.add_bos,
@@ -254,6 +246,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         if bad is not None:
             raise PromptError(f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
                               "'4821+377=', but task is addition. Leave task unset or give addition prompts.")  # fmt: skip
+    if not config.allow_unknown_tokens:
+        encoding.check_spelled(prompts, tokenizer)
     engine = config.engine.levanter()
     limits = plan.engine_limits(engine)
     slice_ = plan.topology(config.tpu_type, num_hosts, local_devices)
@@ -284,7 +278,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         resume=config.resume,
         overwrite=config.overwrite,
         shard_strategy=config.shard_strategy,
-        timeouts=timeouts(config),
+        timeouts=checks.timeouts(config),
         reporting=Reporting(
             tracker=config.trainer.tracker,
             run_name=config.run_name or os.path.basename(config.output_dir.rstrip("/")) or "levanter-multihost",
@@ -324,6 +318,7 @@ def prompt_source(config: SampleLmMultihostConfig) -> dict:
 
 def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
     """Checks on the config's own values: each names the field, the value and the fix."""
+    checks.check_limits(config)
 
     def number(name: str, low: float, *, integer: bool = False, strict: bool = True) -> None:
         value = getattr(config, name)

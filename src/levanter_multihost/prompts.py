@@ -109,6 +109,9 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
         messages.append(chat)
         carried = {k: v for k, v in row.items() if k not in consumed}
         for k in carried:
+            if isinstance(carried[k], (bytes, bytearray)):
+                raise PromptError(f"{at}: column `{k}` holds bytes, which the outputs would carry as \"b'...'\". "
+                                  "Decode it to text in the input, or drop the column.")  # fmt: skip
             if k in OUTPUT_FIELDS:
                 raise PromptError(f"{at}: column `{k}` clashes with the output field of the same name. Rename it "
                                   "in the input (every column but the prompt is carried into the outputs).")  # fmt: skip
@@ -167,8 +170,9 @@ def _file_rows(path: str):
         info = fs.info(fs_path)
     except FileNotFoundError:
         raise PromptError(f"`prompts_file` not found: {path}") from None
-    except OSError as e:
-        raise PromptError(f"`prompts_file` cannot be read: {path} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptError(f"`prompts_file` cannot be read: {path} ({reason})") from None
     if info.get("type") != "file":
         raise PromptError(f"`prompts_file` cannot be read: {path} is a {info.get('type')}, not a file.")
     if (info.get("size") or 0) > MAX_PROMPTS_FILE_BYTES:
@@ -202,9 +206,21 @@ def _file_rows(path: str):
 
 def _json_line(path: str, number: int, line: str) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise PromptError(f"`prompts_file` {path} line {number}: malformed JSON ({e.msg}).") from None
+    except KeyError as e:
+        raise PromptError(f"`prompts_file` {path} line {number}: the key {e.args[0]!r} appears twice; JSON would keep "
+                          "the last. Keep one.") from None  # fmt: skip
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise KeyError(key)
+        row[key] = value
+    return row
 
 
 def _parquet_rows(path: str):
@@ -229,6 +245,8 @@ def _dataset_rows(name: str, split: str):
             loaded = datasets.load_from_disk(name)
             if isinstance(loaded, datasets.DatasetDict):
                 loaded = loaded[split]
+            elif str(loaded.split or "train") != split:  # one saved split: another asked for is not silently it
+                raise KeyError(split)
         else:
             loaded = datasets.load_dataset(name, split=split)
     except KeyError:

@@ -162,8 +162,10 @@ class RunDir:
             with self.fs.open(probe, "wb") as f:
                 f.write(b"")
             self.fs.rm(probe)
-        except OSError as e:
-            raise RunDirError(f"output_dir ({self.url}) is not writable: {e}. Choose another output_dir.") from None
+        except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunDirError(f"output_dir ({self.url}) is not writable: {reason}. Choose another output_dir (a "
+                              "bucket needs credentials here: gcloud auth application-default login).") from None
 
     # -- the run's identity ------------------------------------------------------------------------------------
 

@@ -31,8 +31,9 @@ from levanter_multihost import (
     summary,
     tracking,
 )
+from levanter_multihost.checks import timeouts
 from levanter_multihost.collector import Collector
-from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
+from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
