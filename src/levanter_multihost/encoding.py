@@ -23,7 +23,7 @@ def load_checked(load, location: str):
     one) said in one line."""
     try:
         return load(location)
-    except Exception as e:  # transformers raises many types (and AttributeError for a directory without one)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (AttributeError for a bare directory)
         raise ConfigError(f"tokenizer ({location}) does not load as a tokenizer ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'no tokenizer files'}). Point `tokenizer` (or "
                           "hf_checkpoint) at a directory with tokenizer.json or tokenizer_config.json.") from None  # fmt: skip

@@ -108,8 +108,8 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
         texts.append(text)
         messages.append(chat)
         carried = {k: v for k, v in row.items() if k not in consumed}
-        for k in carried:
-            if isinstance(carried[k], (bytes, bytearray)):
+        for k, v in carried.items():
+            if isinstance(v, (bytes, bytearray)):
                 raise PromptError(f"{at}: column `{k}` holds bytes, which the outputs would carry as \"b'...'\". "
                                   "Decode it to text in the input, or drop the column.")  # fmt: skip
             if k in OUTPUT_FIELDS:
