@@ -17,9 +17,9 @@ from levanter_multihost.coordination import (
     CoordinationError,
     Coordinator,
     HostsDisagree,
-    InMemoryKeyValue,
     connect,
 )
+from levanter_multihost.kvstore import InMemoryKeyValue
 from levanter_multihost.leader import Spool
 from levanter_multihost.outputs import MergeError
 from levanter_multihost.payload import PayloadError
@@ -290,3 +290,17 @@ def test_a_host_that_fails_or_goes_silent_before_its_fingerprint_is_named():
     coordinator(kv, 1, 2).client.key_value_set_bytes(f"{PREFIX}/host00001/heartbeat", b"1")
     with pytest.raises(CoordinationError, match=r"host 1 went silent before it sent its run fingerprint"):
         coordinator(kv, 0, 2).agree(dict(RUN))
+
+
+def test_a_host_that_was_frozen_says_so_instead_of_only_blaming_the_leader():
+    kv = InMemoryKeyValue()
+    leader, host = coordinator(kv, 0, 2), coordinator(kv, 1, 2)
+    assert not host._woke(0.5)  # a late wake-up is not a freeze
+    assert host._woke(25.0)
+    leader.announce_failure("Gather incomplete: host(s) [1] went silent")
+    with pytest.raises(CoordinationError) as error:
+        host.wait_for(DONE)
+    assert str(error.value) == (
+        "The leader (host 0) failed: Gather incomplete: host(s) [1] went silent This host itself was frozen (stopped "
+        f"or starved) for 25s, and silent_host_s is {SILENT_S:g}s: the other hosts may have given up on it first."
+    )

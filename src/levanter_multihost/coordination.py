@@ -26,9 +26,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from levanter_multihost.errors import UserError
+from levanter_multihost.kvstore import InMemoryKeyValue, KeyValueClient
 from levanter_multihost.payload import Manifest, decode_payload, encode_payload, verify_chunk
 from levanter_multihost.runplan import Timeouts
 
@@ -44,6 +45,9 @@ FAILED = "failed"
 """Leader to all: the run failed; every host watches for it from its heartbeat thread and stops at once."""
 LEADER = 0
 POLL_INTERVAL_S = 0.05
+FROZEN_AFTER_S = 3.0
+"""A background thread that wakes this much later than it asked was frozen with its whole process (SIGSTOP, a
+suspended VM, swapping): the others saw this host go silent, so its errors say so rather than blame them."""
 PREFIX = "levanter_multihost"
 
 
@@ -59,18 +63,6 @@ class HostsDisagree(UserError):
     """Another host resolved a different run (other prompts, model or settings) than the leader's."""
 
 
-class KeyValueClient(Protocol):
-    """The part of JAX's ``DistributedRuntimeClient`` used here."""
-
-    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None: ...
-
-    def key_value_try_get_bytes(self, key: str) -> bytes: ...
-
-    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes: ...
-
-    def key_value_delete(self, key: str) -> None: ...
-
-
 class Coordinator:
     """This host's view of the job's key-value store."""
 
@@ -82,6 +74,8 @@ class Coordinator:
         self.timeouts = timeouts
         self.parts_sent = 0
         self.bytes_sent = 0
+        self.frozen_note = ""
+        """Said after this host's coordination errors once it noticed it had been frozen."""
 
     @property
     def is_leader(self) -> bool:
@@ -124,17 +118,18 @@ class Coordinator:
             except Exception as e:  # the leader's process hosts the store: an error here means it is gone
                 raise CoordinationError(f"This host lost contact with the leader (host 0) while it waited for "
                                         f"'{name}' ({type(e).__name__}): the leader died. This host's parts are "
-                                        "durable in the run directory; rerun with resume: true.") from None  # fmt: skip
+                                        f"durable in the run directory; rerun with resume: true.{self.frozen_note}"
+                                        ) from None  # fmt: skip
             if raw is not None:
                 message = json.loads(raw)
                 if not message.get("ok"):
-                    raise leader_failure(message)
+                    raise leader_failure(message, note=self.frozen_note)
                 return message
             if silent > self.timeouts.silent_host_s:
                 raise CoordinationError(
                     f"The leader (host 0) went silent while this host waited for '{name}' (no heartbeat for "
                     f"{silent:.0f}s > silent_host_s {self.timeouts.silent_host_s:g}s): it died or hung. This "
-                    "host's parts are durable in the run directory; rerun with resume: true."
+                    f"host's parts are durable in the run directory; rerun with resume: true.{self.frozen_note}"
                 )
             time.sleep(POLL_INTERVAL_S)
 
@@ -192,17 +187,24 @@ class Coordinator:
                     failed = None if self.is_leader else self._try_get(f"{PREFIX}/{FAILED}")
                     if failed is not None and on_leader_failure is not None:  # the leader's own log says why
                         on_leader_failure(leader_failure(json.loads(failed), "Stopping: the leader (host 0) reported "
-                                                         "a failure."))  # fmt: skip
+                                                         "a failure.", self.frozen_note))  # fmt: skip
+                asked = time.monotonic()  # after the store call, which a frozen leader holds up
                 stop.wait(self.timeouts.heartbeat_interval_s)
+                self._woke(time.monotonic() - asked - self.timeouts.heartbeat_interval_s)
 
         def watch():
-            while not stop.wait(min(1.0, self.timeouts.heartbeat_interval_s)):
+            period = min(1.0, self.timeouts.heartbeat_interval_s)
+            asked = time.monotonic()
+            while not stop.wait(period):
+                if self._woke(time.monotonic() - asked - period):
+                    answered[0] = time.monotonic()  # the store's silence was this host's own: watch it afresh
+                asked = time.monotonic()
                 quiet = time.monotonic() - answered[0]
                 if quiet > self.timeouts.silent_host_s:
                     on_leader_failure(CoordinationError(
                         f"The leader (host 0) went silent: its key-value store has not answered for {quiet:.0f}s "
                         f"(silent_host_s {self.timeouts.silent_host_s:g}s): it is frozen or hung. This host's parts "
-                        "are durable in the run directory; rerun with resume: true."
+                        f"are durable in the run directory; rerun with resume: true.{self.frozen_note}"
                     ))
                     return
 
@@ -210,6 +212,16 @@ class Coordinator:
         if not self.is_leader and on_leader_failure is not None:
             threading.Thread(target=watch, name="leader-watch", daemon=True).start()
         return stop
+
+    def _woke(self, late_s: float) -> bool:
+        """A background thread woke ``late_s`` later than it asked; True (and noted) if the process was frozen."""
+        if late_s < FROZEN_AFTER_S:
+            return False
+        self.frozen_note = (f" This host itself was frozen (stopped or starved) for {late_s:.0f}s, and "
+                            f"silent_host_s is {self.timeouts.silent_host_s:g}s: the other hosts may have given up "
+                            "on it first.")  # fmt: skip
+        logger.warning("host %d: this process was frozen for %.0fs (stopped or starved).", self.host, late_s)
+        return True
 
     def leave(self, timeout_s: float = 2.0) -> None:
         """Non-leader, on its way out after a failure: say so, so the leader need not wait for it. Gives up after
@@ -313,12 +325,12 @@ class Coordinator:
             raise
 
 
-def leader_failure(message: dict[str, Any], said: str | None = None) -> Exception:
+def leader_failure(message: dict[str, Any], said: str | None = None, note: str = "") -> Exception:
     """The error a non-leader stops with when the leader announced ``message``, a failure: ``said``, else its
-    error."""
+    error, then ``note`` (this host's own freeze)."""
     if message.get("user"):
         return LeaderRefused(f"The leader (host 0) refused the run: {message.get('error')}")
-    return CoordinationError(said or f"The leader (host 0) failed: {message.get('error')}")
+    return CoordinationError((said or f"The leader (host 0) failed: {message.get('error')}") + note)
 
 
 def _short(value: Any) -> str:
@@ -339,33 +351,6 @@ class Silence:
         if beat != self.beat:
             self.beat, self.since = beat, time.monotonic()
         return time.monotonic() - self.since
-
-
-class InMemoryKeyValue:
-    """A single-process stand-in for the JAX key-value store (one host, no ``jax.distributed``)."""
-
-    def __init__(self):
-        self.store: dict[str, bytes] = {}
-        self.lock = threading.Lock()
-
-    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None:
-        with self.lock:
-            if key in self.store and not allow_overwrite:
-                raise RuntimeError(f"ALREADY_EXISTS: key {key} already set")
-            self.store[key] = bytes(value)
-
-    def key_value_try_get_bytes(self, key: str) -> bytes:
-        with self.lock:
-            if key not in self.store:
-                raise RuntimeError(f"NOT_FOUND: key {key}")
-            return self.store[key]
-
-    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes:
-        return self.key_value_try_get_bytes(key)
-
-    def key_value_delete(self, key: str) -> None:
-        with self.lock:
-            self.store.pop(key, None)
 
 
 _current: Coordinator | None = None

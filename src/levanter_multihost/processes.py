@@ -16,10 +16,32 @@ def boot_id() -> str | None:
 
 def start_ticks(pid: int | str = "self") -> int | None:
     """Process ``pid``'s start time in clock ticks since boot, so a reused pid is not taken for it."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def runs_under(ancestor: int, started: int | None) -> bool:
+    """Whether this process descends from process ``ancestor`` (started at ``started`` ticks, if known); True
+    where ``/proc`` cannot tell."""
+    if _stat("self") is None:
+        return True
+    pid = os.getpid()
+    while pid > 1:
+        fields = _stat(pid)
+        if fields is None:
+            return False
+        pid = int(fields[1])
+        if pid == ancestor:
+            return started is None or start_ticks(pid) == started
+    return False
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/pid/stat`` after the command name (state, ppid, ...)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
 
 

@@ -202,7 +202,9 @@ def stop_after(error: BaseException) -> int:
     """
     link = coordination.current()
     is_leader = link.is_leader if link is not None else os.environ.get(ENV_PROCESS_ID, "0") == "0"
-    if isinstance(error, CoordinationError) or (isinstance(error, (UserError, runtime.Stopped)) and is_leader):
+    # before the link, no other host hears of this host's failure: it must say it itself
+    speaks = is_leader or link is None
+    if isinstance(error, CoordinationError) or (isinstance(error, (UserError, runtime.Stopped)) and speaks):
         logger.error("%s", error)
     elif not isinstance(error, (UserError, runtime.Stopped)):
         logger.error("Sampling failed", exc_info=error)
