@@ -160,3 +160,21 @@ def test_a_run_directory_deleted_mid_run_fails_the_run(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match=r"was deleted or replaced while this run wrote it"):
         main(draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args))
     assert not (out / "merged.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_host_frozen_past_the_timeout_says_it_was_frozen_when_it_wakes(tmp_path):
+    job = Background(tmp_path, *FLAGS)
+    host = job.pid(1)
+    job.wait_for_parts(1, host=1)
+    os.kill(host, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + SILENT_S + 120
+        while "host(s) [1] went silent" not in job.output and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.kill(host, signal.SIGCONT)
+    run = job.wait(timeout=120)
+    assert "host(s) [1] went silent" in run.output, run.tail()
+    assert "[host 1]" in run.output and "This host itself was frozen (stopped or starved) for" in run.output, run.tail()
+    assert run.returncode != 0
