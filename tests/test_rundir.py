@@ -397,3 +397,16 @@ def test_a_run_directory_deleted_or_replaced_mid_run_is_a_failure(run_dir):
     run_dir.fs.rm(run_dir.root, recursive=True)
     with pytest.raises(RunDirError, match="was deleted or replaced"):
         run_dir.check_still_ours("bbbbbbbb")
+
+
+def test_a_bucket_without_credentials_is_one_line(tmp_path, monkeypatch):
+    d = RunDir(str(tmp_path / "out"))
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("Anonymous caller does not have storage.objects.create access\n" + "  at frame\n" * 56)
+
+    monkeypatch.setattr(d.fs, "makedirs", refused)
+    with pytest.raises(RunDirError) as error:
+        d.check_usable(host=0)
+    assert "\n" not in str(error.value)
+    assert "is not writable: Anonymous caller does not have storage.objects.create access. Choose" in str(error.value)
