@@ -53,20 +53,26 @@ def test_sigterm_to_a_host_stops_it_cleanly_and_the_leader_names_it(tmp_path):
     assert len(run.parts(1)) >= 2 and not (tmp_path / "merged.jsonl").exists()
 
 
-def test_a_frozen_leader_is_named_by_the_others(tmp_path):
+def frozen_until(tmp_path, host: int, said: str):
+    """Run, freeze ``host`` (SIGSTOP) once host 1 wrote a part, let it go (SIGCONT) once the job says ``said``."""
     job = Background(tmp_path, *FLAGS)
-    leader = job.pid(0)
+    pid = job.pid(host)
     job.wait_for_parts(1, host=1)
-    os.kill(leader, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + SILENT_S + 120
-        while "The leader (host 0) went silent" not in job.output and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while said not in job.output and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         with contextlib.suppress(ProcessLookupError):  # the launcher may have killed it already
-            os.kill(leader, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
     run = job.wait(timeout=120)
-    assert "The leader (host 0) went silent" in run.output, run.tail()
+    assert said in run.output, run.tail()
+    return run
+
+
+def test_a_frozen_leader_is_named_by_the_others(tmp_path):
+    run = frozen_until(tmp_path, 0, "The leader (host 0) went silent")
     assert run.returncode != 0
 
 
@@ -164,17 +170,6 @@ def test_a_run_directory_deleted_mid_run_fails_the_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_host_frozen_past_the_timeout_says_it_was_frozen_when_it_wakes(tmp_path):
-    job = Background(tmp_path, *FLAGS)
-    host = job.pid(1)
-    job.wait_for_parts(1, host=1)
-    os.kill(host, signal.SIGSTOP)
-    try:
-        deadline = time.monotonic() + SILENT_S + 120
-        while "host(s) [1] went silent" not in job.output and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        os.kill(host, signal.SIGCONT)
-    run = job.wait(timeout=120)
-    assert "host(s) [1] went silent" in run.output, run.tail()
+    run = frozen_until(tmp_path, 1, "host(s) [1] went silent")
     assert "[host 1]" in run.output and "This host itself was frozen (stopped or starved) for" in run.output, run.tail()
     assert run.returncode != 0
