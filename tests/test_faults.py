@@ -91,6 +91,11 @@ def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_pa
     assert "is in use by run" in second.output and f"delete {tmp_path}/.lock" in second.output, second.tail()
     assert first.wait(timeout=180).returncode == 0
     assert (tmp_path / "merged.jsonl").exists() and not (tmp_path / ".lock").exists()
+    merged = (tmp_path / "merged.jsonl").read_bytes()
+    # the lock is free again: a resume of the finished run keeps every row
+    resumed = Background(tmp_path, *FLAGS, "--resume=true", "--overwrite=false", hosts=1).wait(timeout=180)
+    assert resumed.returncode == 0, resumed.tail()
+    assert (tmp_path / "merged.jsonl").read_bytes() == merged and not (tmp_path / ".lock").exists()
 
 
 def test_an_overwrite_that_dies_before_its_merge_leaves_the_old_merged_file(tmp_path):
