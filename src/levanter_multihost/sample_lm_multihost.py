@@ -134,7 +134,8 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
                 ctx.add(name, start, start + seconds)
                 start += seconds
             with ctx.phase("write"):
-                plan.run_dir.check_still_ours(attempt)  # else the part would go into a directory nobody reads
+                if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
+                    plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
                 data = b"".join(row_line(row, extra) for row, extra in rows)
                 plan.run_dir.write_part(data, items[0].global_index, items[-1].global_index, fingerprint, attempt,
                                         ctx.host, b)  # fmt: skip
