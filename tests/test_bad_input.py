@@ -106,10 +106,12 @@ def test_a_column_that_clashes_with_an_output_field(tmp_path):
 
 
 @pytest.mark.parametrize("column,value", [("max_new_tokens", 0), ("n_generations", -1), ("temperature", -1.0),
-                                          ("max_new_tokens", 2.5), ("n_generations", True)])  # fmt: skip
-def test_a_non_positive_or_non_integer_per_row_override(tmp_path, column, value):
+                                          ("max_new_tokens", 2.5), ("n_generations", True),
+                                          ("max_new_tokens", 3_000_000_000), ("n_generations", 2**40),
+                                          ("temperature", 1e39)])  # fmt: skip
+def test_a_non_positive_or_non_integer_or_overflowing_per_row_override(tmp_path, column, value):
     path = jsonl(tmp_path, [{"prompt": "1+2="}, {"prompt": "3+4=", column: value}])
-    fails(config(tmp_path, f"--prompts_file={path}"), rf"line 2: `{column}` is {value!r}; it must be")
+    fails(config(tmp_path, f"--prompts_file={path}"), rf"line 2: `{column}` is {re.escape(repr(value))}; it must be")
 
 
 def test_a_lone_surrogate_in_a_jsonl_prompt_names_the_line(tmp_path):
@@ -323,3 +325,17 @@ def test_repeated_ids_are_warned_about_once(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "2 `id` values repeat across prompts (e.g. 7); rows are told apart by global_prompt_index."
     ]
+
+
+def test_a_checkpoint_that_cannot_be_listed_is_one_line(monkeypatch):
+    from levanter_multihost import fingerprint
+
+    class NoCredentials:
+        def isdir(self, path):
+            raise RuntimeError("401 Anonymous caller does not have storage.objects.list access\n" + "  frame\n" * 50)
+
+    monkeypatch.setattr(fingerprint.fsspec.core, "url_to_fs", lambda location: (NoCredentials(), location))
+    with pytest.raises(UserError) as error:
+        fingerprint.checkpoint_digest("gs://bucket/ckpt")
+    assert str(error.value) == ("The checkpoint gs://bucket/ckpt cannot be listed: 401 Anonymous caller does not have "
+                                "storage.objects.list access. Check the path and, for a bucket, the credentials here.")

@@ -10,20 +10,15 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import fsspec
-import numpy as np
 import yaml
 
-from levanter_multihost.errors import ConfigError
-from levanter_multihost.prompts import PromptError, PromptRecords
+from levanter_multihost.errors import ConfigError, first_line
+from levanter_multihost.prompts import FLOAT32_MAX, INT32_MAX, PromptError, PromptRecords
 from levanter_multihost.runplan import Timeouts
 
 if TYPE_CHECKING:
     from levanter_multihost.config import SampleLmMultihostConfig
 
-INT32_MAX = 2**31 - 1
-"""Token counts and generation counts travel as int32 in the engine and the prompt tables."""
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-"""Temperatures travel as float32: a larger one becomes inf."""
 MIN_SILENT_HOST_S = 5.0
 """Below this a garbage-collection pause or a slow store call reads as a dead host."""
 MIN_GATHER_CHUNK_BYTES = 512
@@ -79,7 +74,7 @@ def check_scheme(name: str, location: str | None) -> None:
                           "path or a URL such as gs://bucket/path.") from None  # fmt: skip
     except ImportError as e:
         raise ConfigError(f"{name} ({location}): {protocol}:// needs a package this environment lacks "
-                          f"({str(e).splitlines()[0]}).") from None  # fmt: skip
+                          f"({first_line(e)}).") from None  # fmt: skip
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

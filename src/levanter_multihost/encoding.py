@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from levanter_multihost.errors import ConfigError
+from levanter_multihost.errors import ConfigError, first_line
 from levanter_multihost.prompts import PromptError, PromptRecords
 from levanter_multihost.runplan import PromptSet, StopCondition, TokenTable
 
@@ -25,8 +25,8 @@ def load_checked(load, location: str):
         return load(location)
     except Exception as e:  # noqa: BLE001 - transformers raises many types (AttributeError for a bare directory)
         raise ConfigError(f"tokenizer ({location}) does not load as a tokenizer ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'no tokenizer files'}). Point `tokenizer` (or "
-                          "hf_checkpoint) at a directory with tokenizer.json or tokenizer_config.json.") from None  # fmt: skip
+                          f"{first_line(e)}). Point `tokenizer` (or hf_checkpoint) at a directory with tokenizer.json "
+                          "or tokenizer_config.json.") from None  # fmt: skip
 
 
 def bos_wanted(tokenizer, add_bos: bool | None) -> bool:

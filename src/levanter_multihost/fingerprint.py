@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
+from levanter_multihost.errors import ConfigError, first_line
+
 if TYPE_CHECKING:
     from levanter_multihost.config import SampleLmMultihostConfig
 
@@ -43,11 +45,15 @@ def checkpoint_digest(location: str | None) -> str | None:
     where ``location`` is not a directory here (a hub id, which its name and revision identify)."""
     if location is None:
         return None
-    fs, root = fsspec.core.url_to_fs(location)
-    if not fs.isdir(root):
-        return None
-    root = root.rstrip("/")
-    files = {path: info for path, info in fs.find(root, detail=True).items() if not _ignored(path, root)}
+    try:
+        fs, root = fsspec.core.url_to_fs(location)
+        if not fs.isdir(root):
+            return None
+        root = root.rstrip("/")
+        files = {path: info for path, info in fs.find(root, detail=True).items() if not _ignored(path, root)}
+    except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
+        raise ConfigError(f"The checkpoint {location} cannot be listed: {first_line(e)}. Check the path and, for a "
+                          "bucket, the credentials here.") from None  # fmt: skip
     digest = hashlib.sha256()
     for path in sorted(files):
         digest.update(f"{path[len(root) + 1 :]}\0{files[path].get('size')}\n".encode())

@@ -16,11 +16,15 @@ from typing import Any
 
 import fsspec
 
-from levanter_multihost.errors import UserError
+from levanter_multihost.errors import UserError, first_line
 from levanter_multihost.outputs import OUTPUT_FIELDS
 
 OVERRIDES = ("max_new_tokens", "temperature", "n_generations")
 """Columns that override the config's value for their row (and are carried through like any other)."""
+INT32_MAX = 2**31 - 1
+"""Token counts and generation counts travel as int32 in the engine and the prompt tables."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""Temperatures travel as float32: a larger one becomes inf."""
 MAX_PROMPTS_FILE_BYTES = 16 * 1024**3
 """Larger prompt files are refused before reading (use a Parquet file or a dataset, which are read in batches)."""
 
@@ -131,13 +135,14 @@ def _override(column: str, value: Any, at: str) -> Any:
         return None
     if column == "temperature":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-        if not ok:
-            raise PromptError(f"{at}: `temperature` is {value!r}; it must be a finite number >= 0 (0 is greedy).")
+        if not ok or value > FLOAT32_MAX:
+            raise PromptError(f"{at}: `temperature` is {value!r}; it must be a number in [0, {FLOAT32_MAX:.3g}] (0 is "
+                              "greedy; float32 holds no more).")  # fmt: skip
         return float(value)
     # Parquet and datasets hand integer columns with gaps over as floats (3.0)
     integral = isinstance(value, float) and math.isfinite(value) and value.is_integer()
-    if not (isinstance(value, int) or integral) or isinstance(value, bool) or value < 1:
-        raise PromptError(f"{at}: `{column}` is {value!r}; it must be a positive integer.")
+    if not (isinstance(value, int) or integral) or isinstance(value, bool) or not 1 <= value <= INT32_MAX:
+        raise PromptError(f"{at}: `{column}` is {value!r}; it must be a positive integer <= 2**31 - 1.")
     return int(value)
 
 
@@ -171,8 +176,7 @@ def _file_rows(path: str):
     except FileNotFoundError:
         raise PromptError(f"`prompts_file` not found: {path}") from None
     except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PromptError(f"`prompts_file` cannot be read: {path} ({reason})") from None
+        raise PromptError(f"`prompts_file` cannot be read: {path} ({first_line(e)})") from None
     if info.get("type") != "file":
         raise PromptError(f"`prompts_file` cannot be read: {path} is a {info.get('type')}, not a file.")
     if (info.get("size") or 0) > MAX_PROMPTS_FILE_BYTES:
@@ -194,7 +198,7 @@ def _file_rows(path: str):
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    lines = [line.removesuffix("\r") for line in lines]
     for number, line in enumerate(lines, start=1):
         if line.strip() == "":
             raise PromptError(f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "

@@ -32,7 +32,7 @@ from typing import Any
 import fsspec
 
 from levanter_multihost import processes
-from levanter_multihost.errors import UserError
+from levanter_multihost.errors import UserError, first_line
 
 MERGED_JSONL = "merged.jsonl"
 MERGED_PARQUET = "merged.parquet"
@@ -163,8 +163,7 @@ class RunDir:
                 f.write(b"")
             self.fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunDirError(f"output_dir ({self.url}) is not writable: {reason}. Choose another output_dir (a "
+            raise RunDirError(f"output_dir ({self.url}) is not writable: {first_line(e)}. Choose another output_dir (a "
                               "bucket needs credentials here: gcloud auth application-default login).") from None
 
     # -- the run's identity ------------------------------------------------------------------------------------
