@@ -26,9 +26,11 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NoReturn
 
 try:
-    from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+    from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_LAUNCHER, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+    from levanter_multihost.processes import start_ticks
 except ImportError as e:
     raise ImportError(
         f"{e}: this Python ({sys.executable}) lacks the levanter_multihost package; "
@@ -66,6 +68,7 @@ def local_host_env(base: dict[str, str], port: int, num_hosts: int, host: int, d
             ENV_COORDINATOR: f"127.0.0.1:{port}",
             ENV_NUM_PROCESSES: str(num_hosts),
             ENV_PROCESS_ID: str(host),
+            ENV_LAUNCHER: f"{os.getpid()}:{start_ticks()}",
             "XLA_FLAGS": " ".join(flags),
             "JAX_PLATFORMS": "cpu",
             "PYTHONUNBUFFERED": "1",
@@ -317,6 +320,12 @@ def build_parser(tpu=None) -> argparse.ArgumentParser:
     return parser
 
 
+def refuse(message: str) -> NoReturn:
+    """A bad value: one line and exit status 2 (argparse's error would print its multi-line usage first)."""
+    sys.stderr.write(f"launch.py: error: {message}\n")
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     local = is_local_run(argv)
@@ -328,13 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no command given: put it after --")
     if local:
         if args.tpu_name:
-            parser.error(
-                f"--local_hosts {args.local_hosts} and --tpu_name {args.tpu_name} ask for two backends; pass only one"
-            )
+            refuse(f"--local_hosts {args.local_hosts} and --tpu_name {args.tpu_name} ask for two backends; pass only one")
         if args.local_hosts < 1:
-            parser.error(f"--local_hosts ({args.local_hosts}) must be >= 1")
+            refuse(f"--local_hosts ({args.local_hosts}) must be >= 1")
+        if args.devices_per_host < 1:
+            refuse(f"--devices_per_host ({args.devices_per_host}) must be >= 1 (CPU devices per emulated host)")
         if args.grace_s < 0:
-            parser.error(f"--grace_s ({args.grace_s:g}) must be >= 0 seconds")
+            refuse(f"--grace_s ({args.grace_s:g}) must be >= 0 seconds")
         return run_local(command, args.local_hosts, args.devices_per_host, args.keep_going, args.grace_s)
     if args.tpu_name:
         return tpu.run(args, command)

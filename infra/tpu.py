@@ -40,7 +40,7 @@ REMOTE_DIR = "levanter-multihost"
 BUNDLE = "levanter-multihost.tar.gz"
 JOB_LOG = "levanter-multihost.log"
 FORWARDED_ENV = ("WANDB_API_KEY", "HF_TOKEN")
-SECRET_KEY = re.compile(r"PASS|TOKEN|KEY|AUTH|SECRET|CREDENTIAL", re.IGNORECASE)
+SECRET_KEY = re.compile(r"PASS|TOKEN|KEY|AUTH|SECRET|CRED|PRIVATE|SIGNATURE", re.IGNORECASE)
 """Keys whose values are shown as ``***``; wide on purpose: masking AUTHOR's value costs less than a leak."""
 QUEUED_FLAGS = {"spot": "--spot", "preemptible": "--spot", "best-effort": "--spot", "reserved": "--reserved"}
 """Capacity types asked for as a queued resource; GCP replaced preemptible TPUs by Spot, so those ask for Spot."""

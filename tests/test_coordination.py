@@ -16,9 +16,10 @@ from levanter_multihost.coordination import (
     READY,
     CoordinationError,
     Coordinator,
-    InMemoryKeyValue,
+    HostsDisagree,
     connect,
 )
+from levanter_multihost.kvstore import InMemoryKeyValue
 from levanter_multihost.leader import Spool
 from levanter_multihost.outputs import MergeError
 from levanter_multihost.payload import PayloadError
@@ -252,3 +253,54 @@ def test_one_process_gets_an_in_memory_store_and_several_need_jax_distributed():
     assert isinstance(connect(None, 0, 1, 64, TIMEOUTS).client, InMemoryKeyValue)
     with pytest.raises(RuntimeError, match="jax.distributed is not initialized but there are several hosts"):
         connect(None, 0, 2, 64, TIMEOUTS)
+
+
+# -- every host samples the same run -----------------------------------------------------------------------------
+
+RUN = {"model": "assets/tiny-addition", "prompts_sha256": "a" * 64, "num_prompts": 256, "seed": 0}
+
+
+def test_hosts_that_resolved_the_same_run_agree():
+    kv = InMemoryKeyValue()
+    for h in (1, 2):
+        coordinator(kv, h, 3).agree(dict(RUN))
+    coordinator(kv, 0, 3).agree(dict(RUN))
+
+
+def test_a_host_with_other_prompts_is_refused_naming_it_and_the_fields_before_anything_is_decided():
+    kv = InMemoryKeyValue()
+    coordinator(kv, 1, 3).agree(dict(RUN))
+    coordinator(kv, 2, 3).agree({**RUN, "prompts_sha256": "b" * 64, "num_prompts": 8})
+    with pytest.raises(HostsDisagree) as error:
+        coordinator(kv, 0, 3).agree(dict(RUN))
+    assert str(error.value) == (
+        f'The hosts resolved different runs: host 2 differs in num_prompts (8 vs the leader\'s 256), prompts_sha256 '
+        f'("{"b" * 36}... vs the leader\'s "{"a" * 36}...). Give every host the same prompts, model and config (a '
+        "stale local copy on one worker?). Nothing was sampled or merged."
+    )
+    assert not any(key.startswith(f"{PREFIX}/{READY}") for key in kv.store)
+
+
+def test_a_host_that_fails_or_goes_silent_before_its_fingerprint_is_named():
+    kv = InMemoryKeyValue()
+    coordinator(kv, 1, 3).send_failure("PromptError: prompts_file not found")
+    with pytest.raises(CoordinationError, match="host 1 failed: PromptError: prompts_file not found"):
+        coordinator(kv, 0, 3).agree(dict(RUN))
+    kv = InMemoryKeyValue()
+    coordinator(kv, 1, 2).client.key_value_set_bytes(f"{PREFIX}/host00001/heartbeat", b"1")
+    with pytest.raises(CoordinationError, match=r"host 1 went silent before it sent its run fingerprint"):
+        coordinator(kv, 0, 2).agree(dict(RUN))
+
+
+def test_a_host_that_was_frozen_says_so_instead_of_only_blaming_the_leader():
+    kv = InMemoryKeyValue()
+    leader, host = coordinator(kv, 0, 2), coordinator(kv, 1, 2)
+    assert not host._woke(0.5)  # a late wake-up is not a freeze
+    assert host._woke(25.0)
+    leader.announce_failure("Gather incomplete: host(s) [1] went silent")
+    with pytest.raises(CoordinationError) as error:
+        host.wait_for(DONE)
+    assert str(error.value) == (
+        "The leader (host 0) failed: Gather incomplete: host(s) [1] went silent This host itself was frozen (stopped "
+        f"or starved) for 25s, and silent_host_s is {SILENT_S:g}s: the other hosts may have given up on it first."
+    )

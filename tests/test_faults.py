@@ -6,15 +6,19 @@ Every run samples 1024 addition prompts on 2 hosts of 1 device in batches of 32,
 
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import draccus
 import pytest
-from multihost import TINY_CONFIG, Background, cache_flags
+from multihost import REPO, TINY_CONFIG, Background, cache_flags, host_env
 
 from levanter_multihost import sampling
 from levanter_multihost.generation import EngineStateError
+from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
 
 pytestmark = pytest.mark.multihost
@@ -49,20 +53,26 @@ def test_sigterm_to_a_host_stops_it_cleanly_and_the_leader_names_it(tmp_path):
     assert len(run.parts(1)) >= 2 and not (tmp_path / "merged.jsonl").exists()
 
 
-def test_a_frozen_leader_is_named_by_the_others(tmp_path):
+def frozen_until(tmp_path, host: int, said: str):
+    """Run, freeze ``host`` (SIGSTOP) once host 1 wrote a part, let it go (SIGCONT) once the job says ``said``."""
     job = Background(tmp_path, *FLAGS)
-    leader = job.pid(0)
+    pid = job.pid(host)
     job.wait_for_parts(1, host=1)
-    os.kill(leader, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + SILENT_S + 120
-        while "The leader (host 0) went silent" not in job.output and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while said not in job.output and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         with contextlib.suppress(ProcessLookupError):  # the launcher may have killed it already
-            os.kill(leader, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
     run = job.wait(timeout=120)
-    assert "The leader (host 0) went silent" in run.output, run.tail()
+    assert said in run.output, run.tail()
+    return run
+
+
+def test_a_frozen_leader_is_named_by_the_others(tmp_path):
+    run = frozen_until(tmp_path, 0, "The leader (host 0) went silent")
     assert run.returncode != 0
 
 
@@ -81,6 +91,11 @@ def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_pa
     assert "is in use by run" in second.output and f"delete {tmp_path}/.lock" in second.output, second.tail()
     assert first.wait(timeout=180).returncode == 0
     assert (tmp_path / "merged.jsonl").exists() and not (tmp_path / ".lock").exists()
+    merged = (tmp_path / "merged.jsonl").read_bytes()
+    # the lock is free again: a resume of the finished run keeps every row
+    resumed = Background(tmp_path, *FLAGS, "--resume=true", "--overwrite=false", hosts=1).wait(timeout=180)
+    assert resumed.returncode == 0, resumed.tail()
+    assert (tmp_path / "merged.jsonl").read_bytes() == merged and not (tmp_path / ".lock").exists()
 
 
 def test_an_overwrite_that_dies_before_its_merge_leaves_the_old_merged_file(tmp_path):
@@ -116,3 +131,50 @@ def test_an_engine_whose_checks_poison_its_state_fails_the_run_with_no_merged_fi
     jax.clear_caches()  # and the ones traced here carry "nan"
     assert not (tmp_path / "merged.jsonl").exists()
     assert not list((tmp_path / "parts").glob("*.jsonl"))
+
+
+@pytest.mark.slow
+def test_two_hosts_given_different_prompt_files_are_refused_naming_the_host_before_anything_is_written(tmp_path):
+    """A stale copy of the prompts on one worker: each host reads its own file (the launcher's host index picks it)."""
+    prompts = (REPO / "config" / "prompts" / "addition_256.txt").read_text().splitlines()
+    (tmp_path / "p0.txt").write_text("\n".join(prompts[:64]) + "\n")
+    (tmp_path / "p1.txt").write_text("\n".join(prompts[64:128]) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "infra" / "launch.py"), "--local_hosts", "2", "--devices_per_host", "1",
+               "--", "bash", "-c", f'exec "{sys.executable}" -m levanter_multihost.sample_lm_multihost --config_path '
+               f'{TINY_CONFIG} --output_dir={out} --trainer.model_axis_size=1 '
+               f'--prompts_file={tmp_path}/p${{{ENV_PROCESS_ID}}}.txt ' + " ".join(cache_flags())]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, env=host_env(), capture_output=True, text=True, timeout=300,
+                         check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-10000:]
+    assert output.count("The hosts resolved") == 1  # said once, by the leader; host 1 exits 2 quietly
+    assert "The hosts resolved different runs: host 1 differs in prompts_sha256 (" in output, output[-10000:]
+    assert "Nothing was sampled or merged." in output and "Traceback" not in output, output[-10000:]
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []  # no lock, no run.json, no part
+
+
+@pytest.mark.slow
+def test_a_run_directory_deleted_mid_run_fails_the_run(tmp_path, monkeypatch):
+    from levanter_multihost.rundir import RunDir, RunDirError
+
+    out = tmp_path / "out"
+    write_part = RunDir.write_part
+
+    def write_then_delete(self, *args):
+        part = write_part(self, *args)
+        shutil.rmtree(out)  # someone cleans up the run directory while the run writes it
+        return part
+
+    monkeypatch.setattr(RunDir, "write_part", write_then_delete)
+    args = [f"--output_dir={out}", '--prompts=["4821+377=", "1+2="]', "--trainer.model_axis_size=1", *cache_flags()]
+    with pytest.raises(RunDirError, match=r"was deleted or replaced while this run wrote it"):
+        main(draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args))
+    assert not (out / "merged.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_host_frozen_past_the_timeout_says_it_was_frozen_when_it_wakes(tmp_path):
+    run = frozen_until(tmp_path, 1, "host(s) [1] went silent")
+    assert "[host 1]" in run.output and "This host itself was frozen (stopped or starved) for" in run.output, run.tail()
+    assert run.returncode != 0

@@ -344,10 +344,48 @@ def test_keep_going_lets_the_other_hosts_finish(launch):
         (["--local_hosts", "0"], ["true"], 2, "--local_hosts (0) must be >= 1"),
         (["--tpu_name", "my-v5p"], ["true"], 2, "--tpu_name my-v5p ask for two backends; pass only one"),
         ([], ["/nonexistent/host-command"], 127, "cannot start '/nonexistent/host-command' for host 0"),
+        (["--devices_per_host", "0"], ["true"], 2, "--devices_per_host (0) must be >= 1 (CPU devices per emulated"),
+        (["--devices_per_host", "-3"], ["true"], 2, "--devices_per_host (-3) must be >= 1"),
     ],
-    ids=["negative-grace", "no-hosts", "two-backends", "missing-command"],
+    ids=["negative-grace", "no-hosts", "two-backends", "missing-command", "no-devices", "negative-devices"],
 )
 def test_a_bad_local_run_names_the_value_and_the_fix(flags, command, status, message):
     argv = [sys.executable, str(LAUNCH), "--local_hosts", "2", *flags, "--", *command]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == status and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    if status == 2:
+        assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1, proc.stdout + proc.stderr
+
+
+STALE = {"LEVANTER_MULTIHOST_COORDINATOR": "127.0.0.1:1", "LEVANTER_MULTIHOST_NUM_PROCESSES": "2",
+         "LEVANTER_MULTIHOST_PROCESS_ID": "1"}  # fmt: skip
+"""What a shell keeps after someone pasted one host's environment of an earlier job."""
+
+
+@pytest.mark.parametrize("launcher", [None, "1:1", f"{os.getpid()}:1"], ids=["unnamed", "not-an-ancestor", "reused"])
+def test_launcher_variables_not_from_a_running_launcher_are_refused(monkeypatch, launcher):
+    from levanter.trainer import TrainerConfig
+
+    from levanter_multihost import runtime
+    from levanter_multihost.errors import UserError
+
+    for name, value in {**STALE, **({"LEVANTER_MULTIHOST_LAUNCHER": launcher} if launcher else {})}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"LEVANTER_MULTIHOST_COORDINATOR, .* are set, but no running infra/launch.py "
+                                        r"started this process .* they are stale.* Run `unset LEVANTER_MULTIHOST_"):  # fmt: skip
+        runtime.distributed_from_env(TrainerConfig())
+    from levanter_multihost.processes import start_ticks
+
+    monkeypatch.setenv("LEVANTER_MULTIHOST_LAUNCHER", f"{os.getppid()}:{start_ticks(os.getppid())}")
+    assert runtime.distributed_from_env(TrainerConfig()).distributed.coordinator_address == "127.0.0.1:1"
+
+
+@pytest.mark.slow
+def test_a_plain_process_with_stale_launcher_variables_says_so_within_seconds(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **STALE, "JAX_PLATFORMS": "cpu"}
+    argv = [sys.executable, "-m", "levanter_multihost.sample_lm_multihost", "--config_path",
+            str(ROOT / "config" / "sampler" / "tiny_local.yaml"), f"--output_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "are set, but no running infra/launch.py started this process" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -336,8 +336,10 @@ def test_defaults_come_from_the_levanter_config_file(tmp_path, monkeypatch):
     assert env == {"WANDB_ENTITY": "team", "LIBTPU_INIT_ARGS": "--xla_tpu_flag", "HF_TOKEN": "hf_x", "FOO": "1"}
 
 
-MORE_SECRETS = {"DB_PASSWD": "x1234567", "MY_AUTH_HEADER": "abcd1234", "github_token": "ghp_lower1234"}
-"""Secret by name alone: the old KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL missed the first two; the last is lower case."""
+MORE_SECRETS = {"DB_PASSWD": "x1234567", "MY_AUTH_HEADER": "abcd1234", "github_token": "ghp_lower1234",
+                "GCS_CREDS": "gcs-creds-5678"}  # fmt: skip
+"""Secret by name alone: the old KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL missed the first two and the last (CREDS);
+one is lower case."""
 
 
 def test_values_of_secret_looking_keys_are_masked_in_the_dry_run(fake):
@@ -353,11 +355,11 @@ def test_values_of_secret_looking_keys_are_masked_in_the_dry_run(fake):
 def test_values_of_secret_looking_keys_are_masked_in_relayed_lines(fake):
     fake.set("vm_state", "READY")
     pairs = [a for k, v in MORE_SECRETS.items() for a in ("-e", k, v)]
-    echo = ["sh", "-c", 'echo "pw=$DB_PASSWD auth=$MY_AUTH_HEADER gh=$github_token"']
+    echo = ["sh", "-c", 'echo "pw=$DB_PASSWD auth=$MY_AUTH_HEADER gh=$github_token gcs=$GCS_CREDS"']
     proc = fake.launch(*SEED_FLAGS, *pairs, command=echo)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for i in range(WORKERS):
-        assert f"[worker {i}] pw=*** auth=*** gh=***" in proc.stdout
+        assert f"[worker {i}] pw=*** auth=*** gh=*** gcs=***" in proc.stdout
     calls = json.dumps(fake.calls())
     for value in MORE_SECRETS.values():
         assert value not in proc.stdout + proc.stderr and value not in calls

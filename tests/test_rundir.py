@@ -1,19 +1,24 @@
 """The run directory on a local path and on an fsspec URL (``memory://``): atomic writes, part names, the
 fresh / resume / refuse decision, removing a replaced run's parts, and the one-run-at-a-time lock."""
 
+import datetime
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
 
+from levanter_multihost import processes
 from levanter_multihost.rundir import (
     LOCK,
+    LOCK_STALE_BEATS,
     MERGED_JSONL,
     RUN_FILE,
     Decision,
@@ -199,8 +204,44 @@ def holder(d: RunDir) -> dict:
 
 
 def plant_lock(d: RunDir, **fields) -> None:
-    d.write_atomic(LOCK, json.dumps({"attempt": "0ther000", "host": socket.gethostname(), "pid": os.getpid(),
-                                     "time": time.time(), **fields}).encode())  # fmt: skip
+    d.write_atomic(LOCK, json.dumps({"attempt": "0ther000", "host": socket.gethostname(), "boot": processes.boot_id(),
+                                     "pid": os.getpid(), "beat": 0, "time": time.time(), **fields}).encode())  # fmt: skip
+
+
+def age_lock(d: RunDir, seconds: float) -> None:
+    """Make the storage stamp ``.lock`` as written ``seconds`` ago."""
+    if d.is_local:
+        then = os.stat(d.path(LOCK)).st_mtime - seconds
+        os.utime(d.path(LOCK), (then, then))
+    else:
+        entry = d.fs.store[d.path(LOCK)]
+        entry.modified = entry.modified - datetime.timedelta(seconds=seconds)
+
+
+class RemoteHolder:
+    """A run on another machine holding the lock: it rewrites it every ``refresh_s``, bumping the beat, with its
+    own clock ``skew_s`` off this machine's."""
+
+    def __init__(self, d: RunDir, refresh_s: float, skew_s: float):
+        self.d, self.refresh_s, self.skew_s = d, refresh_s, skew_s
+        self.stop = threading.Event()
+        self.beat = 0
+        self.write()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def write(self) -> None:
+        plant_lock(self.d, host="another-machine", boot="another-boot", pid=1, beat=self.beat,
+                   time=time.time() + self.skew_s)  # fmt: skip
+
+    def run(self) -> None:
+        while not self.stop.wait(self.refresh_s):
+            self.beat += 1
+            self.write()
+
+    def freeze(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def test_a_held_lock_refuses_a_second_run_naming_the_holder_and_is_released_at_exit(run_dir):
@@ -209,16 +250,21 @@ def test_a_held_lock_refuses_a_second_run_naming_the_holder_and_is_released_at_e
         with pytest.raises(RunDirError) as error, run_dir.lock("00000002"):
             pass
         assert holder(run_dir)["attempt"] == "00000001"
-    assert str(error.value).startswith(
-        f"output_dir ({run_dir.url}) is in use by run 00000001 (pid {os.getpid()} on {socket.gethostname()}, .lock "
-        "written "
+    assert str(error.value) == (
+        f"output_dir ({run_dir.url}) is in use by run 00000001 (pid {os.getpid()} on {socket.gethostname()}, alive "
+        f"on this machine). Wait for it, choose another output_dir, or delete {run_dir.url}/.lock if that run is gone."
     )
-    assert str(error.value).endswith(f"Wait for it, choose another output_dir, or delete {run_dir.url}/.lock if that "
-                                     "run is gone.")  # fmt: skip
     assert not run_dir.exists(LOCK)
     with pytest.raises(ValueError, match="inside"), run_dir.lock("00000003"):
         raise ValueError("inside")
     assert not run_dir.exists(LOCK)
+
+
+def test_a_live_process_on_this_machine_holds_its_lock_however_old_it_looks(run_dir):
+    plant_lock(run_dir, time=time.time() - 86400)
+    age_lock(run_dir, 86400)
+    with pytest.raises(RunDirError, match="alive on this machine"), run_dir.lock("00000001", refresh_s=0.01):
+        pass
 
 
 def test_a_lock_of_a_dead_process_on_this_machine_is_taken_over(run_dir, caplog):
@@ -227,28 +273,68 @@ def test_a_lock_of_a_dead_process_on_this_machine_is_taken_over(run_dir, caplog)
     plant_lock(run_dir, pid=dead.pid)
     with caplog.at_level(logging.WARNING), run_dir.lock("00000001"):
         assert holder(run_dir)["attempt"] == "00000001"
-    assert f"Taking over the stale lock of run 0ther000 in {run_dir.url}" in caplog.text
+    assert (f"Taking over the stale lock of run 0ther000 in {run_dir.url}: its process {dead.pid} on this machine is "
+            "gone") in caplog.text  # fmt: skip
     assert not run_dir.exists(LOCK)
 
 
-def test_a_lock_not_rewritten_for_five_refresh_periods_is_taken_over(run_dir):
-    plant_lock(run_dir, host="another-machine", pid=1, time=time.time() - 5 * 10.0 - 1)
-    with run_dir.lock("00000001", refresh_s=10.0):
+def test_a_reused_pid_is_not_taken_for_the_holder(run_dir):
+    plant_lock(run_dir, pid_start=1)  # this process's pid, but a process that started at another time
+    with run_dir.lock("00000001"):
         assert holder(run_dir)["attempt"] == "00000001"
-    plant_lock(run_dir, host="another-machine", pid=1, time=time.time() - 5 * 10.0 + 30)
-    refused = pytest.raises(RunDirError, match="in use by run 0ther000 .pid 1 on another-machine")
-    with refused, run_dir.lock("00000002", refresh_s=10.0):
-        pass
+
+
+@pytest.mark.parametrize("skew_s", [-86400.0, 0.0, 86400.0])
+def test_two_runs_whatever_their_clocks_the_second_is_refused_while_the_first_lives_then_resumes(run_dir, skew_s,
+                                                                                                 monkeypatch):  # fmt: skip
+    """The holder on another machine, its clock a day off ours (and ours a day off the storage's): refused while
+    its beat moves, taken over once it has been still for LOCK_STALE_BEATS refresh periods."""
+    monkeypatch.setattr(time, "time", lambda real=time.time: real() - skew_s)  # the reader's clock is off too
+    first = RemoteHolder(run_dir, refresh_s=0.05, skew_s=skew_s)
+    try:
+        for _ in range(3):
+            refused = pytest.raises(RunDirError, match=r"in use by run 0ther000 \(pid 1 on another-machine, its beat is")
+            with refused, run_dir.lock("00000002", refresh_s=1.0):
+                pass
+            time.sleep(0.1)
+    finally:
+        first.freeze()
     assert holder(run_dir)["attempt"] == "0ther000"  # a refused run leaves the holder's lock alone
+    age_lock(run_dir, LOCK_STALE_BEATS * 1.0 + 1)
+    with run_dir.lock("00000002", refresh_s=1.0):
+        assert holder(run_dir)["attempt"] == "00000002"
+    assert not run_dir.exists(LOCK)
 
 
-def test_the_holder_rewrites_its_lock_while_it_runs(run_dir):
+def test_without_storage_times_the_beat_is_watched_on_this_machines_clock(run_dir, monkeypatch, caplog):
+    monkeypatch.setattr(RunDir, "_storage_age", lambda self, name: None)
+    first = RemoteHolder(run_dir, refresh_s=0.02, skew_s=-86400.0)
+    try:
+        refused = pytest.raises(RunDirError, match="its beat moved while this run watched")
+        with refused, run_dir.lock("00000002", refresh_s=0.1):
+            pass
+    finally:
+        first.freeze()
+    with caplog.at_level(logging.WARNING), run_dir.lock("00000002", refresh_s=0.02):
+        assert holder(run_dir)["attempt"] == "00000002"
+    assert f"its beat did not move for {LOCK_STALE_BEATS * 0.02:g}s" in caplog.text
+
+
+def test_a_lock_that_is_not_a_file_is_refused(run_dir):
+    run_dir.fs.makedirs(run_dir.path(LOCK), exist_ok=True)
+    run_dir.fs.touch(run_dir.path(f"{LOCK}/inside"))
+    refused = pytest.raises(RunDirError, match=r"\.lock is a directory, not a lock file: no run can hold it. Remove it")
+    with refused, run_dir.lock("00000001"):
+        pass
+    assert run_dir.fs.isdir(run_dir.path(LOCK))
+
+
+def test_the_holder_bumps_its_beat_while_it_runs(run_dir):
     with run_dir.lock("00000001", refresh_s=0.02):
-        first = holder(run_dir)["time"]
         deadline = time.monotonic() + 30
-        while holder(run_dir)["time"] == first and time.monotonic() < deadline:
+        while holder(run_dir)["beat"] < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert holder(run_dir)["time"] > first
+        assert holder(run_dir)["beat"] >= 2
         assert holder(run_dir)["attempt"] == "00000001"
     assert not run_dir.exists(LOCK)
 
@@ -260,7 +346,67 @@ def test_no_lock_is_left_behind_by_a_rewrite_in_flight_at_exit(run_dir):
         assert not run_dir.exists(LOCK), f"attempt {i}: the lock came back after its release"
 
 
-def test_a_lock_taken_over_by_another_run_is_left_to_it(run_dir):
-    with run_dir.lock("00000001"):
+def test_a_lock_taken_over_by_another_run_is_left_to_it_and_fails_the_run(run_dir):
+    failed = pytest.raises(RunDirError, match=r"Another run took over the lock of output_dir .* so both wrote there")
+    with failed, run_dir.lock("00000001", refresh_s=0.01):
         plant_lock(run_dir)
+        time.sleep(0.1)
     assert holder(run_dir)["attempt"] == "0ther000"
+
+
+# -- outputs where the run says ------------------------------------------------------------------------------------
+
+
+def test_an_output_dir_that_does_not_persist_or_is_empty_is_refused(tmp_path):
+    with pytest.raises(RunDirError, match=r"output_dir \(memory://x/out\) is in this process's memory"):
+        RunDir("memory://x/out").check_usable(host=0)
+    with pytest.raises(RunDirError, match=r"output_dir is empty: the run would write into the working directory"):
+        RunDir("").check_usable(host=0)
+
+
+@pytest.mark.parametrize("name", ["merged.jsonl", "merged.parquet", "run.json", "summary.json", ".lock", "parts"])
+def test_a_path_the_run_writes_taken_by_the_wrong_kind_of_thing_is_refused(tmp_path, name):
+    d = RunDir(str(tmp_path / "out"))
+    wrong = tmp_path / "out" / name
+    wrong.parent.mkdir()
+    if name == "parts":
+        wrong.write_text("")
+    else:
+        wrong.mkdir()
+    kinds = ("file", "directory") if name == "parts" else ("directory", "file")
+    with pytest.raises(RunDirError, match=rf"/out/{re.escape(name)} is a {kinds[0]}, but this run writes a {kinds[1]}"):
+        d.check_usable(host=0)
+
+
+def test_a_directory_named_like_a_part_is_refused(run_dir):
+    write_parts(run_dir, "aaaaaaaa", (0, 39, 0, 0))
+    run_dir.fs.makedirs(run_dir.path(f"parts/0000000040-0000000079.{FP}.aaaaaaaa.h0001b000000.jsonl"))
+    run_dir.fs.touch(run_dir.path(f"parts/0000000040-0000000079.{FP}.aaaaaaaa.h0001b000000.jsonl/x"))
+    with pytest.raises(RunDirError, match=r"h0001b000000.jsonl is named like a part but is a directory"):
+        run_dir.list_parts()
+
+
+def test_a_run_directory_deleted_or_replaced_mid_run_is_a_failure(run_dir):
+    decision = run_dir.decide(FIELDS, resume=False, overwrite=False, attempt="aaaaaaaa")
+    run_dir.record(FIELDS, decision)
+    run_dir.check_still_ours("aaaaaaaa")
+    run_dir.record(FIELDS, Decision("bbbbbbbb", ("bbbbbbbb",), replaces=True))
+    with pytest.raises(RunDirError, match=r"was deleted or replaced while this run wrote it: its run.json no longer "
+                                          r"lists attempt aaaaaaaa"):  # fmt: skip
+        run_dir.check_still_ours("aaaaaaaa")
+    run_dir.fs.rm(run_dir.root, recursive=True)
+    with pytest.raises(RunDirError, match="was deleted or replaced"):
+        run_dir.check_still_ours("bbbbbbbb")
+
+
+def test_a_bucket_without_credentials_is_one_line(tmp_path, monkeypatch):
+    d = RunDir(str(tmp_path / "out"))
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("Anonymous caller does not have storage.objects.create access\n" + "  at frame\n" * 56)
+
+    monkeypatch.setattr(d.fs, "makedirs", refused)
+    with pytest.raises(RunDirError) as error:
+        d.check_usable(host=0)
+    assert "\n" not in str(error.value)
+    assert "is not writable: Anonymous caller does not have storage.objects.create access. Choose" in str(error.value)

@@ -25,9 +25,10 @@ from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import addition, encoding, model_loading, plan, seams
+from levanter_multihost import addition, checks, encoding, model_loading, plan, seams
 from levanter_multihost.config_keys import keys, with_closest_keys
 from levanter_multihost.errors import ConfigError
+from levanter_multihost.fingerprint import run_identity
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
 from levanter_multihost.prompts import PromptError, broken_rule, read_prompts
 from levanter_multihost.rundir import RunDir, fingerprint_hash
@@ -38,7 +39,6 @@ from levanter_multihost.runplan import (
     Reporting,
     RunPlan,
     Sampling,
-    Timeouts,
 )
 from levanter_multihost.sharding import STRATEGIES
 
@@ -92,6 +92,9 @@ class SampleLmMultihostConfig:
     """Jinja chat template for chat rows; defaults to the tokenizer's own."""
     add_bos: bool | None = None
     """Start text prompts with BOS; null follows the tokenizer (Llama-3 adds it, the tiny model has none)."""
+    allow_unknown_tokens: bool = False
+    """Sample prompts holding characters the tokenizer cannot spell (they become its unknown token); by default
+    such a prompt is refused, naming it."""
 
     max_new_tokens: int = 128
     """Tokens to generate per sequence (fewer if it stops first); a `max_new_tokens` column overrides it per row."""
@@ -176,6 +179,8 @@ def parse_command_line(argv: list[str]) -> SampleLmMultihostConfig:
     """
     if any(a in ("-h", "--help") for a in argv):
         return levanter.config.main(_parsed, args=argv)()
+    if "--config_path" in argv[:-1]:
+        checks.check_yaml(argv[argv.index("--config_path") + 1])
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -198,17 +203,6 @@ def _parsed(config: SampleLmMultihostConfig) -> SampleLmMultihostConfig:
     return config
 
 
-def timeouts(config: SampleLmMultihostConfig) -> Timeouts:
-    """The waits between hosts; checked first, since every host needs them to report any other failure."""
-    t = config.silent_host_timeout_s
-    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-        raise ConfigError(f"silent_host_timeout_s ({t}) must be a finite number of seconds > 0 (the v5p configs "
-                          "use 60).")  # fmt: skip
-    if not (isinstance(config.gather_chunk_bytes, int) and config.gather_chunk_bytes >= 1):
-        raise ConfigError(f"gather_chunk_bytes ({config.gather_chunk_bytes}) must be an integer >= 1 (default "
-                          f"{4 * 1024 * 1024}).")  # fmt: skip
-    # several beats per timeout, so one late beat never reads as a dead host
-    return Timeouts(heartbeat_interval_s=min(2.0, t / 4), silent_host_s=t)
 
 
 def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_devices: int) -> RunPlan:
@@ -220,12 +214,13 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     if tokenizer_name is None:
         raise ConfigError(f"`tokenizer` is not set and `checkpoint_path` ({config.checkpoint_path}) is a Levanter "
                           "checkpoint, which holds no tokenizer. Set `tokenizer`.")  # fmt: skip
-    tokenizer = load_tokenizer(resolve_location(tokenizer_name, "tokenizer"))
+    tokenizer = encoding.load_checked(load_tokenizer, resolve_location(tokenizer_name, "tokenizer"))
     vocab = model_vocab_size(checkpoint)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
                           "ids past the embedding would be garbage. Use the tokenizer the model was trained with.")  # fmt: skip
     records = read_prompts(**prompt_source(config))
+    checks.check_carried_columns(records, config.output_format)
     stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
                                    config.include_stop_in_text, checkpoint)  # fmt: skip
     prompts = encoding.encode_prompts(records, tokenizer, chat_template=config.chat_template, add_bos=config.add_bos,
@@ -237,6 +232,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         if bad is not None:
             raise PromptError(f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
                               "'4821+377=', but task is addition. Leave task unset or give addition prompts.")  # fmt: skip
+    if not config.allow_unknown_tokens:
+        encoding.check_spelled(prompts, tokenizer)
     engine = config.engine.levanter()
     limits = plan.engine_limits(engine)
     slice_ = plan.topology(config.tpu_type, num_hosts, local_devices)
@@ -250,14 +247,14 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         limits = plan.engine_limits(engine)
     capacity = plan.check_capacity(limits, spec, slice_, model, log=host == 0)
     run_dir = RunDir(config.output_dir)
-    run_dir.check_writable(host)
+    run_dir.check_usable(host)
     if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
         logger.warning(
             "output_dir (%s) is a local path: on a multi-host slice every worker writes its parts to its own disk, "
             "merged.jsonl lives only on worker 0's, and all of it goes with the VMs. Use a bucket URL "
             "(gs://...) for anything worth keeping.", config.output_dir,
         )  # fmt: skip
-    fields = fingerprint_fields(config, prompts, tokenizer_name)
+    fields = fingerprint_fields(config, prompts, checkpoint)
     ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
     return RunPlan(
         prompts=prompts,
@@ -270,7 +267,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         resume=config.resume,
         overwrite=config.overwrite,
         shard_strategy=config.shard_strategy,
-        timeouts=timeouts(config),
+        timeouts=checks.timeouts(config),
         reporting=Reporting(
             tracker=config.trainer.tracker,
             run_name=config.run_name or os.path.basename(config.output_dir.rstrip("/")) or "levanter-multihost",
@@ -311,6 +308,7 @@ def prompt_source(config: SampleLmMultihostConfig) -> dict:
 
 def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
     """Checks on the config's own values: each names the field, the value and the fix."""
+    checks.check_limits(config)
 
     def number(name: str, low: float, *, integer: bool = False, strict: bool = True) -> None:
         value = getattr(config, name)
@@ -354,8 +352,8 @@ def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
                           f"Set it to a divisor of {local_devices}.")  # fmt: skip
 
 
-def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, tokenizer: str) -> dict:
-    """What identifies a run's outputs: a resume refuses a directory written under other values."""
+def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, checkpoint: str | None) -> dict:
+    """What identifies a run's outputs: a resume refuses a directory, the leader a host, with other values."""
     digest = hashlib.sha256(json.dumps(prompts.texts).encode("utf-8"))
     for column in (prompts.tokens.flat, prompts.max_new_tokens, prompts.temperature, prompts.n_generations):
         digest.update(column.tobytes())
@@ -365,10 +363,8 @@ def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, toke
             digest.update(name.encode() + getattr(prompts, name).tobytes())
     for extra in prompts.extra_json or ():
         digest.update(extra + b"\n")
-    model = str(config.hf_checkpoint) if config.hf_checkpoint is not None else str(config.checkpoint_path)
     return {
-        "model": model,
-        "tokenizer": tokenizer,
+        **run_identity(config, checkpoint),
         "precision": str(config.trainer.mp),
         "prompts_sha256": digest.hexdigest(),
         "num_prompts": len(prompts),

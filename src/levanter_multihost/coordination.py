@@ -2,6 +2,9 @@
 
 What crosses, in order (``docs/architecture.md`` draws it):
 
+0. fingerprint — each other host's run fingerprint (its first message, right after it resolved the config); the
+   leader compares every one with its own before it decides anything, and refuses a host that differs (a stale
+   copy of the prompts or the model on one worker), so no host samples and no row is merged.
 1. ``READY`` — the leader (host 0) has checked and prepared the run directory; the message carries the attempt
    id and the attempts whose rows belong to the run. The other hosts wait for it before reading or writing it.
 2. parts — after every batch a host sends the part it just made durable (and, on resume, the rows it keeps),
@@ -23,8 +26,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from levanter_multihost.errors import UserError
+from levanter_multihost.kvstore import InMemoryKeyValue, KeyValueClient
 from levanter_multihost.payload import Manifest, decode_payload, encode_payload, verify_chunk
 from levanter_multihost.runplan import Timeouts
 
@@ -34,10 +39,15 @@ READY = "ready"
 """Leader to all: the run directory is ready (or why not)."""
 DONE = "done"
 """Leader to all: the merged output is written (or why not)."""
+FINGERPRINT = "fingerprint"
+"""Each other host to the leader, first: the run as it resolved it, which must be the leader's."""
 FAILED = "failed"
 """Leader to all: the run failed; every host watches for it from its heartbeat thread and stops at once."""
 LEADER = 0
 POLL_INTERVAL_S = 0.05
+FROZEN_AFTER_S = 3.0
+"""A background thread that wakes this much later than it asked was frozen with its whole process (SIGSTOP, a
+suspended VM, swapping): the others saw this host go silent, so its errors say so rather than blame them."""
 PREFIX = "levanter_multihost"
 
 
@@ -45,16 +55,12 @@ class CoordinationError(RuntimeError):
     """Another host failed or went silent; the message names it and why."""
 
 
-class KeyValueClient(Protocol):
-    """The part of JAX's ``DistributedRuntimeClient`` used here."""
+class LeaderRefused(UserError):
+    """The leader refused the run as a user's mistake; its own log says which, so this host says nothing more."""
 
-    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None: ...
 
-    def key_value_try_get_bytes(self, key: str) -> bytes: ...
-
-    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes: ...
-
-    def key_value_delete(self, key: str) -> None: ...
+class HostsDisagree(UserError):
+    """Another host resolved a different run (other prompts, model or settings) than the leader's."""
 
 
 class Coordinator:
@@ -68,6 +74,8 @@ class Coordinator:
         self.timeouts = timeouts
         self.parts_sent = 0
         self.bytes_sent = 0
+        self.frozen_note = ""
+        """Said after this host's coordination errors once it noticed it had been frozen."""
 
     @property
     def is_leader(self) -> bool:
@@ -92,11 +100,13 @@ class Coordinator:
         """Leader: tell every other host that ``name`` happened, with ``message``."""
         self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": True, **message}).encode())
 
-    def announce_failure(self, error: str) -> None:
-        """Leader: tell every other host, whatever it waits for or does, that the run failed."""
+    def announce_failure(self, error: str, user: bool = False) -> None:
+        """Leader: tell every other host, whatever it waits for or does, that the run failed (``user``: refused
+        as a user's mistake, which every host exits with 2 for)."""
+        message = json.dumps({"ok": False, "error": error, "user": user}).encode()
         for name in (READY, DONE, FAILED):
             with contextlib.suppress(Exception):  # one may be announced already; the other still tells them
-                self.client.key_value_set_bytes(f"{PREFIX}/{name}", json.dumps({"ok": False, "error": error}).encode())
+                self.client.key_value_set_bytes(f"{PREFIX}/{name}", message)
 
     def wait_for(self, name: str) -> dict[str, Any]:
         """Wait for the leader's ``name`` announcement while its heartbeat moves; return the message."""
@@ -108,27 +118,59 @@ class Coordinator:
             except Exception as e:  # the leader's process hosts the store: an error here means it is gone
                 raise CoordinationError(f"This host lost contact with the leader (host 0) while it waited for "
                                         f"'{name}' ({type(e).__name__}): the leader died. This host's parts are "
-                                        "durable in the run directory; rerun with resume: true.") from None  # fmt: skip
+                                        f"durable in the run directory; rerun with resume: true.{self.frozen_note}"
+                                        ) from None  # fmt: skip
             if raw is not None:
                 message = json.loads(raw)
                 if not message.get("ok"):
-                    raise CoordinationError(f"The leader (host 0) failed: {message.get('error')}")
+                    raise leader_failure(message, note=self.frozen_note)
                 return message
             if silent > self.timeouts.silent_host_s:
                 raise CoordinationError(
                     f"The leader (host 0) went silent while this host waited for '{name}' (no heartbeat for "
                     f"{silent:.0f}s > silent_host_s {self.timeouts.silent_host_s:g}s): it died or hung. This "
-                    "host's parts are durable in the run directory; rerun with resume: true."
+                    f"host's parts are durable in the run directory; rerun with resume: true.{self.frozen_note}"
                 )
             time.sleep(POLL_INTERVAL_S)
 
+    def agree(self, fields: dict[str, Any]) -> None:
+        """Every host must sample the same run. A non-leader sends its fingerprint ``fields`` (its first message);
+        the leader waits for every other host's and raises :class:`HostsDisagree` naming each host that differs
+        and how, before anything is decided, sampled or merged."""
+        if not self.is_leader:
+            self.client.key_value_set_bytes(self._key(self.host, FINGERPRINT), json.dumps(fields).encode(), True)
+            return
+        mine = json.loads(json.dumps(fields))  # as the others' arrive: tuples are lists
+        waiting = {h: Silence(self, h) for h in range(self.num_hosts) if h != self.host}
+        differ = []
+        while waiting:
+            for h in sorted(waiting):
+                raw = self._try_get(self._key(h, FINGERPRINT))
+                if raw is not None:
+                    del waiting[h]
+                    theirs = json.loads(raw)
+                    changed = [f"{k} ({_short(theirs.get(k))} vs the leader's {_short(mine.get(k))})"
+                               for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]  # fmt: skip
+                    if changed:
+                        differ.append(f"host {h} differs in {', '.join(changed)}")
+                elif (end := self.end_of(h)) is not None:  # it failed before it could say: its error says why
+                    raise CoordinationError(f"host {h} failed: {end.get('error')}")
+                elif waiting[h].silent_for() > self.timeouts.silent_host_s:
+                    raise CoordinationError(f"host {h} went silent before it sent its run fingerprint (no heartbeat "
+                                            f"for silent_host_s={self.timeouts.silent_host_s:g}s: dead or hung).")  # fmt: skip
+            time.sleep(POLL_INTERVAL_S if waiting else 0)
+        if differ:
+            raise HostsDisagree(f"The hosts resolved different runs: {'; '.join(differ)}. Give every host the same "
+                                "prompts, model and config (a stale local copy on one worker?). Nothing was sampled "
+                                "or merged.")  # fmt: skip
+
     # -- liveness ----------------------------------------------------------------------------------------------
 
-    def start_heartbeat(self, on_leader_failure: Callable[[str], None] | None = None) -> threading.Event:
+    def start_heartbeat(self, on_leader_failure: Callable[[Exception], None] | None = None) -> threading.Event:
         """Bump this host's heartbeat every ``heartbeat_interval_s`` until the returned event is set (a killed
         process stops bumping it).
 
-        A non-leader also calls ``on_leader_failure(message)`` from a background thread when the leader announces
+        A non-leader also calls ``on_leader_failure(error)`` from a background thread when the leader announces
         a failure, or when the store (which lives in the leader's process) has not answered for ``silent_host_s``:
         a frozen leader freezes every call into the store, so only a watch from outside the call can notice it.
         """
@@ -144,24 +186,42 @@ class Coordinator:
                     answered[0] = time.monotonic()
                     failed = None if self.is_leader else self._try_get(f"{PREFIX}/{FAILED}")
                     if failed is not None and on_leader_failure is not None:  # the leader's own log says why
-                        on_leader_failure("Stopping: the leader (host 0) reported a failure.")
+                        on_leader_failure(leader_failure(json.loads(failed), "Stopping: the leader (host 0) reported "
+                                                         "a failure.", self.frozen_note))  # fmt: skip
+                asked = time.monotonic()  # after the store call, which a frozen leader holds up
                 stop.wait(self.timeouts.heartbeat_interval_s)
+                self._woke(time.monotonic() - asked - self.timeouts.heartbeat_interval_s)
 
         def watch():
-            while not stop.wait(min(1.0, self.timeouts.heartbeat_interval_s)):
+            period = min(1.0, self.timeouts.heartbeat_interval_s)
+            asked = time.monotonic()
+            while not stop.wait(period):
+                if self._woke(time.monotonic() - asked - period):
+                    answered[0] = time.monotonic()  # the store's silence was this host's own: watch it afresh
+                asked = time.monotonic()
                 quiet = time.monotonic() - answered[0]
                 if quiet > self.timeouts.silent_host_s:
-                    on_leader_failure(
+                    on_leader_failure(CoordinationError(
                         f"The leader (host 0) went silent: its key-value store has not answered for {quiet:.0f}s "
                         f"(silent_host_s {self.timeouts.silent_host_s:g}s): it is frozen or hung. This host's parts "
-                        "are durable in the run directory; rerun with resume: true."
-                    )
+                        f"are durable in the run directory; rerun with resume: true.{self.frozen_note}"
+                    ))
                     return
 
         threading.Thread(target=beat, name=f"heartbeat-{self.host}", daemon=True).start()
         if not self.is_leader and on_leader_failure is not None:
             threading.Thread(target=watch, name="leader-watch", daemon=True).start()
         return stop
+
+    def _woke(self, late_s: float) -> bool:
+        """A background thread woke ``late_s`` later than it asked; True (and noted) if the process was frozen."""
+        if late_s < FROZEN_AFTER_S:
+            return False
+        self.frozen_note = (f" This host itself was frozen (stopped or starved) for {late_s:.0f}s, and "
+                            f"silent_host_s is {self.timeouts.silent_host_s:g}s: the other hosts may have given up "
+                            "on it first.")  # fmt: skip
+        logger.warning("host %d: this process was frozen for %.0fs (stopped or starved).", self.host, late_s)
+        return True
 
     def leave(self, timeout_s: float = 2.0) -> None:
         """Non-leader, on its way out after a failure: say so, so the leader need not wait for it. Gives up after
@@ -248,7 +308,10 @@ class Coordinator:
         except BaseException as e:
             message = f"{type(e).__name__}: {e}"
             try:
-                self.announce_failure(message) if self.is_leader else self.send_failure(message)
+                if self.is_leader:
+                    self.announce_failure(message, user=isinstance(e, UserError))
+                else:
+                    self.send_failure(message)
             except Exception:
                 logger.exception("host %d: could not report its failure to the other hosts", self.host)
             raise
@@ -260,6 +323,19 @@ class Coordinator:
             if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
                 return None
             raise
+
+
+def leader_failure(message: dict[str, Any], said: str | None = None, note: str = "") -> Exception:
+    """The error a non-leader stops with when the leader announced ``message``, a failure: ``said``, else its
+    error, then ``note`` (this host's own freeze)."""
+    if message.get("user"):
+        return LeaderRefused(f"The leader (host 0) refused the run: {message.get('error')}")
+    return CoordinationError((said or f"The leader (host 0) failed: {message.get('error')}") + note)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 class Silence:
@@ -275,33 +351,6 @@ class Silence:
         if beat != self.beat:
             self.beat, self.since = beat, time.monotonic()
         return time.monotonic() - self.since
-
-
-class InMemoryKeyValue:
-    """A single-process stand-in for the JAX key-value store (one host, no ``jax.distributed``)."""
-
-    def __init__(self):
-        self.store: dict[str, bytes] = {}
-        self.lock = threading.Lock()
-
-    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None:
-        with self.lock:
-            if key in self.store and not allow_overwrite:
-                raise RuntimeError(f"ALREADY_EXISTS: key {key} already set")
-            self.store[key] = bytes(value)
-
-    def key_value_try_get_bytes(self, key: str) -> bytes:
-        with self.lock:
-            if key not in self.store:
-                raise RuntimeError(f"NOT_FOUND: key {key}")
-            return self.store[key]
-
-    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes:
-        return self.key_value_try_get_bytes(key)
-
-    def key_value_delete(self, key: str) -> None:
-        with self.lock:
-            self.store.pop(key, None)
 
 
 _current: Coordinator | None = None

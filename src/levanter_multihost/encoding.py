@@ -10,12 +10,23 @@ import os
 
 import numpy as np
 
-from levanter_multihost.errors import ConfigError
+from levanter_multihost.errors import ConfigError, first_line
 from levanter_multihost.prompts import PromptError, PromptRecords
 from levanter_multihost.runplan import PromptSet, StopCondition, TokenTable
 
 TOKENIZE_CHUNK = 4096
 """Prompts tokenized per call: one call for all of them would hold every prompt's Python token lists at once."""
+
+
+def load_checked(load, location: str):
+    """``load(location)``, Levanter's tokenizer loader, with a directory that holds no tokenizer (or a broken
+    one) said in one line."""
+    try:
+        return load(location)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (AttributeError for a bare directory)
+        raise ConfigError(f"tokenizer ({location}) does not load as a tokenizer ({type(e).__name__}: "
+                          f"{first_line(e)}). Point `tokenizer` (or hf_checkpoint) at a directory with tokenizer.json "
+                          "or tokenizer_config.json.") from None  # fmt: skip
 
 
 def bos_wanted(tokenizer, add_bos: bool | None) -> bool:
@@ -78,6 +89,30 @@ def encode_prompts(
         seed=column("seed", seed, np.int64),
         extra_json=records.extra_json,
     )
+
+
+def check_spelled(prompts: PromptSet, tokenizer) -> None:
+    """Refuse the first prompt with characters the tokenizer cannot spell: they become its unknown token, silently
+    (a BOM, a NUL, a letter a tiny vocabulary lacks). A prompt that writes the unknown token itself is left be."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    tokens = prompts.tokens
+    hits = np.searchsorted(tokens.offsets, np.flatnonzero(tokens.flat == unk), side="right") - 1
+    for index in dict.fromkeys(hits.tolist()):
+        text = prompts.texts[index]
+        if not (tokenizer.unk_token and tokenizer.unk_token in text):
+            ids = tokens.flat[tokens.offsets[index] : tokens.offsets[index + 1]].tolist()
+            _refuse_unspelled(text, ids, tokenizer, index)
+
+
+def _refuse_unspelled(text: str, ids: list[int], tokenizer, index: int) -> None:
+    unk = tokenizer.unk_token_id
+    unspelled = sorted({c for c in text if unk in tokenizer(c, add_special_tokens=False)["input_ids"]})
+    what = "only" if all(t in (unk, tokenizer.bos_token_id) for t in ids) else "partly"
+    raise PromptError(f"Prompt {index} becomes {what} the unknown token {tokenizer.unk_token!r}: the tokenizer cannot "
+                      f"spell {', '.join(repr(c) for c in unspelled[:5]) or 'it'}. Fix the prompt, or set "
+                      "allow_unknown_tokens: true.")  # fmt: skip
 
 
 def _render(messages, tokenizer, chat_template: str | None, index: int) -> str:

@@ -10,3 +10,9 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config value that cannot work; the message names the field, the value and the fix."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (a storage client's can run to dozens), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

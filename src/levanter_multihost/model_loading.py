@@ -74,8 +74,12 @@ def model_vocab_size(hf_checkpoint: str | None) -> int | None:
     path = None if hf_checkpoint is None else os.path.join(hf_checkpoint, "config.json")
     if path is None or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return int(json.load(f)["vocab_size"])
+    try:
+        with open(path) as f:
+            return int(json.load(f)["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, no vocab_size, or not a number
+        raise ConfigError(f"{path} has no readable vocab_size ({type(e).__name__}: {e}). Fix the checkpoint's "
+                          "config.json.") from None  # fmt: skip
 
 
 ARCHITECTURES: dict[str, type[LmConfig]] = {"llama": LlamaConfig, "qwen3": Qwen3Config}

@@ -17,20 +17,27 @@ from typing import Any
 
 import fsspec
 
-from levanter_multihost.errors import UserError
+from levanter_multihost.errors import UserError, first_line
 from levanter_multihost.outputs import OUTPUT_FIELDS
 
+INT32_MAX = 2**31 - 1
+"""Token counts and generation counts travel as int32 in the engine and the prompt tables."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""Temperatures travel as float32: a larger one becomes inf."""
 MAX_SEED = 2**63 - 1
 REAL_OVERRIDES = {
-    "temperature": (lambda v: v >= 0, "a finite number >= 0 (0 is greedy)"),
+    "temperature": (
+        lambda v: 0 <= v <= FLOAT32_MAX,
+        f"a number in [0, {FLOAT32_MAX:.3g}] (0 is greedy; float32 holds no more)",
+    ),
     "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 keeps every token)"),
     "min_p": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 keeps every token)"),
 }
 """Real-valued overrides: each one's valid range, and how to say it."""
 INTEGER_OVERRIDES = {
-    "max_new_tokens": (lambda v: v >= 1, "a positive integer"),
-    "n_generations": (lambda v: v >= 1, "a positive integer"),
-    "top_k": (lambda v: v >= 0, "an integer >= 0 (0 keeps every token)"),
+    "max_new_tokens": (lambda v: 1 <= v <= INT32_MAX, "a positive integer <= 2**31 - 1"),
+    "n_generations": (lambda v: 1 <= v <= INT32_MAX, "a positive integer <= 2**31 - 1"),
+    "top_k": (lambda v: 0 <= v <= INT32_MAX, "an integer in [0, 2**31 - 1] (0 keeps every token)"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**63 - 1]"),
 }
 """Integer overrides: each one's valid range, and how to say it."""
@@ -123,7 +130,10 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
         texts.append(text)
         messages.append(chat)
         carried = {k: v for k, v in row.items() if k not in consumed}
-        for k in carried:
+        for k, v in carried.items():
+            if isinstance(v, (bytes, bytearray)):
+                raise PromptError(f"{at}: column `{k}` holds bytes, which the outputs would carry as \"b'...'\". "
+                                  "Decode it to text in the input, or drop the column.")  # fmt: skip
             if k in OUTPUT_FIELDS:
                 raise PromptError(f"{at}: column `{k}` clashes with the output field of the same name. Rename it "
                                   "in the input (every column but the prompt is carried into the outputs).")  # fmt: skip
@@ -189,8 +199,8 @@ def _file_rows(path: str):
         info = fs.info(fs_path)
     except FileNotFoundError:
         raise PromptError(f"`prompts_file` not found: {path}") from None
-    except OSError as e:
-        raise PromptError(f"`prompts_file` cannot be read: {path} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
+        raise PromptError(f"`prompts_file` cannot be read: {path} ({first_line(e)})") from None
     if info.get("type") != "file":
         raise PromptError(f"`prompts_file` cannot be read: {path} is a {info.get('type')}, not a file.")
     if (info.get("size") or 0) > MAX_PROMPTS_FILE_BYTES:
@@ -224,9 +234,21 @@ def _file_rows(path: str):
 
 def _json_line(path: str, number: int, line: str) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise PromptError(f"`prompts_file` {path} line {number}: malformed JSON ({e.msg}).") from None
+    except KeyError as e:
+        raise PromptError(f"`prompts_file` {path} line {number}: the key {e.args[0]!r} appears twice; JSON would keep "
+                          "the last. Keep one.") from None  # fmt: skip
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise KeyError(key)
+        row[key] = value
+    return row
 
 
 def _parquet_rows(path: str):
@@ -251,6 +273,8 @@ def _dataset_rows(name: str, split: str):
             loaded = datasets.load_from_disk(name)
             if isinstance(loaded, datasets.DatasetDict):
                 loaded = loaded[split]
+            elif str(loaded.split or "train") != split:  # one saved split: another asked for is not silently it
+                raise KeyError(split)
         else:
             loaded = datasets.load_dataset(name, split=split)
     except KeyError:

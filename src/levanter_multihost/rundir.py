@@ -17,6 +17,7 @@ The fresh / resume / refuse decision (:func:`decide`) is made by the leader alon
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ from typing import Any
 
 import fsspec
 
-from levanter_multihost.errors import UserError
+from levanter_multihost import processes
+from levanter_multihost.errors import UserError, first_line
 
 MERGED_JSONL = "merged.jsonl"
 MERGED_PARQUET = "merged.parquet"
@@ -39,8 +41,12 @@ TIMELINE = "timeline.png"
 RUN_FILE = "run.json"
 LOCK = ".lock"
 PARTS = "parts"
+FILES = (MERGED_JSONL, MERGED_PARQUET, SUMMARY, TIMELINE, RUN_FILE, LOCK)
+"""Every file a run writes at the top of the run directory."""
 LOCK_REFRESH_S = 60.0
-"""How often the running leader rewrites ``.lock``; a lock not rewritten for 5 times this is stale."""
+"""How often the running leader rewrites ``.lock``, bumping its beat."""
+LOCK_STALE_BEATS = 5
+"""A lock held on another machine is stale once its beat has been still for this many refresh periods."""
 PART_NAME = re.compile(r"(\d{10})-(\d{10})\.([0-9a-f]{16})\.([0-9a-f]{8})\.h(\d{4})b(\d{6})\.jsonl")
 """A part's file name, whole (temporary files, ``name.tmp-1a2b3c4d``, and other names do not match)."""
 
@@ -131,6 +137,23 @@ class RunDir:
                 self.fs.rm(tmp)
             raise
 
+    def check_usable(self, host: int) -> None:
+        """Before anything loads: the directory persists, is writable, and no path this run writes is taken by
+        the wrong kind of thing (``merged.jsonl`` a directory, ``parts`` a file); raise :class:`RunDirError`."""
+        if not self.url.strip():
+            raise RunDirError("output_dir is empty: the run would write into the working directory. Name a "
+                              "directory.")  # fmt: skip
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if "memory" in protocols:
+            raise RunDirError(f"output_dir ({self.url}) is in this process's memory: nothing written there outlives "
+                              "it. Use a local path or a bucket URL.")  # fmt: skip
+        self.check_writable(host)
+        expected = {**dict.fromkeys(FILES, "file"), PARTS: "directory"}
+        for name, kind in expected.items():
+            if self.fs.exists(self.path(name)) and (found := self.fs.info(self.path(name)).get("type")) != kind:
+                raise RunDirError(f"{self.url_of(name)} is a {found}, but this run writes a {kind} there. Move it "
+                                  "away, or choose another output_dir.")  # fmt: skip
+
     def check_writable(self, host: int) -> None:
         """Write and delete a probe file; raise :class:`RunDirError` naming the directory if that fails."""
         try:
@@ -139,8 +162,9 @@ class RunDir:
             with self.fs.open(probe, "wb") as f:
                 f.write(b"")
             self.fs.rm(probe)
-        except OSError as e:
-            raise RunDirError(f"output_dir ({self.url}) is not writable: {e}. Choose another output_dir.") from None
+        except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
+            raise RunDirError(f"output_dir ({self.url}) is not writable: {first_line(e)}. Choose another output_dir (a "
+                              "bucket needs credentials here: gcloud auth application-default login).") from None
 
     # -- the run's identity ------------------------------------------------------------------------------------
 
@@ -193,6 +217,18 @@ class RunDir:
             )
         return Decision(attempt, (*run.get("attempts", ()), attempt), replaces=False)
 
+    def check_still_ours(self, attempt: str) -> None:
+        """Raise :class:`RunDirError` unless ``run.json`` still lists this attempt: a run directory deleted or
+        replaced mid-run is a failure, not a success written into a fresh, empty directory."""
+        try:
+            run = self.read_run_file()
+        except RunDirError:
+            run = None
+        if run is None or attempt not in run.get("attempts", ()):
+            raise RunDirError(f"output_dir ({self.url}) was deleted or replaced while this run wrote it: its "
+                              f"{RUN_FILE} no longer lists attempt {attempt}. Rerun (resume: true keeps what "
+                              "is still there), into a directory nothing else writes.")  # fmt: skip
+
     def record(self, fields: dict[str, Any], decision: Decision) -> None:
         """Leader: write ``run.json`` for this attempt."""
         data = {"fingerprint": fingerprint_hash(fields), "fields": fields, "attempts": list(decision.attempts)}
@@ -212,8 +248,12 @@ class RunDir:
         if not self.fs.exists(folder):
             return []
         parts = []
-        for path in self.fs.ls(folder, detail=False):
+        for entry in self.fs.ls(folder, detail=True):
+            path = entry["name"]
             m = PART_NAME.fullmatch(path.rsplit("/", 1)[-1])
+            if m and entry.get("type") != "file":
+                raise RunDirError(f"{path} is named like a part but is a {entry.get('type')}. Move it away, or "
+                                  "choose another output_dir.")  # fmt: skip
             if m:
                 first, last, fp, attempt, host, batch = m.groups()
                 parts.append(Part(int(first), int(last), fp, attempt, int(host), int(batch), path))
@@ -234,33 +274,35 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, attempt: str, refresh_s: float = LOCK_REFRESH_S):
-        """Hold ``.lock`` (created atomically, holding the attempt, host, pid and time) while the block runs;
-        refuse if another run holds it.
+        """Hold ``.lock`` (created atomically) while the block runs; refuse if another run holds it.
 
-        The holder rewrites the lock every ``refresh_s``. A lock is stale, and taken over with a warning, when it
-        has not been rewritten for 5 x ``refresh_s`` or was written on this machine by a process that is gone;
-        otherwise the run is refused, naming the holder. Delete ``.lock`` by hand only if that run is really gone.
+        The lock holds the attempt, the machine (host name and boot id), the pid and its start time, and a beat
+        the holder bumps every ``refresh_s``. Whether the holder lives is judged by alive-ness first: on this
+        machine by its process; on another, by its beat, aged by the storage's own clock (the lock's modification
+        time against a probe's, so no two machines' clocks are compared) or, where the storage keeps no times,
+        watched on this machine's monotonic clock. Only a lock whose beat has been still for
+        ``LOCK_STALE_BEATS`` x ``refresh_s`` is taken over (with a warning). A block that ends after another run
+        took its lock over raises :class:`RunDirError`: two runs wrote this directory.
         """
         self.fs.makedirs(self.root, exist_ok=True)
+        beats = itertools.count()
         try:
             with self.fs.open(self.path(LOCK), "xb") as f:
-                f.write(_holder(attempt))
+                f.write(_holder(attempt, next(beats)))
         except FileExistsError:
-            other = self._lock_holder()
-            if not _is_stale(other, 5 * refresh_s):
-                raise RunDirError(
-                    f"output_dir ({self.url}) is in use by run {other.get('attempt')} (pid {other.get('pid')} on "
-                    f"{other.get('host')}, {LOCK} written {time.time() - other.get('time', 0):.0f}s ago). Wait for "
-                    f"it, choose another output_dir, or delete {self.url_of(LOCK)} if that run is gone."
-                ) from None
-            logger.warning("Taking over the stale lock of run %s in %s.", other.get("attempt"), self.url)
-            self.write_atomic(LOCK, _holder(attempt))
-        stop = threading.Event()
+            other, why = self._stale_lock(refresh_s)
+            logger.warning("Taking over the stale lock of run %s in %s: %s.", other.get("attempt"), self.url, why)
+            self.write_atomic(LOCK, _holder(attempt, next(beats)))
+        stop, lost = threading.Event(), threading.Event()
 
         def refresh():
             while not stop.wait(refresh_s):
                 with contextlib.suppress(OSError):
-                    self.write_atomic(LOCK, _holder(attempt))
+                    if self._lock_holder().get("attempt") != attempt:
+                        lost.set()
+                        logger.error("Another run took over the lock of %s from this run (%s).", self.url, attempt)
+                        return
+                    self.write_atomic(LOCK, _holder(attempt, next(beats)))
 
         refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
         refresher.start()
@@ -272,30 +314,70 @@ class RunDir:
             with contextlib.suppress(OSError):
                 if self._lock_holder().get("attempt") == attempt:
                     self.fs.rm(self.path(LOCK))
+        if lost.is_set():
+            raise RunDirError(f"Another run took over the lock of output_dir ({self.url}) while this run ({attempt}) "
+                              "held it, so both wrote there: check both runs' outputs, or rerun into another "
+                              "output_dir.")  # fmt: skip
+
+    def _stale_lock(self, refresh_s: float) -> tuple[dict[str, Any], str]:
+        """The holder of an existing lock and why it is stale; raise :class:`RunDirError` while it may live."""
+        path = self.path(LOCK)
+        if self.fs.info(path).get("type") != "file":
+            raise RunDirError(f"{self.url_of(LOCK)} is a {self.fs.info(path).get('type')}, not a lock file: no run "
+                              "can hold it. Remove it, or choose another output_dir.")  # fmt: skip
+        other = self._lock_holder()
+        if other.get("host") == socket.gethostname() and other.get("boot") == processes.boot_id():
+            if processes.alive(other.get("pid"), other.get("pid_start")):
+                raise self._in_use(other, "alive on this machine")
+            return other, f"its process {other.get('pid')} on this machine is gone"
+        stale_after = LOCK_STALE_BEATS * refresh_s
+        age = self._storage_age(LOCK)
+        if age is not None:  # the storage stamped both times: no clock of any machine is compared
+            if age <= stale_after:
+                raise self._in_use(other, f"its beat is {age:.0f}s old, stale after {stale_after:g}s")
+            return other, f"its beat is {age:.0f}s old (stale after {stale_after:g}s)"
+        watched = time.monotonic()
+        while time.monotonic() - watched <= stale_after:
+            time.sleep(min(1.0, refresh_s / 4))
+            now = self._lock_holder()
+            if now != other:
+                raise self._in_use(now, "its beat moved while this run watched")
+        return other, f"its beat did not move for {stale_after:g}s"
+
+    def _in_use(self, holder: dict[str, Any], why: str) -> RunDirError:
+        return RunDirError(
+            f"output_dir ({self.url}) is in use by run {holder.get('attempt')} (pid {holder.get('pid')} on "
+            f"{holder.get('host')}, {why}). Wait for it, choose another output_dir, or delete {self.url_of(LOCK)} "
+            "if that run is gone."
+        )
+
+    def _storage_age(self, name: str) -> float | None:
+        """Seconds since ``name`` was last written, by the storage's clock (a probe's time against its); None
+        where the storage keeps no modification times."""
+        probe = self.path(f".lock-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"")
+            try:
+                return max((self.fs.modified(probe) - self.fs.modified(self.path(name))).total_seconds(), 0.0)
+            finally:
+                self.fs.rm(probe)
+        except (NotImplementedError, OSError, TypeError, ValueError):
+            return None
 
     def _lock_holder(self) -> dict[str, Any]:
         try:
-            return json.loads(self.read_bytes(LOCK))
+            holder = json.loads(self.read_bytes(LOCK))
         except (OSError, ValueError, UnicodeDecodeError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
 
 def new_attempt() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def _holder(attempt: str) -> bytes:
-    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
-
-
-def _is_stale(holder: dict[str, Any], stale_after_s: float) -> bool:
-    if not holder or time.time() - holder.get("time", 0) > stale_after_s:
-        return True
-    if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return False
-    return False
+def _holder(attempt: str, beat: int) -> bytes:
+    pid = os.getpid()
+    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "boot": processes.boot_id(), "pid": pid,
+                       "pid_start": processes.start_ticks(pid), "beat": beat, "time": time.time()}).encode()  # fmt: skip

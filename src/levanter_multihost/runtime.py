@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import jax
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import seams
-from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from levanter_multihost import processes, seams
+from levanter_multihost.errors import ConfigError
+from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_LAUNCHER, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 NOISY_LOGGERS = ("levanter.inference", "levanter.compat", "jax._src", "absl", "tqdm_loggable")
 COMPILE_EVENTS = (
@@ -129,6 +130,7 @@ def distributed_from_env(trainer: TrainerConfig) -> TrainerConfig:
     dist = trainer.distributed
     if ENV_COORDINATOR not in os.environ or dist.coordinator_address is not None:
         return trainer
+    check_launched_here()
     dist = dataclasses.replace(
         dist,
         coordinator_address=os.environ[ENV_COORDINATOR],
@@ -136,6 +138,18 @@ def distributed_from_env(trainer: TrainerConfig) -> TrainerConfig:
         process_id=int(os.environ[ENV_PROCESS_ID]),
     )
     return dataclasses.replace(trainer, distributed=dist)
+
+
+def check_launched_here() -> None:
+    """The launcher's variables must come from a launcher this process runs under: left in a shell, they would
+    make a plain process wait for a coordinator that is gone, silently."""
+    pid, _, started = os.environ.get(ENV_LAUNCHER, "").partition(":")
+    if pid.isdigit() and processes.runs_under(int(pid), int(started) if started.isdigit() else None):
+        return
+    names = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_LAUNCHER) if n in os.environ]
+    raise ConfigError(f"{', '.join(names)} are set, but no running infra/launch.py started this process (launcher "
+                      f"{os.environ.get(ENV_LAUNCHER, 'not named')}): they are stale, left in the environment. Run "
+                      f"`unset {' '.join(names)}`, or start the job through infra/launch.py.")  # fmt: skip
 
 
 def emulate_cpu_devices(count: int) -> None:
@@ -203,11 +217,10 @@ def exit_now(code: int) -> None:
 def process_started_at(pid: int | str = "self") -> float:
     """Wall-clock time process ``pid`` (this one by default) was created, to 10 ms (Linux ``/proc``); now, where
     that cannot be read."""
+    ticks = processes.start_ticks(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time()
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK") if ticks is not None else time.time()

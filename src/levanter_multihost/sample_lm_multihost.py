@@ -31,8 +31,9 @@ from levanter_multihost import (
     summary,
     tracking,
 )
+from levanter_multihost.checks import timeouts
 from levanter_multihost.collector import Collector
-from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
+from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
@@ -58,6 +59,7 @@ def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
         with link.failures_reported():
             with ctx.phase("prepare"):
                 plan = resolve(config, ctx.host, ctx.num_hosts, jax.local_device_count())
+                link.agree(plan.fingerprint)
             attempt = new_attempt()
             with plan.run_dir.lock(attempt) if ctx.is_leader else contextlib.nullcontext():
                 with ctx.phase("prepare"):
@@ -132,6 +134,8 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
                 ctx.add(name, start, start + seconds)
                 start += seconds
             with ctx.phase("write"):
+                if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
+                    plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
                 data = b"".join(row_line(row, extra) for row, extra in rows)
                 plan.run_dir.write_part(data, items[0].global_index, items[-1].global_index, fingerprint, attempt,
                                         ctx.host, b)  # fmt: skip
@@ -155,6 +159,7 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.
         m["phases"]["wait"] = [[m["phases"]["send"][-1][1] if m["phases"].get("send") else 0.0,
                                 arrivals[m["host"]].ended_at - m["started_at"]]]  # fmt: skip
     with ctx.phase("merge"):
+        plan.run_dir.check_still_ours(decision.attempt)
         merged = leader.write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format,
                                      plan.reporting)  # fmt: skip
     result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
@@ -170,6 +175,7 @@ def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.
     with ctx.phase("tracker"):
         tracking.report(plan.reporting, result, merged.samples, png)
     leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
+    plan.run_dir.check_still_ours(decision.attempt)  # deleted while merging: the run failed
     if decision.replaces:
         plan.run_dir.remove_parts_except(decision.attempts)
     leader.log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
@@ -197,7 +203,9 @@ def stop_after(error: BaseException) -> int:
     """
     link = coordination.current()
     is_leader = link.is_leader if link is not None else os.environ.get(ENV_PROCESS_ID, "0") == "0"
-    if isinstance(error, CoordinationError) or (isinstance(error, (UserError, runtime.Stopped)) and is_leader):
+    # before the link, no other host hears of this host's failure: it must say it itself
+    speaks = is_leader or link is None
+    if isinstance(error, CoordinationError) or (isinstance(error, (UserError, runtime.Stopped)) and speaks):
         logger.error("%s", error)
     elif not isinstance(error, (UserError, runtime.Stopped)):
         logger.error("Sampling failed", exc_info=error)
@@ -211,11 +219,9 @@ def stop_after(error: BaseException) -> int:
     return 2 if isinstance(error, UserError) else 1
 
 
-def leader_failed(message: str) -> None:
-    """Non-leader, from a background thread: the leader failed or went silent (``message`` says which); stop now."""
-    logger.error("%s", message)
-    coordination.current().leave()
-    runtime.exit_now(1)
+def leader_failed(error: Exception) -> None:
+    """Non-leader, from a background thread: the leader failed, refused the run or went silent; stop now."""
+    runtime.exit_now(stop_after(error))
 
 
 if __name__ == "__main__":
