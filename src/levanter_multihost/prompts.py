@@ -37,7 +37,7 @@ REAL_OVERRIDES = {
 INTEGER_OVERRIDES = {
     "max_new_tokens": (lambda v: 1 <= v <= INT32_MAX, "a positive integer <= 2**31 - 1"),
     "n_generations": (lambda v: 1 <= v <= INT32_MAX, "a positive integer <= 2**31 - 1"),
-    "top_k": (lambda v: 0 <= v <= INT32_MAX, "an integer in [0, 2**31 - 1] (0 keeps every token)"),
+    "top_k": (lambda v: 0 <= v <= INT32_MAX, "an integer >= 0 (0 keeps every token) and <= 2**31 - 1"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**63 - 1]"),
 }
 """Integer overrides: each one's valid range, and how to say it."""
