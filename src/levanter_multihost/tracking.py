@@ -71,7 +71,7 @@ def report(reporting: Reporting, summary: dict[str, Any], samples: Sequence[dict
             if reporting.samples_table_rows > 0:
                 table = wandb.Table(columns=list(TABLE_FIELDS))
                 for row in samples[: reporting.samples_table_rows]:
-                    table.add_data(*[row[f] for f in TABLE_FIELDS])
+                    table.add_data(*[row.get(f) for f in TABLE_FIELDS])  # a scoring row has no generated text
                 media["samples"] = table
             if timeline_png is not None:
                 media["timeline"] = wandb.Image(Image.open(io.BytesIO(timeline_png)))
