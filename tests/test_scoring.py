@@ -21,11 +21,14 @@ from levanter.models.llama import LlamaConfig
 from levanter.trainer import TrainerConfig
 from multihost import REPO, TINY_CONFIG, cache_flags, launch, read_jsonl
 
-from levanter_multihost import model_loading, plan, sampling, scoring
+from levanter_multihost import model_loading, plan, plan_cli, sampling, scoring, tracking
 from levanter_multihost.addition import expected_answer, make_prompts
+from levanter_multihost.capacity import PromptDemand
+from levanter_multihost.config import resolve
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem
 from levanter_multihost.outputs import SCORE_FIELDS
+from levanter_multihost.plan import CapacityError
 from levanter_multihost.runplan import EngineSettings, ModelSource
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
 
@@ -65,30 +68,33 @@ def scored():
     return rows, out, batches
 
 
+@pytest.mark.slow  # transformers converts the checkpoint for Flax: ~10 s on a busy CPU
 def test_scoring_rows_equal_transformers_log_softmax(scored):
     from transformers import FlaxLlamaForCausalLM
 
     inputs, rows, batches = scored
     assert [len(b) for b in batches] == [12, 4]  # the token budget allows 256 // 16 = 16 rows, max_seqs 12
     reference = FlaxLlamaForCausalLM.from_pretrained(TINY, from_pt=True, dtype=jnp.float32)
-    forward = jax.jit(lambda ids: reference(ids).logits)
+    texts = [given["prompt"] + given["completion"] for given in inputs]
+    sequences = np.zeros((len(texts), 32), dtype=np.int32)  # right-padded: causal attention never looks ahead
+    for r, ids in enumerate(load_tokenizer(TINY)(texts, add_special_tokens=False)["input_ids"]):
+        sequences[r, : len(ids)] = ids
+    all_log_softmax = np.asarray(jax.nn.log_softmax(reference(sequences).logits.astype(jnp.float32), axis=-1))
     worst = 0.0
-    for given, row in zip(inputs, rows, strict=True):
+    for given, row, ids, log_softmax in zip(inputs, rows, sequences, all_log_softmax, strict=True):
         assert list(row)[: len(SCORE_FIELDS)] == list(SCORE_FIELDS)
         prompt, completion = row["prompt_token_count"], row["completion_token_ids"]
         assert row["completion_token_count"] == len(completion) == len(row["completion_logprobs"])
-        sequence = np.zeros((1, 32), dtype=np.int32)
-        ids = load_tokenizer(TINY)(given["prompt"] + given["completion"], add_special_tokens=False)["input_ids"]
-        assert len(ids) == prompt + len(completion)  # digits and "." are single tokens: no merge at the boundary
-        sequence[0, : len(ids)] = ids
-        log_softmax = np.asarray(jax.nn.log_softmax(forward(sequence)[0].astype(jnp.float32), axis=-1))
+        # digits and "." are single tokens: prompt + completion tokenize as the prompt's tokens, then the completion's
+        end = prompt + len(completion)
+        assert ids[prompt:end].tolist() == completion and not ids[end:].any()
         positions = np.arange(prompt - 1, prompt - 1 + len(completion))
         expected = log_softmax[positions, np.array(completion)]
         np.testing.assert_allclose(row["completion_logprobs"], expected, atol=1e-4, rtol=0)
         assert abs(row["completion_logprob"] - float(expected.sum())) < 1e-4
         assert row["completion_logprob"] == sum(row["completion_logprobs"])
         assert row["is_greedy"] == bool((log_softmax[positions].argmax(-1) == np.array(completion)).all())
-        expected_prompt = log_softmax[np.arange(prompt - 1), np.array(ids[1:prompt])]
+        expected_prompt = log_softmax[np.arange(prompt - 1), ids[1:prompt]]
         np.testing.assert_allclose(row["prompt_logprobs"], expected_prompt, atol=1e-4, rtol=0)
         worst = max(worst, abs(row["completion_logprob"] - float(expected.sum())))
     assert worst < 1e-4
@@ -99,6 +105,10 @@ def test_scoring_rows_equal_transformers_log_softmax(scored):
     assert all(r["completion_logprob"] > w["completion_logprob"] for r, w in zip(right, wrong))
 
 
+def drop(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "process_index"}
+
+
 def run_config(out, *args: str) -> SampleLmMultihostConfig:
     base = [f"--output_dir={out}", "--task=null", "--overwrite=false", *cache_flags()]
     return draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=[*base, *args])
@@ -107,8 +117,7 @@ def run_config(out, *args: str) -> SampleLmMultihostConfig:
 @pytest.mark.parametrize(
     ("row", "args", "message"),
     [
-        ({"prompt": "1+2=", "completion": 3}, (), r"`prompts_file` .* line 1: `completion` is 3; it must be a "
-                                                  r"non-empty string to score\.$"),
+        ({"prompt": "1+2=", "completion": 3}, (), r"`completion` is 3; it must be a non-empty string to score\.$"),
         ({"prompt": "1+2=", "completion": ["3"]}, (), r"`completion` is \['3'\]; it must be a non-empty string"),
         ({"prompt": "1+2="}, ("--prompt_logprobs=true",), r"prompt_logprobs is true, but no row has a `completion`"),
         ({"prompt": "1+2=", "completion": "3."}, ("--task=addition",), r"task \('addition'\) checks generated text"),
@@ -134,12 +143,13 @@ def test_scoring_on_1_and_4_hosts_gives_identical_rows_and_resumes(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs(48, seed=23)))
     flags = (f"--prompts_file={path}", "--task=null", "--prompt_logprobs=true", "--batch_size=16")
-    four = launch(tmp_path / "four", *flags, hosts=4)
+    tracker = "{type: wandb, mode: offline, project: levanter-multihost-test}"
+    four = launch(tmp_path / "four", *flags, "--trainer.tracker", tracker, hosts=4,
+                  env_extra={"WANDB_DIR": str(tmp_path)})  # fmt: skip
     one = launch(tmp_path / "one", *flags, hosts=1)
     rows4, rows1 = four.rows(), one.rows()
     assert len(rows4) == len(rows1) == 96
     assert sorted({r["process_index"] for r in rows4}) == [0, 1, 2, 3] and {r["process_index"] for r in rows1} == {0}
-    drop = lambda r: {k: v for k, v in r.items() if k != "process_index"}  # noqa: E731
     assert [drop(r) for r in rows4] == [drop(r) for r in rows1]  # bit for bit: no float differs
     assert [r["global_prompt_index"] for r in rows4] == list(range(96))
     assert all(r["generation_index"] == 0 and "generated_text" not in r for r in rows4)
@@ -151,6 +161,11 @@ def test_scoring_on_1_and_4_hosts_gives_identical_rows_and_resumes(tmp_path):
     summary = four.summary()["summary"]
     assert summary["sample/total_sequences"] == 96 and summary["sample/total_generated_tokens"] == 0
     assert len(four.parts()) == 4 * 2  # 24 rows a host in batches of 16
+    (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/samples_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == list(tracking.SCORE_TABLE_FIELDS)
+    assert [dict(zip(table["columns"], r))["completion_logprob"] for r in table["data"]] == \
+        [r["completion_logprob"] for r in rows4]  # fmt: skip
 
     # resume: one part gone, the rest verified and kept; the merged output comes back the same
     resumed = tmp_path / "resumed"
@@ -169,5 +184,22 @@ def test_scoring_on_1_and_4_hosts_gives_identical_rows_and_resumes(tmp_path):
     row["completion_logprob"] += 1.0
     lines[0] = json.dumps(row).encode()
     part.write_bytes(b"\n".join(lines))
-    with pytest.raises(sampling.ResumeError, match=re.escape(f"{part.name} line 1: its completion_logprob is not the sum")):
+    refused = re.escape(f"{part.name} line 1: its completion_logprob is not the sum")
+    with pytest.raises(sampling.ResumeError, match=refused):
         main(run_config(tampered, *flags, "--resume=true"))
+
+
+def test_the_planner_counts_prompt_and_completion_and_no_new_tokens(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs(4, seed=5)))
+    cfg = run_config(tmp_path / "out", f"--prompts_file={path}", "--max_new_tokens=30")
+    resolved = resolve(cfg, 0, 1, 4)
+    tokens, completions = resolved.prompts.tokens, resolved.prompts.completions
+    expected = [PromptDemand(tokens.length(i) + completions.length(i), 0, 1) for i in range(8)]
+    assert list(plan.run_spec(resolved.prompts, resolved.sampling.stop, "contiguous", None).demands) == expected
+    assert list(plan_cli.plan_config(cfg, 1, None, None).run.demands) == expected  # the plan CLI counts the same
+    # max_new_tokens 30 would not fit max_seq_len 32 with these prompts; scoring decodes nothing, so it fits
+    assert max(d.prompt_tokens for d in expected) + 30 > 32
+    path.write_text(json.dumps({"prompt": "1+2=", "completion": "3" * 40}) + "\n")
+    with pytest.raises(CapacityError, match=r"Prompt 0 has 44 tokens, and with max_new_tokens 0 needs 44 positions"):
+        resolve(cfg, 0, 1, 4)
