@@ -33,6 +33,7 @@ from levanter_multihost.runplan import EngineSettings, ModelSource
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
 
 TINY = str(REPO / "assets" / "tiny-addition")
+LIKELIHOOD_CONFIG = REPO / "config" / "sampler" / "tiny_likelihood_eval.yaml"
 
 
 def pairs(n: int, seed: int) -> list[dict]:
@@ -109,9 +110,9 @@ def drop(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "process_index"}
 
 
-def run_config(out, *args: str) -> SampleLmMultihostConfig:
+def run_config(out, *args: str, config=TINY_CONFIG) -> SampleLmMultihostConfig:
     base = [f"--output_dir={out}", "--task=null", "--overwrite=false", *cache_flags()]
-    return draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=[*base, *args])
+    return draccus.parse(SampleLmMultihostConfig, config_path=str(config), args=[*base, *args])
 
 
 @pytest.mark.parametrize(
@@ -139,28 +140,27 @@ def test_bad_scoring_input_is_one_line_before_load(tmp_path, monkeypatch, row, a
 
 
 @pytest.mark.slow
-def test_scoring_on_1_and_4_hosts_gives_identical_rows_and_resumes(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in pairs(48, seed=23)))
-    flags = (f"--prompts_file={path}", "--task=null", "--prompt_logprobs=true", "--batch_size=16")
+def test_the_likelihood_eval_on_1_and_4_hosts_gives_identical_rows_and_resumes(tmp_path):
+    """docs/usage.md's likelihood eval: 128 held-out sums, each with its right answer and a wrong one."""
+    flags = ("--prompt_logprobs=true", "--batch_size=16")
     tracker = "{type: wandb, mode: offline, project: levanter-multihost-test}"
-    four = launch(tmp_path / "four", *flags, "--trainer.tracker", tracker, hosts=4,
+    four = launch(tmp_path / "four", *flags, "--trainer.tracker", tracker, hosts=4, config=LIKELIHOOD_CONFIG,
                   env_extra={"WANDB_DIR": str(tmp_path)})  # fmt: skip
-    one = launch(tmp_path / "one", *flags, hosts=1)
+    one = launch(tmp_path / "one", *flags, hosts=1, config=LIKELIHOOD_CONFIG)
     rows4, rows1 = four.rows(), one.rows()
-    assert len(rows4) == len(rows1) == 96
+    assert len(rows4) == len(rows1) == 256
     assert sorted({r["process_index"] for r in rows4}) == [0, 1, 2, 3] and {r["process_index"] for r in rows1} == {0}
     assert [drop(r) for r in rows4] == [drop(r) for r in rows1]  # bit for bit: no float differs
-    assert [r["global_prompt_index"] for r in rows4] == list(range(96))
+    assert [r["global_prompt_index"] for r in rows4] == list(range(256))
     assert all(r["generation_index"] == 0 and "generated_text" not in r for r in rows4)
     assert all(len(r["prompt_logprobs"]) == r["prompt_token_count"] - 1 for r in rows4)
-    right = [r for r in rows4 if r["right"]]
-    wrong = [r for r in rows4 if not r["right"]]
-    accuracy = np.mean([a["completion_logprob"] > b["completion_logprob"] for a, b in zip(right, wrong)])
-    assert accuracy > 0.9 and np.mean([r["is_greedy"] for r in right]) > 0.9
+    right, wrong = rows4[0::2], rows4[1::2]
+    assert all(r["right"] and not w["right"] and r["id"] == w["id"] for r, w in zip(right, wrong))
+    assert np.mean([r["completion_logprob"] > w["completion_logprob"] for r, w in zip(right, wrong)]) > 0.95
+    assert np.mean([r["is_greedy"] for r in right]) > 0.95 and not any(w["is_greedy"] for w in wrong)
     summary = four.summary()["summary"]
-    assert summary["sample/total_sequences"] == 96 and summary["sample/total_generated_tokens"] == 0
-    assert len(four.parts()) == 4 * 2  # 24 rows a host in batches of 16
+    assert summary["sample/total_sequences"] == 256 and summary["sample/total_generated_tokens"] == 0
+    assert len(four.parts()) == 4 * 4 and len(one.parts()) == 16  # 64 rows a host in batches of 16
     (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/samples_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == list(tracking.SCORE_TABLE_FIELDS)
@@ -172,7 +172,7 @@ def test_scoring_on_1_and_4_hosts_gives_identical_rows_and_resumes(tmp_path):
     shutil.copytree(four.output_dir, resumed)
     (resumed / "merged.jsonl").unlink()
     (resumed / "parts" / four.parts()[3].name).unlink()
-    main(run_config(resumed, *flags[:-1], "--batch_size=16", "--resume=true"))
+    main(run_config(resumed, *flags, "--resume=true", config=LIKELIHOOD_CONFIG))
     assert [drop(r) for r in read_jsonl(resumed / "merged.jsonl")] == [drop(r) for r in rows4]
 
     # a kept row whose sum does not follow from its log-probabilities is refused, naming the file and line
@@ -186,7 +186,7 @@ def test_scoring_on_1_and_4_hosts_gives_identical_rows_and_resumes(tmp_path):
     part.write_bytes(b"\n".join(lines))
     refused = re.escape(f"{part.name} line 1: its completion_logprob is not the sum")
     with pytest.raises(sampling.ResumeError, match=refused):
-        main(run_config(tampered, *flags, "--resume=true"))
+        main(run_config(tampered, *flags, "--resume=true", config=LIKELIHOOD_CONFIG))
 
 
 def test_the_planner_counts_prompt_and_completion_and_no_new_tokens(tmp_path):

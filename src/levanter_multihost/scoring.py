@@ -66,10 +66,11 @@ def bucket(length: int) -> int:
 
 def rows_per_batch(length: int, engine: EngineSettings, devices: int) -> int:
     """Rows of a batch padded to ``length`` (a bucket): as many as the engine's prefill budget holds in tokens,
-    within ``max_seqs`` and ``batch_size``, rounded up to a multiple of the host's devices (the batch is sharded
-    over them)."""
-    cap = min(engine.limits.max_seqs, engine.batch_size or engine.limits.max_seqs)
-    rows = max(1, min(cap, engine.limits.prefill_size // length))
+    within ``max_seqs``, ``max_seqs_in_prefill`` and ``batch_size`` (the planner's bounds), rounded up to a multiple
+    of the host's devices (the batch is sharded over them)."""
+    limits = engine.limits
+    cap = min(limits.max_seqs, limits.max_seqs_in_prefill, engine.batch_size or limits.max_seqs)
+    rows = max(1, min(cap, limits.prefill_size // length))
     return -(-rows // devices) * devices
 
 
