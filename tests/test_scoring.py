@@ -27,7 +27,7 @@ from levanter_multihost.capacity import PromptDemand
 from levanter_multihost.config import resolve
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem
-from levanter_multihost.outputs import SCORE_FIELDS
+from levanter_multihost.outputs import SCORE_FIELDS, row_line
 from levanter_multihost.plan import CapacityError
 from levanter_multihost.runplan import EngineSettings, ModelSource
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
@@ -106,6 +106,18 @@ def test_scoring_rows_equal_transformers_log_softmax(scored):
     assert all(r["completion_logprob"] > w["completion_logprob"] for r, w in zip(right, wrong))
 
 
+def test_a_scoring_row_is_written_in_its_own_field_order():
+    scored = {"global_prompt_index": 4, "generation_index": 0, "process_index": 1, "prompt": "1+2=",
+              "prompt_token_count": 4, "completion_token_ids": [5, 11], "completion_token_count": 2,
+              "completion_logprobs": [-0.5, -0.25], "completion_logprob": -0.75, "is_greedy": True}  # fmt: skip
+    line = row_line({**dict(reversed(scored.items())), "prompt_logprobs": [-1.0, -2.0, -3.0]}, b', "id": "q4"')
+    assert line.startswith(b'{"global_prompt_index": 4, "generation_index": 0, "process_index": 1, "prompt": ')
+    assert list(json.loads(line)) == [*SCORE_FIELDS, "prompt_logprobs", "id"]
+    for bad in ({**scored, "generated_text": "3."}, {k: v for k, v in scored.items() if k != "is_greedy"}):
+        with pytest.raises(ValueError, match="Row lacks fields"):
+            row_line(bad)
+
+
 def drop(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "process_index"}
 
@@ -152,6 +164,7 @@ def test_the_likelihood_eval_on_1_and_4_hosts_gives_identical_rows_and_resumes(t
     assert sorted({r["process_index"] for r in rows4}) == [0, 1, 2, 3] and {r["process_index"] for r in rows1} == {0}
     assert [drop(r) for r in rows4] == [drop(r) for r in rows1]  # bit for bit: no float differs
     assert [r["global_prompt_index"] for r in rows4] == list(range(256))
+    assert list(rows4[0]) == [*SCORE_FIELDS, "prompt_logprobs", "completion", "id", "right"]
     assert all(r["generation_index"] == 0 and "generated_text" not in r for r in rows4)
     assert all(len(r["prompt_logprobs"]) == r["prompt_token_count"] - 1 for r in rows4)
     right, wrong = rows4[0::2], rows4[1::2]
