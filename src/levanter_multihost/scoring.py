@@ -64,14 +64,12 @@ def bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
-def rows_per_batch(length: int, engine: EngineSettings, devices: int) -> int:
+def rows_per_batch(length: int, engine: EngineSettings) -> int:
     """Rows of a batch padded to ``length`` (a bucket): as many as the engine's prefill budget holds in tokens,
-    within ``max_seqs``, ``max_seqs_in_prefill`` and ``batch_size`` (the planner's bounds), rounded up to a multiple
-    of the host's devices (the batch is sharded over them)."""
+    within ``max_seqs``, ``max_seqs_in_prefill`` and ``batch_size`` (the planner's bounds)."""
     limits = engine.limits
     cap = min(limits.max_seqs, limits.max_seqs_in_prefill, engine.batch_size or limits.max_seqs)
-    rows = max(1, min(cap, limits.prefill_size // length))
-    return -(-rows // devices) * devices
+    return max(1, min(cap, limits.prefill_size // length))
 
 
 def batches(items: list[WorkItem], engine: EngineSettings) -> list[list[WorkItem]]:
@@ -81,7 +79,7 @@ def batches(items: list[WorkItem], engine: EngineSettings) -> list[list[WorkItem
     for item in items:
         length = len(item.token_ids) + len(item.completion_ids)
         grown = max(longest, length)
-        if out and len(out[-1]) < rows_per_batch(bucket(grown), engine, jax.local_device_count()):
+        if out and len(out[-1]) < rows_per_batch(bucket(grown), engine):
             out[-1].append(item)
             longest = grown
         else:
@@ -98,8 +96,8 @@ def _token_scores(model, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Arr
     ids = hax.shard(hax.named(tokens, (Batch, Pos)))
     logits = model(ids, attn_mask=AttentionMask.causal()).rearrange((Batch, Pos, model.Vocab)).array
     logits = logits.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    # the log-softmax at the target alone: a second [batch, position, vocab] array would double the peak memory
+    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
     return chosen, jnp.argmax(logits, axis=-1) == targets
 
 
@@ -109,7 +107,8 @@ def score_batch(model, items: Sequence[WorkItem], engine: EngineSettings, prompt
     batch's timings (the pass counts as prefill; compiling is split off)."""
     longest = max(len(i.token_ids) + len(i.completion_ids) for i in items)
     length = bucket(longest)
-    shape = (rows_per_batch(length, engine, jax.local_device_count()), length)
+    devices = jax.local_device_count()  # the batch is sharded over them: its padded rows are a multiple
+    shape = (-(-rows_per_batch(length, engine) // devices) * devices, length)
     tokens, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     for r, item in enumerate(items):
         sequence = list(item.token_ids) + list(item.completion_ids)
@@ -140,7 +139,8 @@ def verify(row: dict, prompt: int, prompts: PromptSet) -> str | None:
     ids, logprobs = row.get("completion_token_ids"), row.get("completion_logprobs")
     if ids != prompts.completions[prompt]:
         return f"its completion_token_ids differ from the completion of prompt {prompt}"
-    if not isinstance(logprobs, list) or len(logprobs) != len(ids) or row.get("completion_token_count") != len(ids):
+    numbers = isinstance(logprobs, list) and all(isinstance(x, (int, float)) for x in logprobs)
+    if not numbers or len(logprobs) != len(ids) or row.get("completion_token_count") != len(ids):
         return "its completion_logprobs or completion_token_count do not match its completion's tokens"
     if row.get("completion_logprob") != sum(logprobs) or not isinstance(row.get("is_greedy"), bool):
         return "its completion_logprob is not the sum of its completion_logprobs, or is_greedy is not a boolean"
