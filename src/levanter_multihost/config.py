@@ -257,7 +257,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
     return RunPlan(
         prompts=prompts,
-        sampling=Sampling(config.seed, stop, config.logprobs, config.prompt_logprobs),
+        sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs,
+                          prompt_logprobs=config.prompt_logprobs),
         engine=EngineSettings(engine, limits, capacity.max_pages, config.batch_size),
         model=ModelSource(ref, config.checkpoint_path, architecture, config.trainer),
         tokenizer=tokenizer,
