@@ -25,21 +25,14 @@ from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import addition, checks, encoding, model_loading, plan, seams
+from levanter_multihost import addition, checks, encoding, model_loading, plan, scoring, seams
 from levanter_multihost.config_keys import keys, with_closest_keys
 from levanter_multihost.errors import ConfigError
 from levanter_multihost.fingerprint import run_identity
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
 from levanter_multihost.prompts import PromptError, broken_rule, read_prompts
 from levanter_multihost.rundir import RunDir, fingerprint_hash
-from levanter_multihost.runplan import (
-    EngineSettings,
-    ModelSource,
-    PromptSet,
-    Reporting,
-    RunPlan,
-    Sampling,
-)
+from levanter_multihost.runplan import EngineSettings, ModelSource, PromptSet, Reporting, RunPlan, Sampling
 from levanter_multihost.sharding import STRATEGIES
 
 # InferenceEngineConfig.compute_dtype is a numpy dtype, which draccus cannot read from YAML on its own
@@ -122,6 +115,9 @@ class SampleLmMultihostConfig:
     logprobs: bool = False
     """Write `generated_logprobs`: the log-probability of each generated token under the distribution it was sampled
     from (temperature-scaled; truncated by top_k, top_p, min_p and renormalized)."""
+    prompt_logprobs: bool = False
+    """Rows with a `completion` (scored, not generated): also write `prompt_logprobs`, one per prompt token after
+    the first."""
     batch_size: int | None = None
     """Most sequences per engine call; null takes the largest the engine completes in one wave (the planner's)."""
 
@@ -227,6 +223,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
                                       max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                       n_generations=config.n_generations, top_k=config.top_k, top_p=config.top_p,
                                       min_p=config.min_p, seed=config.seed)  # fmt: skip
+    prompts = scoring.with_completions(prompts, records.completions, tokenizer, config.prompt_logprobs, config.task)
     if config.task == "addition":
         bad = next((i for i, t in enumerate(prompts.texts) if not addition.is_prompt(t)), None)
         if bad is not None:
@@ -258,7 +255,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
     return RunPlan(
         prompts=prompts,
-        sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs),
+        sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs,
+                          prompt_logprobs=config.prompt_logprobs),
         engine=EngineSettings(engine, limits, capacity.max_pages, config.batch_size),
         model=ModelSource(ref, config.checkpoint_path, architecture, config.trainer),
         tokenizer=tokenizer,
@@ -376,6 +374,7 @@ def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, chec
         "stop_at_eos": config.stop_at_eos,
         "include_stop_in_text": config.include_stop_in_text,
         "logprobs": config.logprobs,
+        **({"prompt_logprobs": True} if config.prompt_logprobs else {}),  # absent: older fingerprints stay valid
         **{name: getattr(config, name) for name, default in controls.items() if getattr(config, name) != default},
     }
 

@@ -54,6 +54,8 @@ class WorkItem:
     """Drop tokens less likely than min_p times the most likely one; 0 keeps every token."""
     seed: int | None = None
     """The row's own seed of its sampling keys; None takes the run's (``Sampling.seed``)."""
+    completion_ids: tuple[int, ...] | None = None
+    """The token ids a scoring row is scored on (:mod:`levanter_multihost.scoring`); None to generate."""
 
 
 @dataclass

@@ -26,9 +26,20 @@ ROW_FIELDS = (
     "finish_reason",
     "stop_reason",
 )
+SCORE_FIELDS = (
+    *ROW_FIELDS[:5],
+    "completion_token_ids",
+    "completion_token_count",
+    "completion_logprobs",
+    "completion_logprob",
+    "is_greedy",
+)
+"""A scoring row's fields, in order, instead of ``ROW_FIELDS`` (:mod:`levanter_multihost.scoring`)."""
 OPTIONAL_FIELDS = ("generated_logprobs",)
 """Written after ``ROW_FIELDS`` when the run asks for them (``logprobs``)."""
-OUTPUT_FIELDS = ROW_FIELDS + OPTIONAL_FIELDS
+SCORE_OPTIONAL_FIELDS = ("prompt_logprobs",)
+"""Written after ``SCORE_FIELDS`` when the run asks for them (``prompt_logprobs``)."""
+OUTPUT_FIELDS = ROW_FIELDS + OPTIONAL_FIELDS + SCORE_FIELDS[5:] + SCORE_OPTIONAL_FIELDS
 LINE_PREFIX = re.compile(
     rb'\{"global_prompt_index": (0|[1-9][0-9]*), "generation_index": (0|[1-9][0-9]*), "process_index": '
 )
@@ -42,13 +53,16 @@ class MergeError(RuntimeError):
 
 
 def row_line(row: dict[str, Any], extra_json: bytes | None = None) -> bytes:
-    """One JSON line: ``ROW_FIELDS`` in order, then the optional fields present, then ``extra_json`` (carried
-    input columns, already encoded as object members)."""
-    missing = [k for k in ROW_FIELDS if k not in row]
-    unknown = sorted(set(row) - set(OUTPUT_FIELDS))
+    """One JSON line: ``ROW_FIELDS`` (``SCORE_FIELDS`` for a scoring row) in order, then its optional fields
+    present, then ``extra_json`` (carried input columns, already encoded as object members)."""
+    required, optional = (SCORE_FIELDS, SCORE_OPTIONAL_FIELDS) if "completion_token_ids" in row \
+        else (ROW_FIELDS, OPTIONAL_FIELDS)  # fmt: skip
+    fields = required + optional
+    missing = [k for k in required if k not in row]
+    unknown = sorted(set(row) - set(fields))
     if missing or unknown:
         raise ValueError(f"Row lacks fields {missing}, has unknown fields {unknown}; see outputs.OUTPUT_FIELDS.")
-    ordered = {k: row[k] for k in OUTPUT_FIELDS if k in row}
+    ordered = {k: row[k] for k in fields if k in row}
     line = json.dumps(ordered, ensure_ascii=False).encode("utf-8")
     if extra_json:
         line = line[:-1] + extra_json + b"}"

@@ -81,8 +81,10 @@ def _engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
 
 
 def run_spec(prompts: PromptSet, stop: StopCondition, shard_strategy: str, batch_size: int | None) -> RunSpec:
-    return run_spec_of(prompts.tokens.lengths, prompts.max_new_tokens, prompts.n_generations, stop, shard_strategy,
-                       batch_size)  # fmt: skip
+    lengths = prompts.tokens.lengths
+    if prompts.completions is not None:  # a scoring row: one forward pass over prompt and completion, no decoding
+        lengths = lengths + prompts.completions.lengths
+    return run_spec_of(lengths, prompts.max_new_tokens, prompts.n_generations, stop, shard_strategy, batch_size)
 
 
 def run_spec_of(lengths, max_new_tokens, n_generations, stop: StopCondition, shard_strategy: str,

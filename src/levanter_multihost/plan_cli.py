@@ -87,6 +87,11 @@ def plan_config(config: SampleLmMultihostConfig, num_hosts: int | None, tpu_type
         lengths = [len(t.encode("utf-8")) + 1 for t in texts]
         how = ("The tokenizer does not load offline: each prompt counted as its UTF-8 bytes + 1, an upper bound. "
                "Pass --prompt_tokens N for a closer count.")  # fmt: skip
+    if records.completions is not None:  # scoring rows: one forward pass over prompt and completion, no new tokens
+        texts = [c or "" for c in records.completions]
+        extra = [len(t) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]] if tokenizer is not None \
+            else [len(t.encode("utf-8")) for t in texts]  # fmt: skip
+        lengths, max_new = [n + e for n, e in zip(lengths, extra)], [0] * len(records)
     if tokenizer is not None:
         stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
                                        config.include_stop_in_text, checkpoint)  # fmt: skip

@@ -4,7 +4,7 @@ Each input row becomes one prompt; its position in the input is its ``global_pro
 prompt (``prompt_field``) or a chat (``messages_field``: a list of ``{"role", "content"}``), exactly one of
 them. Every other column is carried through, unchanged, into the row's outputs, and ``max_new_tokens``,
 ``temperature``, ``n_generations``, ``top_k``, ``top_p``, ``min_p`` and ``seed`` columns also override the
-config for that row. Covers the checks that
+config for that row; a ``completion`` column makes the row a scoring row. Covers the checks that
 need only the data; tokenizing lives in :mod:`levanter_multihost.encoding`. No JAX import.
 """
 
@@ -43,6 +43,8 @@ INTEGER_OVERRIDES = {
 """Integer overrides: each one's valid range, and how to say it."""
 OVERRIDES = (*INTEGER_OVERRIDES, *REAL_OVERRIDES)
 """Columns that override the config's value for their row (and are carried through like any other)."""
+COMPLETION = "completion"
+"""Column holding the text a row is scored on (:mod:`levanter_multihost.scoring`); carried like any other."""
 MAX_PROMPTS_FILE_BYTES = 16 * 1024**3
 """Larger prompt files are refused before reading (use a Parquet file or a dataset, which are read in batches)."""
 
@@ -63,6 +65,8 @@ class PromptRecords:
     """Each row's carried columns as JSON object members (``b', "id": 3'``); None when no row has any."""
     overrides: dict[str, list[Any]]
     """Per override column present, each row's value (None where the row leaves it unset)."""
+    completions: list[str | None] | None = None
+    """Each row's `completion` to score (None where it has none); None when no row has one."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -106,7 +110,7 @@ def read_prompts(
 
 def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str, where) -> PromptRecords:
     prompt_field, messages_field = fields
-    texts, messages, extras, overrides = [], [], [], {k: [] for k in OVERRIDES}
+    texts, messages, extras, completions, overrides = [], [], [], [], {k: [] for k in OVERRIDES}
     consumed = set(fields)
     any_extra = False
     for i, row in enumerate(rows):
@@ -127,8 +131,12 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
             _check_encodable(text, f"{at}: `{prompt_field}`")
         else:
             _check_messages(chat, f"{at}: `{messages_field}`")
+        completion = row.get(COMPLETION)
+        if completion is not None and (not isinstance(completion, str) or completion == ""):
+            raise PromptError(f"{at}: `{COMPLETION}` is {completion!r:.60}; it must be a non-empty string to score.")
         texts.append(text)
         messages.append(chat)
+        completions.append(completion)
         carried = {k: v for k, v in row.items() if k not in consumed}
         for k, v in carried.items():
             if isinstance(v, (bytes, bytearray)):
@@ -144,7 +152,8 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
         any_extra = any_extra or bool(members)
         extras.append(members.encode("utf-8"))
     overrides = {k: v for k, v in overrides.items() if any(x is not None for x in v)}
-    return PromptRecords(texts, messages, extras if any_extra else None, overrides)
+    scored = completions if any(c is not None for c in completions) else None
+    return PromptRecords(texts, messages, extras if any_extra else None, overrides, scored)
 
 
 def override_value(column: str, value: Any, at: str) -> Any:

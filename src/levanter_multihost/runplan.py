@@ -83,6 +83,8 @@ class PromptSet:
     """Per prompt, the seed of its sampling keys (int64: the row's `seed`, else the config's)."""
     extra_json: list[bytes] | None = None
     """Per prompt, its carried input columns as JSON object members (``b', "id": 3'``), or None for none."""
+    completions: TokenTable | None = None
+    """Per prompt, the token ids of the `completion` it is scored on (:mod:`.scoring`); None when generating."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -121,6 +123,8 @@ class Sampling:
     """Stop strings and EOS."""
     logprobs: bool = False
     """Record the log-probability of every generated token."""
+    prompt_logprobs: bool = False
+    """Scoring rows: also record the log-probability of every prompt token after the first."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from levanter_multihost import (
     rundir,
     runtime,
     sampling,
+    scoring,
     seams,
     summary,
     tracking,
@@ -118,16 +119,22 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
     with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
             model = model_loading.load_model(plan.model, plan.tokenizer)
+        scoring_rows = plan.prompts.completions is not None  # one forward pass a batch, no engine
         with ctx.phase("engine_build"):
-            engine = build_engine(model, plan.tokenizer, plan.engine.config, plan.sampling.logprobs)
+            engine = None if scoring_rows else build_engine(model, plan.tokenizer, plan.engine.config,
+                                                            plan.sampling.logprobs)  # fmt: skip
         expected = sum(len(i.generations) * i.max_new_tokens for b in batches for i in b)
         progress = sampling.Progress(ctx.host, len(batches), expected, plan.reporting.progress_interval_s)
         stats = []
         for b, items in enumerate(batches):
             start = ctx.now()
-            rows, batch = generate_batch(engine, plan.tokenizer, items, plan.sampling, ctx.host, progress.on_round,
-                                         CompileClock.seconds)  # fmt: skip
-            check_engine_state(engine, rows, ctx.host, b, model.Vocab.size)
+            if scoring_rows:
+                rows, batch = scoring.score_batch(model, items, plan.engine, plan.sampling.prompt_logprobs, ctx.host,
+                                                  CompileClock.seconds)  # fmt: skip
+            else:
+                rows, batch = generate_batch(engine, plan.tokenizer, items, plan.sampling, ctx.host,
+                                             progress.on_round, CompileClock.seconds)  # fmt: skip
+                check_engine_state(engine, rows, ctx.host, b, model.Vocab.size)
             # the clock's spans: compile, prefill, compile (the first decode round's), decode
             for name, seconds in (("compile", batch.compile_prefill_s), ("prefill", batch.prefill_s),
                                   ("compile", batch.compile_decode_s), ("decode", batch.decode_s)):  # fmt: skip

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from levanter_multihost import scoring
 from levanter_multihost.capacity import BatchPacker, PromptDemand
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, finish
@@ -70,7 +71,7 @@ def keep_earlier_rows(
                 raise ResumeError(f"{part.path} line {number}: (prompt, generation) {key} is also in {kept[key]}. "
                                   "One of them was not written by this run: remove it or use overwrite: true.")  # fmt: skip
             kept[key] = part.path
-            tokens += row["generated_token_count"]
+            tokens += row.get("generated_token_count", 0)  # a scoring row generates none
             lines.append(line)
         if lines:
             deliver({"kind": "kept", "rows": len(lines)}, b"".join(lines))
@@ -95,6 +96,8 @@ def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts:
         problem = f"generation {generation} is out of range (n_generations {prompts.n_generations[prompt]})"
     elif row.get("prompt") != prompts.texts[prompt] or row.get("prompt_token_count") != prompts.tokens.length(prompt):
         problem = f"its prompt differs from prompt {prompt} of the input"
+    elif prompts.completions is not None:
+        problem = scoring.verify(row, prompt, prompts)
     elif not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
         problem = "generated_token_ids is not a list of token ids"
     elif len(ids) > prompts.max_new_tokens[prompt]:
@@ -120,15 +123,18 @@ def work_items(prompts: PromptSet, share: list[int], kept: set[tuple[int, int]])
         missing = tuple(g for g in range(n) if (p, g) not in kept)
         if missing:
             extra = prompts.extra_json[p] if prompts.extra_json is not None else None
+            completion = tuple(prompts.completions[p]) if prompts.completions is not None else None
             items.append(WorkItem(p, prompts.texts[p], prompts.tokens[p], missing, n, int(prompts.max_new_tokens[p]),
                                   float(prompts.temperature[p]), extra, top_k=int(prompts.top_k[p]),
                                   top_p=float(prompts.top_p[p]), min_p=float(prompts.min_p[p]),
-                                  seed=int(prompts.seed[p])))  # fmt: skip
+                                  seed=int(prompts.seed[p]), completion_ids=completion))  # fmt: skip
     return items
 
 
 def batches(items: list[WorkItem], engine: EngineSettings) -> list[list[WorkItem]]:
-    """``items`` cut into batches one engine call completes in one wave."""
+    """``items`` cut into batches one engine call completes in one wave (scoring rows: one forward pass)."""
+    if items and items[0].completion_ids is not None:
+        return scoring.batches(items, engine)
     packer = BatchPacker(engine.limits, engine.max_pages, engine.batch_size)
     demands = [PromptDemand(len(i.token_ids), i.max_new_tokens, len(i.generations)) for i in items]
     return [items[r.start : r.stop] for r in packer.pack(demands)]

@@ -33,6 +33,9 @@ TABLE_FIELDS = (
     "generated_token_count",
     "finish_reason",
 )
+SCORE_TABLE_FIELDS = ("global_prompt_index", "process_index", "prompt", "completion", "completion_logprob",
+                      "is_greedy")  # fmt: skip
+"""The samples table of a scoring run (``completion`` is the input's column)."""
 
 
 def open_tracker(tracker_config: TrackerConfig | Sequence[TrackerConfig], reporting: Reporting) -> Tracker:
@@ -69,9 +72,10 @@ def report(reporting: Reporting, summary: dict[str, Any], samples: Sequence[dict
 
             media: dict[str, Any] = {}
             if reporting.samples_table_rows > 0:
-                table = wandb.Table(columns=list(TABLE_FIELDS))
+                columns = SCORE_TABLE_FIELDS if samples and "is_greedy" in samples[0] else TABLE_FIELDS
+                table = wandb.Table(columns=list(columns))
                 for row in samples[: reporting.samples_table_rows]:
-                    table.add_data(*[row[f] for f in TABLE_FIELDS])
+                    table.add_data(*[row[f] for f in columns])
                 media["samples"] = table
             if timeline_png is not None:
                 media["timeline"] = wandb.Image(Image.open(io.BytesIO(timeline_png)))

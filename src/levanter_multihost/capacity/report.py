@@ -35,7 +35,7 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
     add("max_queued_tokens", e.max_queued_tokens, f">= {max(e.max_seqs, e.tokens_per_round, e.max_seqs_in_prefill)} "
         "(max_seqs, max_tokens_per_round, max_seqs_in_prefill)", "engine.max_queued_tokens")  # fmt: skip
     add("decode budget", e.decode_iterations, f"iterations per call ({e.outer_rounds} outer rounds x max_rounds "
-        f"{e.max_rounds}); a batch needs at most {worst.max_new_tokens - 1} per turn")  # fmt: skip
+        f"{e.max_rounds}); a batch needs at most {max(worst.max_new_tokens - 1, 0)} per turn")  # fmt: skip
     if run.stop_sequences:
         add("max_stop_seqs", e.max_stop_seqs, f">= {run.stop_sequences} stop sequences", "engine.max_stop_seqs")
         add("max_stop_tokens", e.max_stop_tokens, f">= {run.longest_stop_tokens} tokens", "engine.max_stop_tokens")
