@@ -51,9 +51,9 @@ def greedy_4x4(tmp_path_factory):
     """The README's job: 4 hosts x 4 devices, 256 prompts, greedy, one batch per host, tracked to wandb (offline)."""
     out = tmp_path_factory.mktemp("greedy_4x4")
     wandb_dir = tmp_path_factory.mktemp("wandb")
-    tracker = "{type: wandb, mode: offline, project: levanter-multihost-test, tags: [host-dp, test]}"
-    run = launch(out, "--trainer.tracker", tracker, "--run_name=readme-job", hosts=4,
-                 env_extra={"WANDB_DIR": str(wandb_dir)})  # fmt: skip
+    tracker = ["--trainer.tracker.type", "wandb", "--trainer.tracker.mode=offline",  # key by key, as a user types
+               "--trainer.tracker.project=levanter-multihost-test", "--trainer.tracker.tags=[host-dp, test]"]
+    run = launch(out, *tracker, "--run_name=readme-job", hosts=4, env_extra={"WANDB_DIR": str(wandb_dir)})
     run.wandb_dir = wandb_dir
     return run
 

@@ -143,7 +143,6 @@ def test_a_chat_prompt_without_a_template(tmp_path):
         ("--shard_strategy=random", r"shard_strategy \('random'\) must be one of \['contiguous', 'balanced'\]"),
         ("--output_format=csv", r"output_format \('csv'\) must be one of \['jsonl', 'parquet'\]"),
         ("--task=multiplication", r"task \('multiplication'\) is not a known task"),
-        ("--defer_tracker_logs_until_end=false", r"defer_tracker_logs_until_end is false.*Set defer_tracker"),
         ("--trainer.model_axis_size=3", r"trainer.model_axis_size \(3\) does not divide this host's 4 devices"),
         ("--engine.auto_size=true", r"engine.auto_size is true, but it needs the HBM of the chips .* set tpu_type"),
     ],

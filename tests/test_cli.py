@@ -68,3 +68,18 @@ def test_the_tiny_config_runs_as_one_plain_process(tmp_path):
 def test_a_run_is_named_after_its_config_unless_named():
     assert parse_command_line(["--config_path", str(TINY_CONFIG)]).run_name == "tiny_local"
     assert parse_command_line(["--config_path", str(TINY_CONFIG), "--run_name", "mine"]).run_name == "mine"
+
+
+def test_tracker_keys_are_set_one_by_one_from_the_command_line(tmp_path):
+    """draccus takes trainer.tracker only whole; the sampler takes its keys one by one, as for any other field."""
+    from levanter.tracker.wandb import WandbConfig
+
+    base = ["--config_path", str(TINY_CONFIG)]  # its tracker is noop
+    config = parse_command_line([*base, "--trainer.tracker.type", "wandb", "--trainer.tracker.mode=offline"])
+    tracker = config.trainer.tracker
+    assert isinstance(tracker, WandbConfig) and (tracker.mode, tracker.project) == ("offline", "levanter")
+    v5p = REPO / "config/sampler/llama8b_v5p32_256x2048.yaml"  # a wandb tracker: the other keys are kept
+    tracker = parse_command_line(["--config_path", str(v5p), "--trainer.tracker.mode", "offline"]).trainer.tracker
+    assert (tracker.mode, tracker.project) == ("offline", "levanter-multihost-inference") and "host-dp" in tracker.tags
+    with pytest.raises(ConfigError, match=r"--trainer.tracker.mood offline: not a tracker setting"):
+        parse_command_line([*base, "--trainer.tracker.type=wandb", "--trainer.tracker.mood", "offline"])

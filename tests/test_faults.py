@@ -110,7 +110,7 @@ def test_an_engine_whose_checks_poison_its_state_fails_the_run_with_no_merged_fi
             "--engine.max_pages=6", "--engine.max_seqs=4", "--trainer.model_axis_size=1", *cache_flags()]  # fmt: skip
     config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args)
     monkeypatch.setattr(sampling, "batches", lambda items, engine: [items])  # one batch, whatever the planner says
-    monkeypatch.setattr("levanter_multihost.plan.check_capacity", lambda *a, **k: type("P", (), {"max_pages": 6})())
+    monkeypatch.setattr("levanter_multihost.plan.check_capacity", lambda plan, **k: plan)
     with pytest.raises(EngineStateError, match=r"host 0, batch 0: the engine's page table is poisoned .* engine.max_pages"):
         main(config)
     jax.clear_caches()  # and the ones traced here carry "nan"

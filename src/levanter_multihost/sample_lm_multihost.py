@@ -32,12 +32,13 @@ from levanter_multihost import (
     tracking,
 )
 from levanter_multihost.collector import Collector
-from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve, timeouts
+from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.outputs import row_line
+from levanter_multihost.resolution import resolve, timeouts
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
 from levanter_multihost.runtime import CompileClock, HostContext
