@@ -297,3 +297,28 @@ def test_the_sampler_and_the_planner_resolve_a_config_the_same_way(overrides, ba
     assert sampler.engine.limits == planner.engine and sampler.engine.max_pages == planner.max_pages
     items = sampling.work_items(sampler.prompts, list(range(len(sampler.prompts))), set())
     assert len(sampling.batches(items, sampler.engine)) == planner.batches_per_host[0] == batches
+
+
+@pytest.mark.parametrize("argv", [
+    ["--max_new_tokens", "4096"],  # the longest prompt sets max_seq_len, not the first one that fails
+    ["--max_new_tokens", "4096", "--batch_size", "100", "--engine.max_pages", "1000"],  # fixes that interact
+])  # fmt: skip
+def test_the_fixes_the_planner_prints_make_the_run_fit(argv, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = ["--config_path", "config/sampler/llama8b_v5p32_256x2048.yaml", *argv]
+    code, out = run_cli(capsys, *config, "--json")
+    fixes = json.loads(out)["fixes"]
+    assert code == 1 and fixes, out
+    code, text = run_cli(capsys, *config)
+    flags = [x for name, value in fixes.items() for x in (f"--{name}", str(value))]
+    assert f"Planned again with {' '.join(flags)}: it fits." in text
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    code, out = run_cli(capsys, *config, *flags)
+    assert code == 0, out
+
+
+def test_a_typo_is_one_line_naming_the_closest_keys(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, out = run_cli(capsys, "--config_path", "config/sampler/tiny_local.yaml", "--engine.max_sqs", "3")
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert "`engine.max_sqs`: did you mean engine.max_seqs" in out

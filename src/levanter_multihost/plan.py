@@ -25,7 +25,9 @@ from levanter_multihost.capacity import (
     RunSpec,
     Topology,
     parse_tpu_type,
+    report,
 )
+from levanter_multihost.capacity.planner import verified_fixes
 from levanter_multihost.errors import ConfigError, UserError
 from levanter_multihost.runplan import StopCondition
 
@@ -49,7 +51,7 @@ class CapacityError(UserError):
         self.plan = plan
         lines = [f"- {p.message}" for p in plan.problems]
         super().__init__("The config does not fit the run (levanter-multihost-plan shows the full table):\n"
-                         + "\n".join(lines))  # fmt: skip
+                         + "\n".join(lines) + "\n" + report.fix_line(verified_fixes(plan)))  # fmt: skip
 
 
 def engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
