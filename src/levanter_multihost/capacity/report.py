@@ -86,8 +86,8 @@ def text(plan: CapacityPlan) -> str:
         lines += ["", "Problems (field to change: suggested value):"]
         for p in plan.problems:
             value = (fixes or {}).get(p.field, p.suggested)
-            lines += [f"- {p.field}: {'-' if value is None else value}",
-                      *textwrap.wrap(p.message, TEXT_WIDTH, initial_indent="  ", subsequent_indent="  ")]  # fmt: skip
+            lines.append(f"- {p.field}: {'-' if value is None else value}")
+            lines += textwrap.wrap(p.message, TEXT_WIDTH, initial_indent="  ", subsequent_indent="  ")
         lines += [""] + textwrap.wrap(fix_line(fixes), TEXT_WIDTH)
     if plan.notes:
         lines += ["", "Notes:"]
