@@ -62,27 +62,37 @@ def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
             attempt = new_attempt()
             with plan.run_dir.lock(attempt) if ctx.is_leader else contextlib.nullcontext():
                 with ctx.phase("prepare"):
-                    decision = prepare_run_dir(plan, link, attempt)
-                run_share(plan, ctx, link, decision)
+                    decision, earlier = prepare_run_dir(plan, link, attempt)
+                run_share(plan, ctx, link, decision, earlier)
         if not ctx.is_leader:
             link.wait_for(DONE)
     finally:
         stop_heartbeat.set()
 
 
-def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> Decision:
-    """Leader: decide fresh / resume / refuse and record the run, then tell the others, who wait for it."""
+def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> tuple[Decision, set[tuple[int, int]]]:
+    """Leader: decide fresh / resume / refuse and record the run, then tell the others, who wait for it. Every host
+    returns the decision and the rows earlier attempts left (the same on every host, or a :class:`UserError`)."""
+    fingerprint = fingerprint_hash(plan.fingerprint)
     if not link.is_leader:
         message = link.wait_for(READY)
-        return Decision(message["attempt"], tuple(message["attempts"]), message["replaces"])
+        decision = Decision(message["attempt"], tuple(message["attempts"]), message["replaces"])
+        earlier = sampling.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
+        if len(earlier) != message["earlier_rows"]:  # the missing work is split by what every host reads here
+            raise UserError(f"host {link.host} reads {len(earlier)} rows of earlier attempts in output_dir "
+                            f"({plan.run_dir.url}), the leader {message['earlier_rows']}: a resume needs one run "
+                            "directory every host reads (a bucket URL), not a local path on each host.")  # fmt: skip
+        return decision, earlier
     decision = plan.run_dir.decide(plan.fingerprint, plan.resume, plan.overwrite, attempt)
     plan.run_dir.record(plan.fingerprint, decision)
+    earlier = sampling.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
     link.announce(READY, {"attempt": decision.attempt, "attempts": list(decision.attempts),
-                          "replaces": decision.replaces})  # fmt: skip
-    return decision
+                          "replaces": decision.replaces, "earlier_rows": len(earlier)})  # fmt: skip
+    return decision, earlier
 
 
-def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision) -> None:
+def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision,
+              earlier: set[tuple[int, int]]) -> None:  # fmt: skip
     """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
     spool = leader.Spool() if ctx.is_leader else None
     collector = Collector(link, spool.add).start() if ctx.is_leader else None
@@ -93,7 +103,8 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
         kept, tokens_kept = sampling.keep_earlier_rows(plan.run_dir, decision.attempts, fingerprint, share,
                                                        plan.prompts, plan.sampling.stop, plan.tokenizer,
                                                        deliver)  # fmt: skip
-        items = sampling.work_items(plan.prompts, share, kept)
+        to_sample = sampling.sampling_share(plan.prompts, earlier, ctx.host, ctx.num_hosts, plan.shard_strategy)
+        items = sampling.work_items(plan.prompts, to_sample, earlier)
         batches = sampling.batches(items, plan.engine)
         logger.info("host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches", ctx.host, len(share),
                     len(kept), len(items), len(batches))  # fmt: skip

@@ -2,12 +2,13 @@
 
 Covers which prompts a host samples (:mod:`levanter_multihost.sharding`), reading and verifying the rows earlier
 attempts left in the run directory (a resume samples only what is missing, whatever the old host count and batch
-size were), packing what is left into batches the engine completes in one call
+size were, spread over every host by the same balancing as a fresh run's), packing what is left into batches the engine completes in one call
 (:class:`~levanter_multihost.capacity.BatchPacker`), and, after every batch, making its rows durable as a part
 and handing the part on (``deliver``). Progress lines cover the whole share: batches, tokens, tokens/s and an ETA
 measured from the first decode round, so compiling does not skew them. No cross-host communication here.
 """
 
+import collections
 import json
 import logging
 import time
@@ -32,10 +33,42 @@ class ResumeError(UserError):
 
 
 def host_share(prompts: PromptSet, host: int, num_hosts: int, strategy: str) -> list[int]:
-    """Global indices of the prompts ``host`` samples."""
+    """Global indices of the prompts ``host`` answers for: it verifies and delivers their rows kept from earlier
+    attempts (:func:`keep_earlier_rows`)."""
     costs = [prompt_cost(prompts.tokens.length(i), int(prompts.max_new_tokens[i]), int(prompts.n_generations[i]))
              for i in range(len(prompts))]  # fmt: skip
     return shard_for_host(strategy, num_hosts, host, costs)
+
+
+def earlier_rows(run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str) -> set[tuple[int, int]]:
+    """The (prompt, generation) of every row the run's earlier attempts left, read from their parts' keys only.
+
+    Every host reads every part, so that all of them agree on what is missing (the host whose share holds a row
+    verifies it, :func:`keep_earlier_rows`). Empty on a fresh run: its attempt has no parts yet.
+    """
+    keys: set[tuple[int, int]] = set()
+    for part in run_dir.list_parts():
+        if part.fingerprint != fingerprint or part.attempt not in attempts:
+            continue
+        try:
+            keys.update(key for key, _ in keyed_lines(run_dir.read_part(part), part.path))
+        except MergeError as e:  # a truncated or foreign line
+            raise ResumeError(f"{e} Remove the file or use overwrite: true.") from None
+    return keys
+
+
+def sampling_share(prompts: PromptSet, earlier: set[tuple[int, int]], host: int, num_hosts: int,
+                   strategy: str) -> list[int]:  # fmt: skip
+    """Global indices of the prompts with generations still to sample that ``host`` samples.
+
+    The missing work is spread over every host by the same strategy as a fresh run's (then it is the fresh run's
+    share): after a host died, a resume has every host sample part of what it lost.
+    """
+    kept = collections.Counter(p for p, _ in earlier)
+    todo = [p for p in range(len(prompts)) if kept[p] < prompts.n_generations[p]]
+    costs = [prompt_cost(prompts.tokens.length(p), int(prompts.max_new_tokens[p]),
+                         int(prompts.n_generations[p]) - kept[p]) for p in todo]  # fmt: skip
+    return [todo[i] for i in shard_for_host(strategy, num_hosts, host, costs)]
 
 
 def keep_earlier_rows(
@@ -113,7 +146,7 @@ def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts:
 
 
 def work_items(prompts: PromptSet, share: list[int], kept: set[tuple[int, int]]) -> list[WorkItem]:
-    """The prompts of ``share`` with generations still to sample, in global order."""
+    """The prompts of ``share`` with generations not in ``kept`` still to sample, in global order."""
     items = []
     for p in share:
         n = int(prompts.n_generations[p])
