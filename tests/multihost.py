@@ -147,7 +147,7 @@ def launch_and_kill(
             lines.append(line)
             if pid is None and f"host {victim} of {hosts} (pid " in line:
                 pid = int(line.split("(pid ", 1)[1].split(")", 1)[0])
-            decoding = f"host {victim}: batch " in line and "tokens (" in line
+            decoding = f"host {victim}: batch " in line and "tokens (" in line and " done, " not in line
             written = len(list(parts.glob(f"*.h{victim:04d}b*.jsonl"))) if parts.exists() else 0
             if killed_at is None and pid is not None and decoding and written >= after_parts:
                 os.kill(pid, sig)

@@ -131,10 +131,12 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
         with ctx.phase("engine_build"):
             engine = build_engine(model, plan.tokenizer, plan.engine.config, plan.sampling.logprobs)
         expected = sum(len(i.generations) * i.max_new_tokens for b in batches for i in b)
-        progress = sampling.Progress(ctx.host, len(batches), expected, plan.reporting.progress_interval_s)
+        progress = sampling.Progress(ctx.host, len(batches), expected, plan.reporting.progress_interval_s,
+                                     CompileClock.seconds)  # fmt: skip
         stats = []
         for b, items in enumerate(batches):
             start = ctx.now()
+            progress.batch_started(b)
             rows, batch = generate_batch(engine, plan.tokenizer, items, plan.sampling, ctx.host, progress.on_round,
                                          CompileClock.seconds)  # fmt: skip
             check_engine_state(engine, rows, ctx.host, b, model.Vocab.size)
@@ -149,7 +151,7 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
                                         ctx.host, b)  # fmt: skip
             with ctx.phase("send"):
                 deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
-            progress.batch_done(batch.tokens)
+            progress.batch_done(batch.tokens, batch.decode_s)
             if collector is not None:
                 collector.check()  # a host failed or went silent: stop now rather than after this host's share
             stats.append({**vars(batch), "batch": b, "compile_s": batch.compile_prefill_s + batch.compile_decode_s,

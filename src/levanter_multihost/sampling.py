@@ -166,32 +166,55 @@ def batches(items: list[WorkItem], engine: EngineSettings) -> list[list[WorkItem
 
 
 class Progress:
-    """Host-local progress over the whole share, logged at most every ``interval_s`` (0: never)."""
+    """Host-local progress over the whole share, logged at most every ``interval_s`` (0: never).
 
-    def __init__(self, host: int, total_batches: int, total_tokens: int, interval_s: float):
+    Says when the first batch starts compiling; after that, tokens per second of decoding only (the rounds'
+    wall time less the compile seconds ``compile_clock`` counted meanwhile; prefill and the gaps between batches
+    left out), as ``decode tok/s`` in the summary, and the ETA of the remaining tokens at that rate. A batch's
+    end is logged too, and the share's last batch always, so a host with one short batch still says how it went.
+    """
+
+    def __init__(self, host: int, total_batches: int, total_tokens: int, interval_s: float,
+                 compile_clock: Callable[[], float]):  # fmt: skip
         self.host, self.total_batches, self.total_tokens, self.interval_s = host, total_batches, total_tokens, interval_s
+        self.compile_clock = compile_clock
         self.batches_done = 0
         self.tokens_done = 0
-        self.decode_started: float | None = None
+        self.decode_s_done = 0.0
+        """Decode seconds of the finished batches (compiling excluded)."""
+        self.batch_mark: tuple[float, float] | None = None
+        """(wall clock, compile seconds) at the running batch's first decode round."""
         self.last_line = 0.0
+
+    def batch_started(self, batch: int) -> None:
+        if batch == 0 and self.interval_s > 0:
+            logger.info("host %d: batch 1/%d: compiling the engine's programs and prefilling; decode rates follow",
+                        self.host, self.total_batches)  # fmt: skip
 
     def on_round(self, tokens_in_batch: int) -> None:
         now = time.perf_counter()
-        if self.decode_started is None:
-            self.decode_started = now  # rates and the ETA start at the first decode round, after compiling
+        if self.batch_mark is None:  # the first round of a batch: its decode clock starts here
+            self.batch_mark = (now, self.compile_clock())
+            return
         if self.interval_s <= 0 or now - self.last_line < self.interval_s:
             return
-        self.last_line = now
-        done = self.tokens_done + tokens_in_batch
-        elapsed = now - self.decode_started
-        rate = done / elapsed if elapsed > 0 and done else 0.0
-        eta = f"{(self.total_tokens - done) / rate:.0f}s" if rate > 0 else "-"
-        logger.info(
-            "host %d: batch %d/%d, %d/%d tokens (%.0f%%), %.1f tok/s, ETA %s",
-            self.host, self.batches_done + 1, self.total_batches, done, self.total_tokens,
-            100.0 * done / max(self.total_tokens, 1), rate, eta,
-        )  # fmt: skip
+        start, compiled = self.batch_mark
+        decode_s = self.decode_s_done + max(now - start - (self.compile_clock() - compiled), 0.0)
+        self._line(f"batch {self.batches_done + 1}/{self.total_batches}", self.tokens_done + tokens_in_batch, decode_s)
 
-    def batch_done(self, tokens: int) -> None:
+    def batch_done(self, tokens: int, decode_s: float) -> None:
         self.batches_done += 1
         self.tokens_done += tokens
+        self.decode_s_done += decode_s
+        self.batch_mark = None
+        last = self.batches_done == self.total_batches
+        if self.interval_s > 0 and (last or time.perf_counter() - self.last_line >= self.interval_s):
+            self._line(f"batch {self.batches_done}/{self.total_batches} done", self.tokens_done, self.decode_s_done)
+
+    def _line(self, where: str, done: int, decode_s: float) -> None:
+        self.last_line = time.perf_counter()
+        rate = done / decode_s if decode_s > 0 else 0.0
+        left = self.total_tokens - done
+        eta = "0s" if left <= 0 else f"{left / rate:.0f}s" if rate > 0 else "-"
+        logger.info("host %d: %s, %d/%d tokens (%.0f%%), %.1f tok/s decoding, ETA %s", self.host, where, done,
+                    self.total_tokens, 100.0 * done / max(self.total_tokens, 1), rate, eta)  # fmt: skip
