@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 
 import jax
 
@@ -24,12 +23,10 @@ from levanter_multihost import (
     coordination,
     leader,
     model_loading,
-    rundir,
     runtime,
     sampling,
     seams,
     summary,
-    tracking,
 )
 from levanter_multihost.collector import Collector
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
@@ -42,6 +39,7 @@ from levanter_multihost.resolution import resolve, timeouts
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
 from levanter_multihost.runtime import CompileClock, HostContext
+from levanter_multihost.summary import BatchRecord
 
 LEAVE_WAIT_S = 15.0
 """How long a failed leader waits for the other hosts to stop before it exits (they hear of it within a beat)."""
@@ -111,9 +109,9 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
         stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver, collector) if batches else []
         metrics = summary.host_metrics(ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept)
         if not ctx.is_leader:
-            link.send_end(metrics)
+            link.send_end(metrics.to_json())
             return
-        finish(plan, ctx, collector, spool, metrics, decision)
+        leader.merge_and_report(plan, ctx, collector, spool, metrics, decision)
         link.announce(DONE, {})
     finally:
         if collector is not None:
@@ -123,7 +121,7 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
 
 
 def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attempt: str, fingerprint: str,
-           deliver: sampling.Deliver, collector: Collector | None) -> list[dict]:  # fmt: skip
+           deliver: sampling.Deliver, collector: Collector | None) -> list[BatchRecord]:  # fmt: skip
     """Load the model onto this host's chips and sample every batch; no cross-host communication."""
     with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
@@ -154,39 +152,13 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
             progress.batch_done(batch.tokens, batch.decode_s)
             if collector is not None:
                 collector.check()  # a host failed or went silent: stop now rather than after this host's share
-            stats.append({**vars(batch), "batch": b, "compile_s": batch.compile_prefill_s + batch.compile_decode_s,
-                          "write_s": ctx.phases["write"][-1][1] - ctx.phases["write"][-1][0]})  # fmt: skip
+            written = ctx.phases["write"][-1]
+            stats.append(BatchRecord(batch=b, sequences=batch.sequences, tokens=batch.tokens,
+                                     compile_s=batch.compile_prefill_s + batch.compile_decode_s,
+                                     prefill_s=batch.prefill_s, decode_s=batch.decode_s, write_s=written[1] - written[0],
+                                     pages_after_prefill=batch.pages_after_prefill, outer_rounds=batch.outer_rounds,
+                                     waves=batch.waves))  # fmt: skip
     return stats
-
-
-def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.Spool, own: dict,
-           decision: Decision) -> None:  # fmt: skip
-    """Leader: wait for every host's parts, merge, summarize, report; old outputs go only once the merge is in."""
-    with ctx.phase("collect"):
-        arrivals = collector.finish()
-    host_metrics = [own] + [{**a.end["metrics"], "gather_bytes": a.bytes} for _, a in sorted(arrivals.items())]
-    for m in host_metrics[1:]:
-        m["phases"]["wait"] = [[m["phases"]["send"][-1][1] if m["phases"].get("send") else 0.0,
-                                arrivals[m["host"]].ended_at - m["started_at"]]]  # fmt: skip
-    with ctx.phase("merge"):
-        merged = leader.write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format,
-                                     plan.reporting)  # fmt: skip
-    result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
-                                   wall_clock_s=time.time() - min(m["started_at"] for m in host_metrics),
-                                   leader_wait_s=ctx.seconds("collect"))  # fmt: skip
-    if plan.reporting.task is not None:
-        result["sample/task_accuracy"] = merged.correct / max(merged.rows, 1)
-    with ctx.phase("timeline"):
-        png = tracking.timeline_png(host_metrics, {"started_at": ctx.started_at, "phases": ctx.phases})
-        plan.run_dir.write_atomic(rundir.TIMELINE, png)
-    # written before the tracker too, which may be slow or fail, and again with the tracker's phase in it
-    leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
-    with ctx.phase("tracker"):
-        tracking.report(plan.reporting, result, merged.samples, png)
-    leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
-    if decision.replaces:
-        plan.run_dir.remove_parts_except(decision.attempts)
-    leader.log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
 
 
 def cli() -> None:
