@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from multihost import REPO, host_env
 
-from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from levanter_multihost.launch_env import local_host_env
 
 pytestmark = pytest.mark.multihost
 
@@ -53,9 +53,7 @@ def run_hosts(mode: str, hosts: int, tmp_path: Path) -> Hosts:
     logs = [tmp_path / f"host{h}.log" for h in range(hosts)]
     procs = []
     for h in range(hosts):
-        env = host_env(**{ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(hosts),
-                          ENV_PROCESS_ID: str(h), "JAX_PLATFORMS": "cpu",
-                          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})  # fmt: skip
+        env = local_host_env(host_env(), port, hosts, h, devices_per_host=1)
         with open(logs[h], "wb") as log:
             command = [sys.executable, str(WORKER), mode, str(tmp_path / "out"), str(SILENT_HOST_S)]
             procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -1,8 +1,9 @@
 """Faults on emulated hosts with the real engine: a host killed mid-batch, resume on other host counts and batch
 sizes, the leader killed.
 
-The reference every resumed run must match byte for byte is the README job on 2 hosts (``greedy_2x4``): the same
-256 prompts and settings, so the same fingerprint, whatever the devices per host and batch size.
+The reference every resumed run must match is the README job on 2 hosts (``greedy_2x4``): the same 256 prompts and
+settings, so the same fingerprint, whatever the devices per host and batch size; every field matches but
+``process_index`` (a resume spreads the missing rows over all its hosts).
 """
 
 import shutil
@@ -20,6 +21,11 @@ FLAGS = ("--trainer.model_axis_size=1", "--progress_interval_s=0.05", f"--silent
 
 def tokens(rows):
     return [(r["global_prompt_index"], r["generation_index"], r["generated_token_ids"]) for r in rows]
+
+
+def without_host(rows):
+    """Every field but ``process_index``: which host sampled a row is all that another host count changes."""
+    return [{k: v for k, v in r.items() if k != "process_index"} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +60,9 @@ def test_resume_spreads_the_missing_rows_over_every_host_and_matches_an_uninterr
     run, _, _ = killed
     missing = 256 - len(run.part_rows())
     resumed = launch(run.output_dir, *FLAGS, "--resume=true", hosts=4, devices_per_host=1)
-    assert (resumed.output_dir / "merged.jsonl").read_bytes() == (greedy_2x4.output_dir / "merged.jsonl").read_bytes()
+    assert without_host(resumed.rows()) == without_host(greedy_2x4.rows())
     hosts = sorted(resumed.summary()["hosts"], key=lambda h: h["host"])
     sampled = [h["sequences"] for h in hosts]
-    print(f"missing {missing}, sampled per host on resume {sampled}")  # per-host counts, for the record
     assert sum(sampled) == missing and max(sampled) - min(sampled) <= 1 and min(sampled) > 0, sampled
     assert sum(h["rows_kept"] for h in hosts) == 256 - missing
 
