@@ -14,10 +14,10 @@ run bench/phases.py --cache --out bench/results/phases_warm.json
 run bench/compile_cache.py
 run bench/batch_size.py
 run bench/resume.py
-run bench/scale.py
+run bench/scale.py prompts
 run bench/gather_cost.py
 run bench/sharding.py
-run bench/scaling.py
+run bench/scale.py hosts
 run bench/decode_step.py --config_path config/sampler/tiny_local.yaml --batch_sizes 1,8,64,256 --repeats 7 \
     --seams none,scatter,scatter_plain
 if uv run python -c "import sys; sys.path.insert(0, '${TORCH_PATH:-}'); import torch" 2>/dev/null; then
