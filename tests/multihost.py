@@ -117,7 +117,7 @@ def launch_and_kill(
     timeout: float = 600, sig: int = signal.SIGKILL,
 ) -> tuple[Run, float]:  # fmt: skip
     """Run with ``--keep_going`` and send ``sig`` to host ``victim`` once it has written ``after_parts`` parts and
-    reports decoding progress again (so it dies mid-batch).
+    reports progress again (so it dies while it still has batches to sample).
 
     Returns the run and the seconds from the signal to the launcher's exit.
     """
@@ -138,7 +138,7 @@ def launch_and_kill(
             lines.append(line)
             if pid is None and f"host {victim} of {hosts} (pid " in line:
                 pid = int(line.split("(pid ", 1)[1].split(")", 1)[0])
-            decoding = f"host {victim}: batch " in line and "tokens (" in line and " done, " not in line
+            decoding = f"host {victim}: batch " in line and "tokens (" in line
             written = len(list(parts.glob(f"*.h{victim:04d}b*.jsonl"))) if parts.exists() else 0
             if killed_at is None and pid is not None and decoding and written >= after_parts:
                 os.kill(pid, sig)

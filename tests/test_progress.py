@@ -30,7 +30,9 @@ def test_rates_and_eta_count_decoding_only_and_the_last_batch_always_reports(mon
     progress.batch_done(200, decode_s=6.0)
     assert caplog.messages == [
         "host 3: batch 1/2: compiling the engine's programs and prefilling; decode rates follow",
+        "host 3: batch 1/2 decoding, 0/400 tokens (0%)",  # nothing timed yet: no rate
         "host 3: batch 1/2, 100/400 tokens (25%), 20.0 tok/s decoding, ETA 15s",
+        "host 3: batch 2/2 decoding, 200/400 tokens (50%), 25.0 tok/s decoding, ETA 8s",  # the first batch's rate
         "host 3: batch 2/2, 300/400 tokens (75%), 23.1 tok/s decoding, ETA 4s",
         "host 3: batch 2/2 done, 400/400 tokens (100%), 28.6 tok/s decoding, ETA 0s",
     ]

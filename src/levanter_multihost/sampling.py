@@ -193,14 +193,16 @@ class Progress:
 
     def on_round(self, tokens_in_batch: int) -> None:
         now = time.perf_counter()
+        where = f"batch {self.batches_done + 1}/{self.total_batches}"
         if self.batch_mark is None:  # the first round of a batch: its decode clock starts here
             self.batch_mark = (now, self.compile_clock())
-            return
-        if self.interval_s <= 0 or now - self.last_line < self.interval_s:
-            return
-        start, compiled = self.batch_mark
-        decode_s = self.decode_s_done + max(now - start - (self.compile_clock() - compiled), 0.0)
-        self._line(f"batch {self.batches_done + 1}/{self.total_batches}", self.tokens_done + tokens_in_batch, decode_s)
+            where += " decoding"  # the rate so far, if any, is the finished batches'
+            decode_s = self.decode_s_done
+        else:
+            start, compiled = self.batch_mark
+            decode_s = self.decode_s_done + max(now - start - (self.compile_clock() - compiled), 0.0)
+        if self.interval_s > 0 and now - self.last_line >= self.interval_s:
+            self._line(where, self.tokens_done + tokens_in_batch, decode_s)
 
     def batch_done(self, tokens: int, decode_s: float) -> None:
         self.batches_done += 1
@@ -212,9 +214,13 @@ class Progress:
             self._line(f"batch {self.batches_done}/{self.total_batches} done", self.tokens_done, self.decode_s_done)
 
     def _line(self, where: str, done: int, decode_s: float) -> None:
+        """A progress line; its rate and ETA only once some decoding has been timed (never "0 tok/s")."""
         self.last_line = time.perf_counter()
-        rate = done / decode_s if decode_s > 0 else 0.0
+        share = f"{done}/{self.total_tokens} tokens ({100.0 * done / max(self.total_tokens, 1):.0f}%)"
+        if decode_s <= 0:
+            logger.info("host %d: %s, %s", self.host, where, share)
+            return
+        rate = done / decode_s
         left = self.total_tokens - done
-        eta = "0s" if left <= 0 else f"{left / rate:.0f}s" if rate > 0 else "-"
-        logger.info("host %d: %s, %d/%d tokens (%.0f%%), %.1f tok/s decoding, ETA %s", self.host, where, done,
-                    self.total_tokens, 100.0 * done / max(self.total_tokens, 1), rate, eta)  # fmt: skip
+        logger.info("host %d: %s, %s, %.1f tok/s decoding, ETA %.0fs", self.host, where, share, rate,
+                    max(left, 0) / rate)  # fmt: skip
