@@ -38,6 +38,13 @@ FEATURE_FLAGS = (
 """Sampled, several generations, two stop strings (plus EOS), log-probabilities, tiny store chunks."""
 
 
+def pytest_collection_modifyitems(items):
+    """Every multi-host test is slow: the fast lane (``-m "not slow"``) leaves them all out."""
+    for item in items:
+        if item.get_closest_marker("multihost") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_compile_cache(tmp_path_factory):
     """One persistent compilation cache for every run of the session: each program compiles once."""
@@ -70,9 +77,10 @@ def greedy_2x4(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def greedy_1x4(tmp_path_factory):
-    """The same on 1 host in batches of 100, with only heads and mlp sharded (q/k/v, vocab and the KV cache whole)."""
+    """The same on 1 host (in this process, 4 devices) in batches of 100, with only heads and mlp sharded (q/k/v,
+    vocab and the KV cache whole)."""
     out = tmp_path_factory.mktemp("greedy_1x4")
-    return launch(out, "--batch_size=100", '--trainer.tensor_parallel_axes=["heads", "mlp"]', hosts=1)
+    return run_in_process(out, "--batch_size=100", '--trainer.tensor_parallel_axes=["heads", "mlp"]')
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +115,7 @@ def _features(tmp_path_factory, eos_checkpoint, hosts: int, source: str, *flags:
 @pytest.fixture(scope="session")
 def features_3(tmp_path_factory, eos_checkpoint, feature_inputs):
     """FEATURE_ROWS from JSONL on 3 hosts (contiguous)."""
-    return _features(tmp_path_factory, eos_checkpoint, 4, f"--prompts_file={feature_inputs / 'rows.jsonl'}")
+    return _features(tmp_path_factory, eos_checkpoint, 3, f"--prompts_file={feature_inputs / 'rows.jsonl'}")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ def sample(*args: str, env: dict | None = None, timeout: float = 300) -> subproc
     return subprocess.run(command, cwd=REPO, env=env or host_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the sampler in a process of its own
 def test_an_unknown_key_is_one_line_naming_the_closest_keys(tmp_path):
     proc = sample("--max_new_tokenz=3", f"--output_dir={tmp_path}")
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
@@ -56,7 +57,7 @@ def test_a_bad_config_on_four_hosts_is_a_few_lines_and_no_native_dumps(tmp_path)
     assert "Traceback" not in run.output
 
 
-@pytest.mark.multihost
+@pytest.mark.slow  # one sampler process, no launcher
 def test_the_tiny_config_runs_as_one_plain_process(tmp_path):
     env = {k: v for k, v in host_env().items() if k != "XLA_FLAGS"}  # no launcher: the sampler makes its 4 devices
     proc = sample('--prompts=["12+30=", "7+5="]', f"--output_dir={tmp_path}", env=env)
