@@ -27,10 +27,20 @@ SAMPLER = ("-m", "levanter_multihost.sample_lm_multihost")
 def local_host_env(base: Mapping[str, str], port: int, num_hosts: int, host: int, devices_per_host: int) -> dict:
     """The environment of emulated host ``host``: its coordinator, rank and CPU device count."""
     env = dict(base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     flags.append(f"--xla_force_host_platform_device_count={devices_per_host}")
-    env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_hosts), ENV_PROCESS_ID: str(host),
-                "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    env.update(
+        {
+            ENV_COORDINATOR: f"127.0.0.1:{port}",
+            ENV_NUM_PROCESSES: str(num_hosts),
+            ENV_PROCESS_ID: str(host),
+            "XLA_FLAGS": " ".join(flags),
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -39,11 +49,21 @@ def offline_env(base: Mapping[str, str], **extra: str) -> dict[str, str]:
     return {**base, **OFFLINE, **extra}
 
 
-def local_launch_command(repo: Path, hosts: int, devices_per_host: int, host_command: Sequence[str],
-                         launcher_flags: Sequence[str] = ()) -> list[str]:  # fmt: skip
+def local_launch_command(
+    repo: Path, hosts: int, devices_per_host: int, host_command: Sequence[str], launcher_flags: Sequence[str] = ()
+) -> list[str]:
     """The launcher's command line in checkout ``repo``: ``host_command`` on ``hosts`` emulated hosts."""
-    return [sys.executable, str(Path(repo) / "infra" / "launch.py"), *launcher_flags, "--local_hosts", str(hosts),
-            "--devices_per_host", str(devices_per_host), "--", *host_command]  # fmt: skip
+    return [
+        sys.executable,
+        str(Path(repo) / "infra" / "launch.py"),
+        *launcher_flags,
+        "--local_hosts",
+        str(hosts),
+        "--devices_per_host",
+        str(devices_per_host),
+        "--",
+        *host_command,
+    ]
 
 
 def sampler_command(config: Path | str, output_dir: Path | str, *overrides: str) -> list[str]:

@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if capacity.ok else 1
 
 
-def plan_config(config: SampleLmMultihostConfig, num_hosts: int | None = None, tpu_type: str | None = None,
-                prompt_tokens: int | None = None):  # fmt: skip
+def plan_config(
+    config: SampleLmMultihostConfig,
+    num_hosts: int | None = None,
+    tpu_type: str | None = None,
+    prompt_tokens: int | None = None,
+):
     """The capacity plan of ``config`` on ``tpu_type`` (default: the config's) with ``num_hosts`` (default: the
     slice's, else 1), resolved as the sampler resolves it, with a note on how tokens were counted."""
     config = dataclasses.replace(config, tpu_type=tpu_type or config.tpu_type)
@@ -81,8 +85,9 @@ def offline_tokenizer(config: SampleLmMultihostConfig):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(os.path.abspath(name) if os.path.isdir(name) else name,
-                                             local_files_only=True)  # fmt: skip
+        return AutoTokenizer.from_pretrained(
+            os.path.abspath(name) if os.path.isdir(name) else name, local_files_only=True
+        )
     except (OSError, ValueError) as e:
         logger.info("tokenizer %s does not load offline: %s", name, e)
         return None

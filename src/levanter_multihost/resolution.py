@@ -60,17 +60,29 @@ class ResolvedCapacity:
     """How the prompts' tokens were counted, for the planner's notes."""
 
 
-def resolve_capacity(config: SampleLmMultihostConfig, tokenizer, checkpoint: str | None, num_hosts: int,
-                     local_devices: int, prompt_tokens: int | None = None) -> ResolvedCapacity:  # fmt: skip
+def resolve_capacity(
+    config: SampleLmMultihostConfig,
+    tokenizer,
+    checkpoint: str | None,
+    num_hosts: int,
+    local_devices: int,
+    prompt_tokens: int | None = None,
+) -> ResolvedCapacity:
     """Everything capacity needs from ``config``, on ``num_hosts`` hosts of ``local_devices`` devices (``tpu_type``
     wins where set), its values already checked (:func:`check_values`); ``tokenizer`` None counts each prompt as its
     UTF-8 bytes + 1, ``prompt_tokens`` as that many."""
     records = read_prompts(**prompt_source(config))
     prompts = None
     if tokenizer is not None and prompt_tokens is None:
-        prompts = encoding.encode_prompts(records, tokenizer, chat_template=config.chat_template,
-                                          add_bos=config.add_bos, max_new_tokens=config.max_new_tokens,
-                                          temperature=config.temperature, n_generations=config.n_generations)  # fmt: skip
+        prompts = encoding.encode_prompts(
+            records,
+            tokenizer,
+            chat_template=config.chat_template,
+            add_bos=config.add_bos,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            n_generations=config.n_generations,
+        )
         lengths = prompts.tokens.lengths
         how = "Prompt token counts from the tokenizer, as the sampler counts them."
     elif prompt_tokens is not None:
@@ -78,15 +90,19 @@ def resolve_capacity(config: SampleLmMultihostConfig, tokenizer, checkpoint: str
         how = f"--prompt_tokens: every prompt counted as {prompt_tokens} tokens."
     else:
         lengths = byte_counts(records)
-        how = ("The tokenizer does not load offline: each prompt counted as its UTF-8 bytes + 1, an upper bound. "
-               "Pass --prompt_tokens N for a closer count.")  # fmt: skip
+        how = (
+            "The tokenizer does not load offline: each prompt counted as its UTF-8 bytes + 1, an upper bound. "
+            "Pass --prompt_tokens N for a closer count."
+        )
     if tokenizer is not None:
-        stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
-                                       config.include_stop_in_text, checkpoint)  # fmt: skip
+        stop = encoding.stop_condition(
+            tokenizer, list(config.stop_sequences), config.stop_at_eos, config.include_stop_in_text, checkpoint
+        )
     else:  # every token spells at least one byte; EOS, when on, is at least one more stop sequence of one token
         strings = tuple(config.stop_sequences)
-        stop = StopCondition(strings, tuple(tuple(s.encode("utf-8")) for s in strings),
-                             eos_ids=(-1,) if config.stop_at_eos else ())  # fmt: skip
+        stop = StopCondition(
+            strings, tuple(tuple(s.encode("utf-8")) for s in strings), eos_ids=(-1,) if config.stop_at_eos else ()
+        )
     max_new = encoding.per_prompt(records, "max_new_tokens", config.max_new_tokens)
     generations = encoding.per_prompt(records, "n_generations", config.n_generations)
     engine = config.engine.levanter()
@@ -109,24 +125,33 @@ def byte_counts(records: PromptRecords) -> list[int]:
 def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_devices: int) -> RunPlan:
     """Every check that needs no model, and the plan the stages run; the same on every host."""
     check_values(config, local_devices)
-    checkpoint = resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint") \
-        if config.hf_checkpoint is not None else None  # fmt: skip
+    checkpoint = (
+        resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint")
+        if config.hf_checkpoint is not None
+        else None
+    )
     tokenizer_name = config.tokenizer or checkpoint
     if tokenizer_name is None:
-        raise ConfigError(f"`tokenizer` is not set and `checkpoint_path` ({config.checkpoint_path}) is a Levanter "
-                          "checkpoint, which holds no tokenizer. Set `tokenizer`.")  # fmt: skip
+        raise ConfigError(
+            f"`tokenizer` is not set and `checkpoint_path` ({config.checkpoint_path}) is a Levanter "
+            "checkpoint, which holds no tokenizer. Set `tokenizer`."
+        )
     tokenizer = load_tokenizer(resolve_location(tokenizer_name, "tokenizer"))
     vocab = model_vocab_size(checkpoint)
     if vocab is not None and len(tokenizer) > vocab:
-        raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
-                          "ids past the embedding would be garbage. Use the tokenizer the model was trained with.")  # fmt: skip
+        raise ConfigError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
+            "ids past the embedding would be garbage. Use the tokenizer the model was trained with."
+        )
     resolved = resolve_capacity(config, tokenizer, checkpoint, num_hosts, local_devices)
     prompts = resolved.prompts
     if config.task == "addition":
         bad = next((i for i, t in enumerate(prompts.texts) if not addition.is_prompt(t)), None)
         if bad is not None:
-            raise PromptError(f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
-                              "'4821+377=', but task is addition. Leave task unset or give addition prompts.")  # fmt: skip
+            raise PromptError(
+                f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
+                "'4821+377=', but task is addition. Leave task unset or give addition prompts."
+            )
     capacity = plan.check_capacity(resolved.capacity, log=host == 0)
     run_dir = RunDir(config.output_dir)
     run_dir.check_writable(host)
@@ -134,8 +159,9 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         logger.warning(
             "output_dir (%s) is a local path: on a multi-host slice every worker writes its parts to its own disk, "
             "merged.jsonl lives only on worker 0's, and all of it goes with the VMs. Use a bucket URL "
-            "(gs://...) for anything worth keeping.", config.output_dir,
-        )  # fmt: skip
+            "(gs://...) for anything worth keeping.",
+            config.output_dir,
+        )
     fields = fingerprint_fields(config, prompts, tokenizer_name)
     ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
     return RunPlan(
@@ -166,36 +192,50 @@ def timeouts(config: SampleLmMultihostConfig) -> Timeouts:
     """The waits between hosts; checked first, since every host needs them to report any other failure."""
     t = config.silent_host_timeout_s
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-        raise ConfigError(f"silent_host_timeout_s ({t}) must be a finite number of seconds > 0 (the default is "
-                          "60).")  # fmt: skip
+        raise ConfigError(f"silent_host_timeout_s ({t}) must be a finite number of seconds > 0 (the default is 60).")
     if not (isinstance(config.gather_chunk_bytes, int) and config.gather_chunk_bytes >= 1):
-        raise ConfigError(f"gather_chunk_bytes ({config.gather_chunk_bytes}) must be an integer >= 1 (default "
-                          f"{4 * 1024 * 1024}).")  # fmt: skip
+        raise ConfigError(
+            f"gather_chunk_bytes ({config.gather_chunk_bytes}) must be an integer >= 1 (default {4 * 1024 * 1024})."
+        )
     # several beats per timeout, so one late beat never reads as a dead host
     return Timeouts(heartbeat_interval_s=min(2.0, t / 4), silent_host_s=t)
 
 
-def auto_sized(engine: InferenceEngineConfig, limits: plan.EngineLimits, spec: plan.RunSpec,
-               slice_: plan.Topology, model: plan.ModelShape | None) -> InferenceEngineConfig:  # fmt: skip
+def auto_sized(
+    engine: InferenceEngineConfig,
+    limits: plan.EngineLimits,
+    spec: plan.RunSpec,
+    slice_: plan.Topology,
+    model: plan.ModelShape | None,
+) -> InferenceEngineConfig:
     """``engine`` with the planner's proposal applied (``engine.auto_size: true``)."""
     if slice_.generation is None or model is None:
-        raise ConfigError("engine.auto_size is true, but it needs the HBM of the chips and the model's shape: set "
-                          "tpu_type (e.g. v5p-32) and an hf_checkpoint whose config.json is readable here, or give "
-                          "the engine's sizes.")  # fmt: skip
+        raise ConfigError(
+            "engine.auto_size is true, but it needs the HBM of the chips and the model's shape: set "
+            "tpu_type (e.g. v5p-32) and an hf_checkpoint whose config.json is readable here, or give "
+            "the engine's sizes."
+        )
     proposal = plan_capacity(limits, spec, slice_, model).proposal
     if proposal is None:
-        raise ConfigError(f"engine.auto_size: the model's weights leave no room for a KV cache on a "
-                          f"{slice_.generation.name} chip. Shard more (trainer.tensor_parallel_axes) or use a "
-                          "larger slice.")  # fmt: skip
+        raise ConfigError(
+            f"engine.auto_size: the model's weights leave no room for a KV cache on a "
+            f"{slice_.generation.name} chip. Shard more (trainer.tensor_parallel_axes) or use a "
+            "larger slice."
+        )
     logger.info("engine.auto_size: %s (limited by %s)", proposal.engine_fields(), proposal.limited_by)
     return dataclasses.replace(engine, **proposal.engine_fields())
 
 
 def prompt_source(config: SampleLmMultihostConfig) -> dict:
     """The arguments of :func:`~levanter_multihost.prompts.read_prompts`; inline prompts win over a file."""
-    return {"prompts": config.prompts, "file": config.prompts_file, "dataset": config.prompts_dataset,
-            "split": config.prompts_split, "prompt_field": config.prompt_field,
-            "messages_field": config.messages_field}  # fmt: skip
+    return {
+        "prompts": config.prompts,
+        "file": config.prompts_file,
+        "dataset": config.prompts_dataset,
+        "split": config.prompts_split,
+        "prompt_field": config.prompt_field,
+        "messages_field": config.messages_field,
+    }
 
 
 def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
@@ -206,8 +246,10 @@ def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
         kind = int if integer else (int, float)
         ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or value < low or (strict and value == low):
-            raise ConfigError(f"{name} ({value}) must be {'an integer' if integer else 'a finite number'} "
-                              f"{'>' if strict else '>='} {low}.")  # fmt: skip
+            raise ConfigError(
+                f"{name} ({value}) must be {'an integer' if integer else 'a finite number'} "
+                f"{'>' if strict else '>='} {low}."
+            )
 
     number("max_new_tokens", 0, integer=True)
     number("n_generations", 0, integer=True)
@@ -229,8 +271,10 @@ def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
         raise ConfigError("`resume` and `overwrite` are both true. Choose one.")
     axis = config.trainer.model_axis_size
     if local_devices % axis != 0:
-        raise ConfigError(f"trainer.model_axis_size ({axis}) does not divide this host's {local_devices} devices. "
-                          f"Set it to a divisor of {local_devices}.")  # fmt: skip
+        raise ConfigError(
+            f"trainer.model_axis_size ({axis}) does not divide this host's {local_devices} devices. "
+            f"Set it to a divisor of {local_devices}."
+        )
 
 
 def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, tokenizer: str) -> dict:
@@ -264,7 +308,9 @@ def provenance() -> dict:
     if commit is None:
         try:
             here = os.path.dirname(os.path.abspath(__file__))
-            out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=10
+            )
             commit = out.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             commit = None
