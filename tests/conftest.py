@@ -114,23 +114,17 @@ def _features(tmp_path_factory, eos_checkpoint, hosts: int, source: str, *flags:
 
 @pytest.fixture(scope="session")
 def features_3(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """FEATURE_ROWS from JSONL on 3 hosts (contiguous)."""
-    return _features(tmp_path_factory, eos_checkpoint, 3, f"--prompts_file={feature_inputs / 'rows.jsonl'}")
-
-
-@pytest.fixture(scope="session")
-def features_2(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """The same from Parquet on 2 hosts, sharded by cost, merged into merged.parquet."""
-    source = f"--prompts_file={feature_inputs / 'rows.parquet'}"
-    return _features(tmp_path_factory, eos_checkpoint, 2, source, "--shard_strategy=balanced",
-                     "--output_format=parquet")  # fmt: skip
+    """FEATURE_ROWS from JSONL on 3 hosts, sharded by cost."""
+    source = f"--prompts_file={feature_inputs / 'rows.jsonl'}"
+    return _features(tmp_path_factory, eos_checkpoint, 3, source, "--shard_strategy=balanced")
 
 
 @pytest.fixture(scope="session")
 def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """The same from a dataset directory on 1 host (in this process, 4 devices), in batches of 3 sequences."""
+    """The same from a dataset directory on 1 host (in this process, 4 devices), in batches of 3 sequences, merged
+    into merged.parquet."""
     out = tmp_path_factory.mktemp("features_1")
     source = f"--prompts_dataset={feature_inputs / 'rows_dataset'}"
     flags = [f for f in FEATURE_FLAGS if not f.startswith("--trainer.model_axis_size")]
     return run_in_process(out, f"--hf_checkpoint={eos_checkpoint}", source, "--prompts_file=null", *flags,
-                          "--batch_size=3")  # fmt: skip
+                          "--batch_size=3", "--output_format=parquet")  # fmt: skip
