@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from levanter_multihost.launch_env import local_launch_command, offline_env
 from levanter_multihost.tables import format_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,10 +101,12 @@ def write_config(path: Path, base: Path = TINY_CONFIG, **overrides: Any) -> Path
 
 
 def host_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
+    return offline_env(os.environ, **extra)
+
+
+def pinned_launch_command(hosts: int, host_command: Sequence[str], launcher_flags: Sequence[str] = ()) -> list[str]:
+    """The launcher's command: ``host_command`` on ``hosts`` hosts of 1 CPU device, each pinned by ``pin.py``."""
+    return local_launch_command(REPO, hosts, 1, [PY, str(REPO / "bench" / "pin.py"), *host_command], launcher_flags)
 
 
 def cache_flag(cache_dir: Path) -> str:
@@ -133,13 +136,9 @@ def launch(
     core_list = core_list if core_list is not None else cores()
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir.parent / (log_name or f"{output_dir.name}.log")
-    command = [
-        PY, str(REPO / "infra" / "launch.py"), "--local_hosts", str(hosts), "--devices_per_host", "1",
-        *launcher_flags, "--",
-        PY, str(REPO / "bench" / "pin.py"), PY, str(REPO / "bench" / "bench_sampler.py"),
-        "--config_path", str(config), f"--output_dir={output_dir}", "--trainer.model_axis_size=1",
-        "--engine_log=true", *overrides,
-    ]  # fmt: skip
+    sampler = [PY, str(REPO / "bench" / "bench_sampler.py"), "--config_path", str(config),
+               f"--output_dir={output_dir}", "--trainer.model_axis_size=1", "--engine_log=true", *overrides]  # fmt: skip
+    command = pinned_launch_command(hosts, sampler, launcher_flags)
     env = host_env(BENCH_CORES=",".join(map(str, core_list)), **(env_extra or {}))
     load_before = loadavg()
     with open(log_path, "wb") as log:

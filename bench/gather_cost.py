@@ -307,7 +307,7 @@ def summarize(results: list[dict]) -> dict:
 
 
 def main() -> None:
-    from _common import RESULTS, SEED_GENERATION_S, Report, cores, host_env, pinning_note
+    from _common import RESULTS, SEED_GENERATION_S, Report, cores, host_env, pinned_launch_command, pinning_note
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=4)
@@ -321,11 +321,7 @@ def main() -> None:
     report = Report("gather_cost", args)
     here = Path(__file__).resolve()
     core_list = cores()
-    command = [
-        sys.executable, str(here.parents[1] / "infra" / "launch.py"), "--local_hosts", str(args.hosts),
-        "--devices_per_host", "1", "--", sys.executable, str(here.parent / "pin.py"),
-        sys.executable, str(here), "--worker", "--repeats", str(args.repeats),
-    ]  # fmt: skip
+    command = pinned_launch_command(args.hosts, [sys.executable, str(here), "--worker", "--repeats", str(args.repeats)])
     env = host_env(BENCH_CORES=",".join(map(str, core_list)))
     start = time.time()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, check=False)

@@ -14,10 +14,10 @@ run bench/phases.py --cache --out bench/results/phases_warm.json
 run bench/compile_cache.py
 run bench/batch_size.py
 run bench/resume.py
-run bench/scale.py
+run bench/scale.py prompts
 run bench/gather_cost.py
 run bench/sharding.py
-run bench/scaling.py
+run bench/scale.py hosts
 run bench/decode_program.py --shape llama8b --batch 1,64,256,1024 --seams off,on \
     --out bench/results/decode_program.json
 if uv run python -c "import sys; sys.path.insert(0, '${TORCH_PATH:-}'); import torch" 2>/dev/null; then

@@ -29,8 +29,7 @@ import time
 from typing import NoReturn
 
 try:
-    from levanter_multihost.launch_env import ENV_COORDINATOR, ENV_LAUNCHER, ENV_NUM_PROCESSES, ENV_PROCESS_ID
-    from levanter_multihost.processes import start_ticks
+    from levanter_multihost.launch_env import local_host_env
 except ImportError as e:
     raise ImportError(
         f"{e}: this Python ({sys.executable}) lacks the levanter_multihost package; "
@@ -54,27 +53,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def local_host_env(base: dict[str, str], port: int, num_hosts: int, host: int, devices_per_host: int) -> dict:
-    """The environment of emulated host ``host``: its coordinator, rank and CPU device count."""
-    env = dict(base)
-    flags = [
-        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    flags.append(f"--xla_force_host_platform_device_count={devices_per_host}")
-    env.update(
-        {
-            ENV_COORDINATOR: f"127.0.0.1:{port}",
-            ENV_NUM_PROCESSES: str(num_hosts),
-            ENV_PROCESS_ID: str(host),
-            ENV_LAUNCHER: f"{os.getpid()}:{start_ticks()}",
-            "XLA_FLAGS": " ".join(flags),
-            "JAX_PLATFORMS": "cpu",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
 
 
 def _pump(stream, prefix: str, out) -> None:

@@ -39,6 +39,13 @@ FEATURE_FLAGS = (
 """Sampled, several generations, two stop strings (plus EOS), log-probabilities, tiny store chunks."""
 
 
+def pytest_collection_modifyitems(items):
+    """Every multi-host test is slow: the fast lane (``-m "not slow"``) leaves them all out."""
+    for item in items:
+        if item.get_closest_marker("multihost") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_compile_cache(tmp_path_factory):
     """One persistent compilation cache for every run of the session: each program compiles once."""
@@ -52,9 +59,9 @@ def greedy_4x4(tmp_path_factory):
     """The README's job: 4 hosts x 4 devices, 256 prompts, greedy, one batch per host, tracked to wandb (offline)."""
     out = tmp_path_factory.mktemp("greedy_4x4")
     wandb_dir = tmp_path_factory.mktemp("wandb")
-    tracker = "{type: wandb, mode: offline, project: levanter-multihost-test, tags: [host-dp, test]}"
-    run = launch(out, "--trainer.tracker", tracker, "--run_name=readme-job", hosts=4,
-                 env_extra={"WANDB_DIR": str(wandb_dir)})  # fmt: skip
+    tracker = ["--trainer.tracker.type", "wandb", "--trainer.tracker.mode=offline",  # key by key, as a user types
+               "--trainer.tracker.project=levanter-multihost-test", "--trainer.tracker.tags=[host-dp, test]"]
+    run = launch(out, *tracker, "--run_name=readme-job", hosts=4, env_extra={"WANDB_DIR": str(wandb_dir)})
     run.wandb_dir = wandb_dir
     return run
 
@@ -71,9 +78,10 @@ def greedy_2x4(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def greedy_1x4(tmp_path_factory):
-    """The same on 1 host in batches of 100, with only heads and mlp sharded (q/k/v, vocab and the KV cache whole)."""
+    """The same on 1 host (in this process, 4 devices) in batches of 100, with only heads and mlp sharded (q/k/v,
+    vocab and the KV cache whole)."""
     out = tmp_path_factory.mktemp("greedy_1x4")
-    return launch(out, "--batch_size=100", '--trainer.tensor_parallel_axes=["heads", "mlp"]', hosts=1)
+    return run_in_process(out, "--batch_size=100", '--trainer.tensor_parallel_axes=["heads", "mlp"]')
 
 
 @pytest.fixture(scope="session")
@@ -107,23 +115,17 @@ def _features(tmp_path_factory, eos_checkpoint, hosts: int, source: str, *flags:
 
 @pytest.fixture(scope="session")
 def features_3(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """FEATURE_ROWS from JSONL on 3 hosts (contiguous)."""
-    return _features(tmp_path_factory, eos_checkpoint, 4, f"--prompts_file={feature_inputs / 'rows.jsonl'}")
-
-
-@pytest.fixture(scope="session")
-def features_2(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """The same from Parquet on 2 hosts, sharded by cost, merged into merged.parquet."""
-    source = f"--prompts_file={feature_inputs / 'rows.parquet'}"
-    return _features(tmp_path_factory, eos_checkpoint, 2, source, "--shard_strategy=balanced",
-                     "--output_format=parquet")  # fmt: skip
+    """FEATURE_ROWS from JSONL on 3 hosts, sharded by cost."""
+    source = f"--prompts_file={feature_inputs / 'rows.jsonl'}"
+    return _features(tmp_path_factory, eos_checkpoint, 3, source, "--shard_strategy=balanced")
 
 
 @pytest.fixture(scope="session")
 def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """The same from a dataset directory on 1 host (in this process, 4 devices), in batches of 3 sequences."""
+    """The same from a dataset directory on 1 host (in this process, 4 devices), in batches of 3 sequences, merged
+    into merged.parquet."""
     out = tmp_path_factory.mktemp("features_1")
     source = f"--prompts_dataset={feature_inputs / 'rows_dataset'}"
     flags = [f for f in FEATURE_FLAGS if not f.startswith("--trainer.model_axis_size")]
     return run_in_process(out, f"--hf_checkpoint={eos_checkpoint}", source, "--prompts_file=null", *flags,
-                          "--batch_size=3")  # fmt: skip
+                          "--batch_size=3", "--output_format=parquet")  # fmt: skip

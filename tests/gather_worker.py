@@ -8,11 +8,6 @@ Each host prints one ``RESULT {json}`` line. Modes (host 0 leads):
   order, and that every key was deleted once read.
 * ``corrupt``: host 1 puts a part with a flipped byte in chunk 2; the leader names it, and its failure reaches host
   1 waiting for DONE.
-* ``failed_and_killed``: host 1 fails with an error; host 2 sends a part and SIGKILLs itself (its heartbeat
-  stops). The leader names both, host 2 within ``silent_host_s`` of its death.
-* ``leader_silent``: the leader's heartbeat stops (a hung leader); host 1 waits for READY, then for DONE, and
-  names the leader each time.
-* ``leader_killed``: the leader SIGKILLs itself (the store dies with it) while host 1 waits for DONE.
 * ``largest``: the seed's largest shape (1024 rows x 2048 tokens over 4 hosts, two parts each) through the
   collector, the leader's spool and ``write_merged``, checked byte for byte.
 
@@ -23,7 +18,6 @@ before it exits (a host that loses the store is killed by JAX), and nobody runs 
 import json
 import os
 import random
-import signal
 import sys
 import time
 
@@ -113,69 +107,6 @@ def corrupt(link: Coordinator) -> None:
     leave(link, [])
 
 
-def failed_and_killed(link: Coordinator) -> None:
-    if link.host == 1:
-        try:
-            with link.failures_reported():
-                link.send_part({"kind": "batch", "batch": 0}, part_data(1, 0))
-                raise ValueError("out of pages on batch 1")
-        except ValueError:
-            pass
-        result(reported=True)
-        leave(link, [])
-    elif link.host == 2:
-        link.send_part({"kind": "batch", "batch": 0}, part_data(2, 0))
-        link.client.key_value_set_bytes("test/killed_at", str(time.time()).encode())
-        os.kill(os.getpid(), signal.SIGKILL)
-    collector = Collector(link, lambda h, header, data: None).start()
-    try:
-        collector.finish()
-        result(error=None)
-    except CoordinationError as e:
-        killed_at = float(link.client.blocking_key_value_get_bytes("test/killed_at", 1000))
-        result(error=str(e), named_after_s=time.time() - killed_at, parts={h: a.parts for h, a in
-                                                                         collector.arrivals.items()})  # fmt: skip
-    leave(link, [1])
-
-
-def leader_silent(link: Coordinator, heartbeat) -> None:
-    if link.is_leader:
-        time.sleep(1.0)
-        heartbeat.set()  # hung: alive, but its heartbeat no longer moves
-        link.client.key_value_set_bytes("test/stopped_at", str(time.time()).encode())
-        leave(link, [1])
-    stopped_at = named_after_s = None
-    errors = {}
-    for name in (READY, DONE):
-        try:
-            link.wait_for(name)
-            errors[name] = None
-        except CoordinationError as e:
-            stopped_at = stopped_at or float(link.client.blocking_key_value_get_bytes("test/stopped_at", 1000))
-            errors[name] = str(e)
-            if name == READY:
-                named_after_s = time.time() - stopped_at
-    result(errors=errors, named_after_s=named_after_s)
-    leave(link, [])
-
-
-def leader_killed(link: Coordinator) -> None:
-    if link.is_leader:
-        link.announce(READY, {})
-        time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGKILL)
-    link.wait_for(READY)
-    result(waiting_for=DONE)
-    started = time.time()
-    try:
-        link.wait_for(DONE)
-        result(error=None)
-    except CoordinationError as e:
-        result(error=str(e), after_s=time.time() - started)
-    sys.stdout.flush()
-    os._exit(3)
-
-
 def largest(link: Coordinator, out_dir: str) -> None:
     from levanter_multihost.outputs import row_line
     from levanter_multihost.sharding import contiguous_shard
@@ -223,15 +154,11 @@ def main() -> None:
     timeouts = Timeouts(heartbeat_interval_s=min(0.25, silent_s / 4), silent_host_s=silent_s)
     link = Coordinator(distributed.global_state.client, jax.process_index(), jax.process_count(), chunk_bytes,
                        timeouts)  # fmt: skip
-    heartbeat = link.start_heartbeat()
-    if mode == "leader_silent":
-        leader_silent(link, heartbeat)
-    elif mode == "largest":
+    link.start_heartbeat()
+    if mode == "largest":
         largest(link, out_dir)
     else:
-        {"parts": parts, "corrupt": corrupt, "failed_and_killed": failed_and_killed, "leader_killed": leader_killed}[
-            mode
-        ](link)
+        {"parts": parts, "corrupt": corrupt}[mode](link)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from levanter_multihost.launch_env import local_launch_command, offline_env, sampler_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "config" / "sampler" / "tiny_local.yaml"
@@ -63,10 +64,7 @@ def cache_flags() -> list[str]:
 
 
 def host_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
+    return offline_env(os.environ, **extra)
 
 
 def launch(
@@ -80,12 +78,8 @@ def launch(
     check: bool = True,
 ) -> Run:
     """Run the sampler on ``hosts`` emulated hosts; ``overrides`` are draccus flags (``--max_new_tokens=4``)."""
-    command = [
-        sys.executable, str(REPO / "infra" / "launch.py"),
-        "--local_hosts", str(hosts), "--devices_per_host", str(devices_per_host), "--",
-        sys.executable, "-m", "levanter_multihost.sample_lm_multihost",
-        "--config_path", str(config), f"--output_dir={output_dir}", *cache_flags(), *overrides,
-    ]  # fmt: skip
+    command = local_launch_command(REPO, hosts, devices_per_host,
+                                   sampler_command(config, output_dir, *cache_flags(), *overrides))  # fmt: skip
     proc = subprocess.Popen(
         command, cwd=REPO, env=host_env(**(env_extra or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -123,16 +117,13 @@ def launch_and_kill(
     timeout: float = 600, sig: int = signal.SIGKILL,
 ) -> tuple[Run, float]:  # fmt: skip
     """Run with ``--keep_going`` and send ``sig`` to host ``victim`` once it has written ``after_parts`` parts and
-    reports decoding progress again (so it dies mid-batch).
+    reports progress again (so it dies while it still has batches to sample).
 
     Returns the run and the seconds from the signal to the launcher's exit.
     """
-    command = [
-        sys.executable, str(REPO / "infra" / "launch.py"), "--keep_going", "--grace_s", "5",
-        "--local_hosts", str(hosts), "--devices_per_host", str(devices_per_host), "--",
-        sys.executable, "-m", "levanter_multihost.sample_lm_multihost",
-        "--config_path", str(TINY_CONFIG), f"--output_dir={output_dir}", *cache_flags(), *overrides,
-    ]  # fmt: skip
+    command = local_launch_command(REPO, hosts, devices_per_host,
+                                   sampler_command(TINY_CONFIG, output_dir, *cache_flags(), *overrides),
+                                   launcher_flags=("--keep_going", "--grace_s", "5"))  # fmt: skip
     proc = subprocess.Popen(
         command, cwd=REPO, env=host_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -170,12 +161,8 @@ class Background:
 
     def __init__(self, output_dir: Path, *overrides: str, hosts: int = 2, grace_s: float = 10,
                  config: Path = TINY_CONFIG):  # fmt: skip
-        command = [
-            sys.executable, str(REPO / "infra" / "launch.py"), "--grace_s", str(grace_s),
-            "--local_hosts", str(hosts), "--devices_per_host", "1", "--",
-            sys.executable, "-m", "levanter_multihost.sample_lm_multihost", "--config_path", str(config),
-            f"--output_dir={output_dir}", "--trainer.model_axis_size=1", *cache_flags(), *overrides,
-        ]  # fmt: skip
+        sampler = sampler_command(config, output_dir, "--trainer.model_axis_size=1", *cache_flags(), *overrides)
+        command = local_launch_command(REPO, hosts, 1, sampler, launcher_flags=("--grace_s", str(grace_s)))
         self.output_dir = Path(output_dir)
         self.proc = subprocess.Popen(command, cwd=REPO, env=host_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

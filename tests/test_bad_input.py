@@ -157,7 +157,6 @@ def test_a_chat_prompt_without_a_template(tmp_path):
         ("--shard_strategy=random", r"shard_strategy \('random'\) must be one of \['contiguous', 'balanced'\]"),
         ("--output_format=csv", r"output_format \('csv'\) must be one of \['jsonl', 'parquet'\]"),
         ("--task=multiplication", r"task \('multiplication'\) is not a known task"),
-        ("--defer_tracker_logs_until_end=false", r"defer_tracker_logs_until_end is false.*Set defer_tracker"),
         ("--trainer.model_axis_size=3", r"trainer.model_axis_size \(3\) does not divide this host's 4 devices"),
         ("--engine.auto_size=true", r"engine.auto_size is true, but it needs the HBM of the chips .* set tpu_type"),
     ],
@@ -295,7 +294,7 @@ def test_a_prompt_the_tokenizer_cannot_spell_is_refused_with_its_index_unless_al
     path = jsonl(tmp_path, [{"prompt": "1+2="}, {"prompt": text}])
     fails(config(tmp_path, f"--prompts_file={path}", "--task=null"),
           rf"Prompt 1 becomes {what} the unknown token '<unk>': the tokenizer cannot spell .* allow_unknown_tokens")  # fmt: skip
-    from levanter_multihost.config import resolve
+    from levanter_multihost.resolution import resolve
 
     cfg = config(tmp_path, f"--prompts_file={path}", "--task=null", "--allow_unknown_tokens=true")
     assert len(resolve(cfg, 0, 1, 4).prompts) == 2

@@ -35,6 +35,8 @@ from levanter_multihost.model_loading import load_model
 from levanter_multihost.plan import engine_limits
 from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
 
+pytestmark = pytest.mark.slow  # the real engine in this process
+
 TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny-addition"
 TRAINER = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
 # 4 pages of 8 tokens per sequence at most; 15 pages, 8 slots, 6 prompts or 48 prompt tokens per prefill; a decode

@@ -19,6 +19,7 @@ def sample(*args: str, env: dict | None = None, timeout: float = 300) -> subproc
     return subprocess.run(command, cwd=REPO, env=env or host_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the sampler in a process of its own
 def test_an_unknown_key_is_one_line_naming_the_closest_keys(tmp_path):
     proc = sample("--max_new_tokenz=3", f"--output_dir={tmp_path}")
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
@@ -45,8 +46,9 @@ def test_help_lists_the_samplers_own_fields_before_levanters(capsys):
 
 
 @pytest.mark.multihost
-def test_a_bad_config_on_four_hosts_is_a_few_lines_and_no_native_dumps(tmp_path):
-    run = launch(tmp_path, '--prompts=["1+2=", "not addition"]', "--trainer.model_axis_size=1", hosts=4,
+def test_a_bad_config_on_several_hosts_is_a_few_lines_and_no_native_dumps(tmp_path):
+    """Every host finds the mistake; only the leader says it, and no host dumps JAX's native errors."""
+    run = launch(tmp_path, '--prompts=["1+2=", "not addition"]', "--trainer.model_axis_size=1", hosts=2,
                  devices_per_host=1, check=False)  # fmt: skip
     lines = [line for line in run.output.splitlines() if line.strip()]
     assert run.returncode == 2, run.tail()
@@ -56,7 +58,7 @@ def test_a_bad_config_on_four_hosts_is_a_few_lines_and_no_native_dumps(tmp_path)
     assert "Traceback" not in run.output
 
 
-@pytest.mark.multihost
+@pytest.mark.slow  # one sampler process, no launcher
 def test_the_tiny_config_runs_as_one_plain_process(tmp_path):
     env = {k: v for k, v in host_env().items() if k != "XLA_FLAGS"}  # no launcher: the sampler makes its 4 devices
     proc = sample('--prompts=["12+30=", "7+5="]', f"--output_dir={tmp_path}", env=env)
@@ -68,3 +70,19 @@ def test_the_tiny_config_runs_as_one_plain_process(tmp_path):
 def test_a_run_is_named_after_its_config_unless_named():
     assert parse_command_line(["--config_path", str(TINY_CONFIG)]).run_name == "tiny_local"
     assert parse_command_line(["--config_path", str(TINY_CONFIG), "--run_name", "mine"]).run_name == "mine"
+
+
+def test_tracker_keys_are_set_one_by_one_from_the_command_line(tmp_path):
+    """draccus takes trainer.tracker only whole; the sampler takes its keys one by one, as for any other field."""
+    from levanter.tracker.wandb import WandbConfig
+
+    base = ["--config_path", str(TINY_CONFIG)]  # its tracker is noop
+    config = parse_command_line([*base, "--trainer.tracker.type", "wandb", "--trainer.tracker.mode=offline"])
+    tracker = config.trainer.tracker
+    assert isinstance(tracker, WandbConfig) and (tracker.mode, tracker.project) == ("offline", "levanter")
+    v5p = REPO / "config/sampler/llama8b_v5p32_256x2048.yaml"  # a wandb tracker: the other keys are kept
+    tracker = parse_command_line(["--config_path", str(v5p), "--trainer.tracker.mode", "offline"]).trainer.tracker
+    assert (tracker.mode, tracker.project) == ("offline", "levanter-multihost-inference")
+    assert "host-dp" in tracker.tags
+    with pytest.raises(ConfigError, match=r"--trainer.tracker.mood offline: not a tracker setting"):
+        parse_command_line([*base, "--trainer.tracker.type=wandb", "--trainer.tracker.mood", "offline"])

@@ -14,8 +14,6 @@ SAMPLER_CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 @pytest.mark.parametrize("path", SAMPLER_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_config_parses(path):
     config = draccus.parse(SampleLmMultihostConfig, config_path=str(path), args=[])
-    assert config.inference_mode == "host_data_parallel"
-    assert config.defer_tracker_logs_until_end
     assert (CONFIG_DIR.parent / config.prompts_file).exists()
 
 

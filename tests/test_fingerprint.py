@@ -8,7 +8,8 @@ import draccus
 import pytest
 from multihost import REPO, TINY_CONFIG
 
-from levanter_multihost.config import SampleLmMultihostConfig, resolve
+from levanter_multihost.config import SampleLmMultihostConfig
+from levanter_multihost.resolution import resolve
 from levanter_multihost.fingerprint import canonical_location, checkpoint_digest
 
 TINY = REPO / "assets" / "tiny-addition"

@@ -21,6 +21,8 @@ from levanter_multihost.addition import make_prompts
 from levanter_multihost.generation import WorkItem, build_engine, generate_batch
 from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
 
+pytestmark = pytest.mark.slow  # the real engine in this process
+
 TINY = str(REPO / "assets" / "tiny-addition")
 NEW_TOKENS = 8
 

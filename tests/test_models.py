@@ -148,7 +148,7 @@ def test_the_plan_and_the_tracker_see_the_checkpoints_own_shape(tmp_path):
     import jax
 
     from levanter_multihost import plan
-    from levanter_multihost.config import resolve
+    from levanter_multihost.resolution import resolve
 
     resolved = resolve(config(tmp_path, f"--hf_checkpoint={QWEN3}", "--trainer.model_axis_size=1"), 0, 1,
                        len(jax.local_devices()))  # fmt: skip

@@ -106,7 +106,8 @@ def test_cli_num_hosts_and_tpu_type_override(tmp_path, capsys):
     (["--engine.max_seqs", "0"], "engine.max_seqs (0) must be >= 1"),
     # the engine's own InferenceEngineConfig.__post_init__ refuses it while the config is parsed
     (["--engine.max_seqs", "256"], "max_queued_tokens must be >= max_seqs"),
-    (["--trainer.model_axis_size", "3"], "splits heads (32) 3 ways"),
+    # the sampler's own check, before the head tiling's (test_llama3_8b_per_chip... covers that one)
+    (["--trainer.model_axis_size", "3"], "trainer.model_axis_size (3) does not divide this host's 4 devices"),
 ])  # fmt: skip
 def test_cli_bad_input_exits_2_with_the_reason(tmp_path, capsys, argv, says):
     code, out = run_cli(capsys, "--config_path", str(write_config(tmp_path, 4, SEED_ENGINE)), *argv)
@@ -115,7 +116,7 @@ def test_cli_bad_input_exits_2_with_the_reason(tmp_path, capsys, argv, says):
 
 def test_cli_cannot_read_the_config(tmp_path, capsys):
     code, out = run_cli(capsys, "--config_path", str(tmp_path / "missing.yaml"))
-    assert code == 2 and "cannot read" in out
+    assert code == 2 and "The config cannot be read" in out
 
 
 def test_cli_estimates_tokens_when_the_tokenizer_is_not_offline(tmp_path, capsys):
@@ -215,13 +216,13 @@ def test_engine_limits_topology_and_check_capacity(tmp_path):
     assert plan.topology(None, 3, 2).generation is None
     with pytest.raises(UserError, match="tpu_type"):
         plan.topology("v5p-7", 1, 4)
-    spec = plan.run_spec_of([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", 100)
+    spec = plan.run_spec([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", 100)
     with pytest.raises(plan.CapacityError) as info:
-        plan.check_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None)
+        plan.check_capacity(plan_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None))
     assert isinstance(info.value, UserError)
     assert "batch_size (100)" in str(info.value) and info.value.plan.problems[0].suggested == 64
-    spec = plan.run_spec_of([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", None)
-    fits = plan.check_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None)
+    spec = plan.run_spec([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", None)
+    fits = plan.check_capacity(plan_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None))
     assert fits.ok and fits.batches_per_host == [1] * 4
 
 
@@ -263,14 +264,61 @@ def test_cli_takes_the_samplers_overrides_and_plans_the_emulated_topology(capsys
 def test_a_local_output_dir_on_a_multi_host_tpu_run_is_warned_about(tmp_path, monkeypatch, caplog):
     import jax
 
-    from levanter_multihost import config as config_module
+    from levanter_multihost.resolution import resolve
 
     config = draccus.parse(SampleLmMultihostConfig, config_path=str(REPO / "config/sampler/tiny_local.yaml"),
                            args=[f"--output_dir={tmp_path}"])  # fmt: skip
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     caplog.set_level("WARNING")
-    config_module.resolve(config, 0, 2, 4)
+    resolve(config, 0, 2, 4)
     assert "is a local path: on a multi-host slice every worker writes its parts to its own disk" in caplog.text
     caplog.clear()
-    config_module.resolve(config, 0, 1, 4)  # one host: its disk is the only one
+    resolve(config, 0, 1, 4)  # one host: its disk is the only one
     assert "local path" not in caplog.text
+
+
+@pytest.mark.parametrize("overrides, batches", [
+    ([], 1),
+    (["--engine.max_pages=256"], 2),  # 256 sequences of 4 pages each no longer fit one call
+    (["--tpu_type=v5p-8", "--engine.auto_size=true"], 1),  # the planner's sizes, from the checkpoint's shape
+])  # fmt: skip
+def test_the_sampler_and_the_planner_resolve_a_config_the_same_way(overrides, batches, tmp_path, monkeypatch):
+    """One resolution path: an override that changes capacity changes the sampler's plan and the planner's alike."""
+    from levanter_multihost import sampling
+    from levanter_multihost.config import parse_command_line
+    from levanter_multihost.plan_cli import plan_config
+    from levanter_multihost.resolution import resolve
+
+    monkeypatch.chdir(REPO)
+    config = parse_command_line(["--config_path", "config/sampler/tiny_local.yaml", f"--output_dir={tmp_path}",
+                                 *overrides])  # fmt: skip
+    sampler = resolve(config, 0, 1, 4)
+    planner = plan_config(config)
+    assert sampler.engine.limits == planner.engine and sampler.engine.max_pages == planner.max_pages
+    items = sampling.work_items(sampler.prompts, list(range(len(sampler.prompts))), set())
+    assert len(sampling.batches(items, sampler.engine)) == planner.batches_per_host[0] == batches
+
+
+@pytest.mark.parametrize("argv", [
+    ["--max_new_tokens", "4096"],  # the longest prompt sets max_seq_len, not the first one that fails
+    ["--max_new_tokens", "4096", "--batch_size", "100", "--engine.max_pages", "1000"],  # fixes that interact
+])  # fmt: skip
+def test_the_fixes_the_planner_prints_make_the_run_fit(argv, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = ["--config_path", "config/sampler/llama8b_v5p32_256x2048.yaml", *argv]
+    code, out = run_cli(capsys, *config, "--json")
+    fixes = json.loads(out)["fixes"]
+    assert code == 1 and fixes, out
+    code, text = run_cli(capsys, *config)
+    flags = [x for name, value in fixes.items() for x in (f"--{name}", str(value))]
+    assert f"Planned again with {' '.join(flags)}: it fits." in text
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    code, out = run_cli(capsys, *config, *flags)
+    assert code == 0, out
+
+
+def test_a_typo_is_one_line_naming_the_closest_keys(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, out = run_cli(capsys, "--config_path", "config/sampler/tiny_local.yaml", "--engine.max_sqs", "3")
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert "`engine.max_sqs`: did you mean engine.max_seqs" in out

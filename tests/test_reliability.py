@@ -1,8 +1,9 @@
 """Faults on emulated hosts with the real engine: a host killed mid-batch, resume on other host counts and batch
 sizes, the leader killed.
 
-The reference every resumed run must match byte for byte is the README job on 2 hosts (``greedy_2x4``): the same
-256 prompts and settings, so the same fingerprint, whatever the devices per host and batch size.
+The reference every resumed run must match is the README job on 2 hosts (``greedy_2x4``): the same 256 prompts and
+settings, so the same fingerprint, whatever the devices per host and batch size; every field matches but
+``process_index`` (a resume spreads the missing rows over all its hosts).
 """
 
 import shutil
@@ -13,7 +14,7 @@ from multihost import launch, launch_and_kill
 pytestmark = pytest.mark.multihost
 
 SILENT_S = 10
-BATCH = 16
+BATCH = 8
 FLAGS = ("--trainer.model_axis_size=1", "--progress_interval_s=0.05", f"--silent_host_timeout_s={SILENT_S}",
          f"--batch_size={BATCH}", "--overwrite=false")  # fmt: skip
 
@@ -22,14 +23,26 @@ def tokens(rows):
     return [(r["global_prompt_index"], r["generation_index"], r["generated_token_ids"]) for r in rows]
 
 
+def without_host(rows):
+    """Every field but ``process_index``: which host sampled a row is all that another host count changes."""
+    return [{k: v for k, v in r.items() if k != "process_index"} for r in rows]
+
+
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """256 prompts on 2 hosts in batches of 16, host 1 SIGKILLed in its fourth batch, and a copy of what it left."""
+    """256 prompts on 4 hosts in batches of 8, host 1 SIGKILLed after its third batch, and a copy of what it left."""
     out = tmp_path_factory.mktemp("killed")
-    run, seconds_after_kill = launch_and_kill(out, 1, *FLAGS, after_parts=3, hosts=2)
+    run, seconds_after_kill = launch_and_kill(out, 1, *FLAGS, after_parts=3, hosts=4)
     copy = tmp_path_factory.mktemp("killed_copy") / "out"
     shutil.copytree(out, copy)
     return run, seconds_after_kill, copy
+
+
+def whole_batches_from(rows: list[dict], first: int) -> int:
+    """How many rows ``rows`` holds, checked to be whole batches of consecutive prompts from ``first``."""
+    assert [r["global_prompt_index"] for r in rows] == list(range(first, first + len(rows)))
+    assert len(rows) % BATCH == 0
+    return len(rows)
 
 
 def test_a_killed_host_loses_at_most_its_current_batch_and_is_named(killed):
@@ -37,22 +50,21 @@ def test_a_killed_host_loses_at_most_its_current_batch_and_is_named(killed):
     assert run.returncode != 0
     assert seconds_after_kill < SILENT_S + 40, run.tail()
     assert f"host(s) [1] went silent (no heartbeat for silent_host_s={SILENT_S}s" in run.output, run.tail()
-    assert [r["global_prompt_index"] for r in run.part_rows(0)] == list(range(128))
-    durable = run.part_rows(1)
-    assert len(durable) >= 3 * BATCH and len(durable) % BATCH == 0  # whole batches only
-    assert [r["global_prompt_index"] for r in durable] == list(range(128, 128 + len(durable)))
+    assert 3 * BATCH <= whole_batches_from(run.part_rows(1), 64) < 64
+    for host in (0, 2, 3):  # the others stopped when the leader gave up, each with whole batches
+        whole_batches_from(run.part_rows(host), 64 * host)
     assert not (run.output_dir / "merged.jsonl").exists()
 
 
-def test_resume_samples_only_the_missing_rows_and_matches_an_uninterrupted_run_byte_for_byte(killed, greedy_2x4):
+def test_resume_spreads_the_missing_rows_over_every_host_and_matches_an_uninterrupted_run(killed, greedy_2x4):
     run, _, _ = killed
-    missing = 128 - len(run.part_rows(1))
-    resumed = launch(run.output_dir, *FLAGS, "--resume=true", hosts=2, devices_per_host=1)
-    assert (resumed.output_dir / "merged.jsonl").read_bytes() == (greedy_2x4.output_dir / "merged.jsonl").read_bytes()
-    hosts = {h["host"]: h for h in resumed.summary()["hosts"]}
-    assert (hosts[0]["rows_kept"], hosts[0]["sequences"], hosts[0]["model_load_s"]) == (128, 0, 0)
-    assert (hosts[1]["rows_kept"], hosts[1]["sequences"]) == (128 - missing, missing)
-    assert hosts[1]["sequences"] <= missing + BATCH  # sampled on resume <= missing + one batch
+    missing = 256 - len(run.part_rows())
+    resumed = launch(run.output_dir, *FLAGS, "--resume=true", hosts=4, devices_per_host=1)
+    assert without_host(resumed.rows()) == without_host(greedy_2x4.rows())
+    hosts = sorted(resumed.summary()["hosts"], key=lambda h: h["host"])
+    sampled = [h["sequences"] for h in hosts]
+    assert sum(sampled) == missing and max(sampled) - min(sampled) <= 1 and min(sampled) > 0, sampled
+    assert sum(h["rows_kept"] for h in hosts) == 256 - missing
 
 
 def test_resume_on_one_host_with_another_batch_size_matches(killed, greedy_2x4):
@@ -60,7 +72,7 @@ def test_resume_on_one_host_with_another_batch_size_matches(killed, greedy_2x4):
     resumed = launch(copy, *FLAGS, "--resume=true", "--batch_size=50", hosts=1, devices_per_host=1)
     assert tokens(resumed.rows()) == tokens(greedy_2x4.rows())
     (host,) = resumed.summary()["hosts"]
-    assert host["rows_kept"] + host["sequences"] == 256 and host["rows_kept"] >= 128 + 3 * BATCH
+    assert host["rows_kept"] + host["sequences"] == 256 and host["rows_kept"] >= 3 * BATCH
     assert host["batches"] == -(-host["sequences"] // 50)
 
 

@@ -15,6 +15,8 @@ from levanter_multihost import model_loading
 from levanter_multihost.errors import UserError
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
 
+pytestmark = pytest.mark.slow  # the real engine in this process
+
 PROMPTS = '["12+30=", "7+5=", "100+23=", "2269+795=", "9+9=", "4821+377=", "15+5=", "999+1=", "58+67=", "3+4=", ' \
           '"1+1=", "20+22="]'  # fmt: skip
 

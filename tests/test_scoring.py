@@ -24,7 +24,7 @@ from multihost import REPO, TINY_CONFIG, cache_flags, launch, read_jsonl
 from levanter_multihost import model_loading, plan, plan_cli, sampling, scoring, tracking
 from levanter_multihost.addition import expected_answer, make_prompts
 from levanter_multihost.capacity import PromptDemand
-from levanter_multihost.config import resolve
+from levanter_multihost.resolution import resolve
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem
 from levanter_multihost.outputs import SCORE_FIELDS, row_line
@@ -209,7 +209,19 @@ def test_the_planner_counts_prompt_and_completion_and_no_new_tokens(tmp_path):
     resolved = resolve(cfg, 0, 1, 4)
     tokens, completions = resolved.prompts.tokens, resolved.prompts.completions
     expected = [PromptDemand(tokens.length(i) + completions.length(i), 0, 1) for i in range(8)]
-    assert list(plan.run_spec(resolved.prompts, resolved.sampling.stop, "contiguous", None).demands) == expected
+    assert (
+        list(
+            plan.run_spec(
+                resolved.prompts.tokens.lengths + resolved.prompts.completions.lengths,
+                resolved.prompts.max_new_tokens,
+                resolved.prompts.n_generations,
+                resolved.sampling.stop,
+                "contiguous",
+                None,
+            ).demands
+        )
+        == expected
+    )
     assert list(plan_cli.plan_config(cfg, 1, None, None).run.demands) == expected  # the plan CLI counts the same
     # max_new_tokens 30 would not fit max_seq_len 32 with these prompts; scoring decodes nothing, so it fits
     assert max(d.prompt_tokens for d in expected) + 30 > 32

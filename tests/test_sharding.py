@@ -44,3 +44,23 @@ def test_bad_arguments_name_the_value():
         contiguous_shard(10, 4, 4)
     with pytest.raises(ValueError, match="shard_strategy 'random'"):
         shard_for_host("random", 2, 0, [1, 2])
+
+
+def test_a_resume_spreads_the_missing_work_over_every_host_by_the_same_balancing():
+    """Host 1 of 4 died: its prompts 4-7 are missing, and prompt 8 one generation of two. Every host samples part of
+    that, by the strategy a fresh run uses; with nothing kept, the share is the fresh run's."""
+    import numpy as np
+
+    from levanter_multihost.runplan import PromptSet, TokenTable
+    from levanter_multihost.sampling import host_share, sampling_share
+
+    prompts = PromptSet(texts=["1+1="] * 16, tokens=TokenTable.of([[1, 2, 3]] * 16),
+                        max_new_tokens=np.full(16, 4), temperature=np.zeros(16), n_generations=np.full(16, 2))  # fmt: skip
+    earlier = {(p, g) for p in range(16) for g in range(2) if not 4 <= p <= 7} - {(8, 1)}
+    for strategy in ("contiguous", "balanced"):
+        shares = [sampling_share(prompts, earlier, host, 4, strategy) for host in range(4)]
+        assert sorted(p for s in shares for p in s) == [4, 5, 6, 7, 8]
+        assert sorted(len(s) for s in shares) == [1, 1, 1, 2]
+        assert [sampling_share(prompts, set(), h, 4, strategy) for h in range(4)] == \
+            [host_share(prompts, h, 4, strategy) for h in range(4)]  # fmt: skip
+    assert sampling_share(prompts, earlier, 0, 4, "contiguous") == [4, 5]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a training run in a process of its own
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

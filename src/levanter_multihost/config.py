@@ -1,45 +1,37 @@
-"""The sampler's configuration and its resolution into a checked :class:`~levanter_multihost.runplan.RunPlan`.
+"""The sampler's configuration and the command line that builds it.
 
-One dataclass, read from YAML by draccus (one file per topology under ``config/sampler/``), and :func:`resolve`,
-the only code that reads it: every check that needs no model runs there, on every host, before anything loads.
+One dataclass, read from YAML by draccus (one file per topology under ``config/sampler/``) with command-line
+overrides (:func:`parse_command_line`); :mod:`levanter_multihost.resolution` is the only code that reads it.
 """
 
 import contextlib
 import dataclasses
-import hashlib
 import io
-import json
-import logging
-import math
 import os
-import subprocess
 from dataclasses import dataclass, field
 
 import draccus
-import jax
 import jax.numpy as jnp
 import levanter
-from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
+import yaml
+from levanter.compat.hf_checkpoints import RepoRef
 from levanter.inference.engine import InferenceEngineConfig
 from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig
+from levanter.tracker import TrackerConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import addition, checks, encoding, model_loading, plan, scoring, seams
+from levanter_multihost import checks, seams
 from levanter_multihost.config_keys import keys, with_closest_keys
 from levanter_multihost.errors import ConfigError
-from levanter_multihost.fingerprint import run_identity
-from levanter_multihost.model_loading import model_vocab_size, resolve_location
-from levanter_multihost.prompts import PromptError, broken_rule, read_prompts
-from levanter_multihost.rundir import RunDir, fingerprint_hash
-from levanter_multihost.runplan import EngineSettings, ModelSource, PromptSet, Reporting, RunPlan, Sampling
-from levanter_multihost.sharding import STRATEGIES
 
 # InferenceEngineConfig.compute_dtype is a numpy dtype, which draccus cannot read from YAML on its own
 draccus.decode.register(jnp.dtype, lambda value: jnp.dtype(value))
 draccus.encode.register(jnp.dtype, lambda value: str(value))
 
-logger = logging.getLogger(__name__)
+TRACKER_FLAG = "--trainer.tracker."
+"""Prefix of one tracker setting on the command line (``--trainer.tracker.mode offline``)."""
+
 
 @dataclass(frozen=True)
 class EngineConfig(InferenceEngineConfig):
@@ -130,8 +122,6 @@ class SampleLmMultihostConfig:
     resume: bool = False
     """Keep the rows already in `output_dir` (same run fingerprint) and sample only the missing ones."""
 
-    inference_mode: str = "host_data_parallel"
-    """How work is split: `host_data_parallel` (each host samples its own share on its own chips)."""
     shard_strategy: str = "contiguous"
     """`contiguous` slices of the prompt list, or `balanced` by estimated prompt cost."""
     tpu_type: str | None = None
@@ -140,16 +130,15 @@ class SampleLmMultihostConfig:
     run_name: str | None = None
     """Name of the run in the tracker and summary.json; defaults to the config file's name (on the command line),
     else the output directory's."""
-    defer_tracker_logs_until_end: bool = True
-    """Log to the tracker only once, on the leader, after the merge. Required in host-DP mode."""
     samples_table_rows: int = 256
     """Rows of the tracker's samples table (the first of the merged output); 0 for no table."""
     progress_interval_s: float = 10.0
     """Seconds between each host's progress lines while it samples; 0 turns them off."""
     engine_log: bool = False
     """Let Levanter's engine log every decode round (its time and tokens/s: the steady-state step on a TPU)."""
-    silent_host_timeout_s: float = 300.0
-    """A host (leader included) whose heartbeat has not moved this long is dead or hung; the others give up on it."""
+    silent_host_timeout_s: float = 60.0
+    """A host (leader included) whose heartbeat has not moved this long is dead or hung; the others give up on it.
+    Below JAX's own 100 s heartbeat timeout, so this names the host before JAX kills the job without saying which."""
     gather_chunk_bytes: int = 4 * 1024 * 1024
     """Largest value written to the key-value store in one piece."""
     task: str | None = None
@@ -171,222 +160,81 @@ def parse_command_line(argv: list[str]) -> SampleLmMultihostConfig:
     """The config from ``--config_path`` (a path or fsspec URL, as Levanter reads it) and draccus overrides.
 
     A key the config does not have is a :class:`ConfigError` of one line naming it and the closest valid keys,
-    instead of argparse's usage (hundreds of lines) or a traceback. ``--help`` prints the usage as usual.
+    instead of argparse's usage (hundreds of lines) or a traceback; so is a value Levanter's own configs refuse.
+    ``--help`` prints the usage as usual. ``--trainer.tracker.<key> value`` sets one tracker setting
+    (:func:`with_tracker_settings`).
     """
     if any(a in ("-h", "--help") for a in argv):
         return levanter.config.main(_parsed, args=argv)()
     if "--config_path" in argv[:-1]:
         checks.check_yaml(argv[argv.index("--config_path") + 1])
+    argv, tracker_settings = _split_tracker_settings(argv)
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
             config = levanter.config.main(_parsed, args=argv)()
-        if config.run_name is None and "--config_path" in argv[:-1]:  # the run is named after its config file
-            name = os.path.splitext(os.path.basename(argv[argv.index("--config_path") + 1]))[0]
-            config = dataclasses.replace(config, run_name=name)
-        return config
-    except draccus.utils.ParsingError as e:
-        raise ConfigError(with_closest_keys(str(e), keys(SampleLmMultihostConfig()))) from None
+    except draccus.utils.ParsingError as e:  # the cause says why, e.g. InferenceEngineConfig.__post_init__'s check
+        cause = f": {e.__cause__}" if e.__cause__ else ""
+        raise ConfigError(with_closest_keys(str(e), keys(SampleLmMultihostConfig())) + cause) from None
     except SystemExit as e:
         if e.code == 0:
             raise
         lines = stderr.getvalue().strip().splitlines()
-        message = lines[-1].split("error: ", 1)[-1] if lines else str(e)
-        raise ConfigError(with_closest_keys(message, keys(SampleLmMultihostConfig()))) from None
+        raise ConfigError(with_closest_keys(lines[-1].split("error: ", 1)[-1] if lines else str(e), keys(SampleLmMultihostConfig()))) from None
+    except OSError as e:
+        raise ConfigError(f"The config cannot be read: {e}") from None
+    except (ValueError, TypeError) as e:  # e.g. InferenceEngineConfig.__post_init__ on the values given
+        raise ConfigError(f"The config cannot be parsed: {e}{f': {e.__cause__}' if e.__cause__ else ''}") from None
+    if tracker_settings:
+        config = with_tracker_settings(config, tracker_settings)
+    if config.run_name is None and "--config_path" in argv[:-1]:  # the run is named after its config file
+        name = os.path.splitext(os.path.basename(argv[argv.index("--config_path") + 1]))[0]
+        config = dataclasses.replace(config, run_name=name)
+    return config
+
+
+def _split_tracker_settings(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` without its ``--trainer.tracker.<key>`` settings, and those settings (values as written).
+
+    draccus takes ``trainer.tracker`` only whole (it is a union of one tracker and a list of them), so its keys are
+    applied after parsing.
+    """
+    rest, settings = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(TRACKER_FLAG):
+            key, eq, value = arg[len(TRACKER_FLAG) :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} has no value. Give one, e.g. {TRACKER_FLAG}mode offline.")
+                value = argv[i + 1]
+                i += 1
+            settings[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, settings
+
+
+def with_tracker_settings(config: SampleLmMultihostConfig, settings: dict[str, str]) -> SampleLmMultihostConfig:
+    """``config`` with tracker keys set (values read as YAML); a new ``type`` starts from that tracker's defaults."""
+    current = config.trainer.tracker
+    if not isinstance(current, TrackerConfig):
+        raise ConfigError(f"trainer.tracker is a list of trackers; {TRACKER_FLAG}<key> sets one tracker's key. Give "
+                          "the list whole: --trainer.tracker '[{type: wandb, mode: offline}]'.")  # fmt: skip
+    values = {k: yaml.safe_load(v) for k, v in settings.items()}
+    kind = values.pop("type", TrackerConfig.get_choice_name(type(current)))
+    base = draccus.encode(current) if kind == TrackerConfig.get_choice_name(type(current)) else {}
+    try:
+        tracker = draccus.decode(TrackerConfig, {"type": kind, **base, **values})
+    except (draccus.utils.ParsingError, draccus.utils.DecodingError, ValueError, TypeError) as e:
+        flags = " ".join(f"{TRACKER_FLAG}{k} {v}" for k, v in settings.items())
+        raise ConfigError(f"{flags}: not a tracker setting ({e}).".replace("\n", " ")) from None
+    return dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, tracker=tracker))
 
 
 def _parsed(config: SampleLmMultihostConfig) -> SampleLmMultihostConfig:
     return config
 
 
-
-
-def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_devices: int) -> RunPlan:
-    """Every check that needs no model, and the plan the stages run; the same on every host."""
-    check_values(config, local_devices)
-    checkpoint = resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint") \
-        if config.hf_checkpoint is not None else None  # fmt: skip
-    tokenizer_name = config.tokenizer or checkpoint
-    if tokenizer_name is None:
-        raise ConfigError(f"`tokenizer` is not set and `checkpoint_path` ({config.checkpoint_path}) is a Levanter "
-                          "checkpoint, which holds no tokenizer. Set `tokenizer`.")  # fmt: skip
-    tokenizer = encoding.load_checked(load_tokenizer, resolve_location(tokenizer_name, "tokenizer"))
-    vocab = model_vocab_size(checkpoint)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
-                          "ids past the embedding would be garbage. Use the tokenizer the model was trained with.")  # fmt: skip
-    records = read_prompts(**prompt_source(config))
-    checks.check_carried_columns(records, config.output_format)
-    stop = encoding.stop_condition(tokenizer, list(config.stop_sequences), config.stop_at_eos,
-                                   config.include_stop_in_text, checkpoint)  # fmt: skip
-    prompts = encoding.encode_prompts(records, tokenizer, chat_template=config.chat_template, add_bos=config.add_bos,
-                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      n_generations=config.n_generations, top_k=config.top_k, top_p=config.top_p,
-                                      min_p=config.min_p, seed=config.seed)  # fmt: skip
-    prompts = scoring.with_completions(prompts, records.completions, tokenizer, config.prompt_logprobs, config.task)
-    if config.task == "addition":
-        bad = next((i for i, t in enumerate(prompts.texts) if not addition.is_prompt(t)), None)
-        if bad is not None:
-            raise PromptError(f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
-                              "'4821+377=', but task is addition. Leave task unset or give addition prompts.")  # fmt: skip
-    if not config.allow_unknown_tokens:
-        encoding.check_spelled(prompts, tokenizer)
-    engine = config.engine.levanter()
-    limits = plan.engine_limits(engine)
-    slice_ = plan.topology(config.tpu_type, num_hosts, local_devices)
-    model = plan.model_shape(checkpoint, config.trainer, limits) if config.tpu_type else None
-    revision = config.hf_checkpoint.revision if checkpoint is not None else None
-    architecture = model_loading.architecture(plan.hf_config(checkpoint, revision)[0] if checkpoint else None,
-                                              config.model, f"hf_checkpoint {checkpoint}")  # fmt: skip
-    spec = plan.run_spec(prompts, stop, config.shard_strategy, config.batch_size)
-    if config.engine.auto_size:
-        engine = auto_sized(engine, limits, spec, slice_, model)
-        limits = plan.engine_limits(engine)
-    capacity = plan.check_capacity(limits, spec, slice_, model, log=host == 0)
-    run_dir = RunDir(config.output_dir)
-    run_dir.check_usable(host)
-    if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
-        logger.warning(
-            "output_dir (%s) is a local path: on a multi-host slice every worker writes its parts to its own disk, "
-            "merged.jsonl lives only on worker 0's, and all of it goes with the VMs. Use a bucket URL "
-            "(gs://...) for anything worth keeping.", config.output_dir,
-        )  # fmt: skip
-    fields = fingerprint_fields(config, prompts, checkpoint)
-    ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
-    return RunPlan(
-        prompts=prompts,
-        sampling=Sampling(seed=config.seed, stop=stop, logprobs=config.logprobs,
-                          prompt_logprobs=config.prompt_logprobs),
-        engine=EngineSettings(engine, limits, capacity.max_pages, config.batch_size),
-        model=ModelSource(ref, config.checkpoint_path, architecture, config.trainer),
-        tokenizer=tokenizer,
-        run_dir=run_dir,
-        fingerprint=fields,
-        resume=config.resume,
-        overwrite=config.overwrite,
-        shard_strategy=config.shard_strategy,
-        timeouts=checks.timeouts(config),
-        reporting=Reporting(
-            tracker=config.trainer.tracker,
-            run_name=config.run_name or os.path.basename(config.output_dir.rstrip("/")) or "levanter-multihost",
-            run_id=config.trainer.id or os.environ.get("RUN_ID"),
-            config={"config": {**draccus.encode(config), "model": model_loading.encoded(architecture)},
-                    "fingerprint": fingerprint_hash(fields), **provenance()},
-            samples_table_rows=config.samples_table_rows,
-            task=config.task,
-            progress_interval_s=config.progress_interval_s,
-        ),
-        chunk_bytes=config.gather_chunk_bytes,
-        output_format=config.output_format,
-    )
-
-
-def auto_sized(engine: InferenceEngineConfig, limits: plan.EngineLimits, spec: plan.RunSpec,
-               slice_: plan.Topology, model: plan.ModelShape | None) -> InferenceEngineConfig:  # fmt: skip
-    """``engine`` with the planner's proposal applied (``engine.auto_size: true``)."""
-    if slice_.generation is None or model is None:
-        raise ConfigError("engine.auto_size is true, but it needs the HBM of the chips and the model's shape: set "
-                          "tpu_type (e.g. v5p-32) and an hf_checkpoint whose config.json is readable here, or give "
-                          "the engine's sizes.")  # fmt: skip
-    proposal = plan.plan_capacity(limits, spec, slice_, model).proposal
-    if proposal is None:
-        raise ConfigError(f"engine.auto_size: the model's weights leave no room for a KV cache on a "
-                          f"{slice_.generation.name} chip. Shard more (trainer.tensor_parallel_axes) or use a "
-                          "larger slice.")  # fmt: skip
-    logger.info("engine.auto_size: %s (limited by %s)", proposal.engine_fields(), proposal.limited_by)
-    return dataclasses.replace(engine, **proposal.engine_fields())
-
-
-def prompt_source(config: SampleLmMultihostConfig) -> dict:
-    """The arguments of :func:`~levanter_multihost.prompts.read_prompts`; inline prompts win over a file."""
-    return {"prompts": config.prompts, "file": config.prompts_file, "dataset": config.prompts_dataset,
-            "split": config.prompts_split, "prompt_field": config.prompt_field,
-            "messages_field": config.messages_field}  # fmt: skip
-
-
-def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
-    """Checks on the config's own values: each names the field, the value and the fix."""
-    checks.check_limits(config)
-
-    def number(name: str, low: float, *, integer: bool = False, strict: bool = True) -> None:
-        value = getattr(config, name)
-        kind = int if integer else (int, float)
-        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value < low or (strict and value == low):
-            raise ConfigError(f"{name} ({value}) must be {'an integer' if integer else 'a finite number'} "
-                              f"{'>' if strict else '>='} {low}.")  # fmt: skip
-
-    number("max_new_tokens", 0, integer=True)
-    number("n_generations", 0, integer=True)
-    number("temperature", 0, strict=False)
-    number("progress_interval_s", 0, strict=False)
-    number("samples_table_rows", 0, integer=True, strict=False)
-    if config.batch_size is not None:
-        number("batch_size", 0, integer=True)
-    for name in ("seed", "top_k", "top_p", "min_p"):
-        rule = broken_rule(name, getattr(config, name))
-        if rule is not None:
-            raise ConfigError(f"{name} ({getattr(config, name)}) must be {rule}.")
-    if (config.hf_checkpoint is None) == (config.checkpoint_path is None):
-        raise ConfigError("Set exactly one of `hf_checkpoint` and `checkpoint_path`.")
-    choices = {"inference_mode": ("host_data_parallel",), "shard_strategy": STRATEGIES,
-               "output_format": ("jsonl", "parquet")}  # fmt: skip
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ConfigError(f"{name} ({getattr(config, name)!r}) must be one of {list(allowed)}.")
-    if config.task is not None and config.task not in TASKS:
-        raise ConfigError(f"task ({config.task!r}) is not a known task. Use one of {list(TASKS)} or leave it unset.")
-    if not config.defer_tracker_logs_until_end:
-        raise ConfigError(
-            "defer_tracker_logs_until_end is false, but host-data-parallel mode logs to the tracker only once, on "
-            "the leader, after the merge: tracker calls during generation or on some hosts only have crashed TPU "
-            "slices. Set defer_tracker_logs_until_end: true."
-        )
-    if config.resume and config.overwrite:
-        raise ConfigError("`resume` and `overwrite` are both true. Choose one.")
-    axis = config.trainer.model_axis_size
-    if local_devices % axis != 0:
-        raise ConfigError(f"trainer.model_axis_size ({axis}) does not divide this host's {local_devices} devices. "
-                          f"Set it to a divisor of {local_devices}.")  # fmt: skip
-
-
-def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, checkpoint: str | None) -> dict:
-    """What identifies a run's outputs: a resume refuses a directory, the leader a host, with other values."""
-    digest = hashlib.sha256(json.dumps(prompts.texts).encode("utf-8"))
-    for column in (prompts.tokens.flat, prompts.max_new_tokens, prompts.temperature, prompts.n_generations):
-        digest.update(column.tobytes())
-    controls = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": config.seed}
-    for name, default in controls.items():  # only when set: the fingerprints of runs without them stay as they were
-        if (getattr(prompts, name) != default).any():
-            digest.update(name.encode() + getattr(prompts, name).tobytes())
-    for extra in prompts.extra_json or ():
-        digest.update(extra + b"\n")
-    return {
-        **run_identity(config, checkpoint),
-        "precision": str(config.trainer.mp),
-        "prompts_sha256": digest.hexdigest(),
-        "num_prompts": len(prompts),
-        "seed": config.seed,
-        "temperature": config.temperature,
-        "max_new_tokens": config.max_new_tokens,
-        "n_generations": config.n_generations,
-        "stop_sequences": list(config.stop_sequences),
-        "stop_at_eos": config.stop_at_eos,
-        "include_stop_in_text": config.include_stop_in_text,
-        "logprobs": config.logprobs,
-        **({"prompt_logprobs": True} if config.prompt_logprobs else {}),  # absent: older fingerprints stay valid
-        **{name: getattr(config, name) for name, default in controls.items() if getattr(config, name) != default},
-    }
-
-
-def provenance() -> dict:
-    """Git commit of the code (or ``LEVANTER_MULTIHOST_GIT_COMMIT``) and the pinned dependencies' versions."""
-    commit = os.environ.get("LEVANTER_MULTIHOST_GIT_COMMIT")
-    if commit is None:
-        try:
-            here = os.path.dirname(os.path.abspath(__file__))
-            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-            commit = out.stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    return {"git_commit": commit, "versions": seams.versions()}

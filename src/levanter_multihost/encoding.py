@@ -71,24 +71,26 @@ def encode_prompts(
                 raise PromptError(f"Prompt {start + i} tokenizes to nothing. Remove it or give it text.")
         tables.append(TokenTable.of(ids))
 
-    def column(name: str, default, dtype) -> np.ndarray:
-        values = records.overrides.get(name)
-        if values is None:
-            return np.full(len(texts), default, dtype=dtype)
-        return np.array([default if v is None else v for v in values], dtype=dtype)
-
     return PromptSet(
         texts=texts,
         tokens=TokenTable.concatenate(tables),
-        max_new_tokens=column("max_new_tokens", max_new_tokens, np.int32),
-        temperature=column("temperature", temperature, np.float32),
-        n_generations=column("n_generations", n_generations, np.int32),
-        top_k=column("top_k", top_k, np.int32),
-        top_p=column("top_p", top_p, np.float32),
-        min_p=column("min_p", min_p, np.float32),
-        seed=column("seed", seed, np.int64),
+        max_new_tokens=per_prompt(records, "max_new_tokens", max_new_tokens),
+        temperature=per_prompt(records, "temperature", temperature, np.float32),
+        n_generations=per_prompt(records, "n_generations", n_generations),
+        top_k=per_prompt(records, "top_k", top_k),
+        top_p=per_prompt(records, "top_p", top_p, np.float32),
+        min_p=per_prompt(records, "min_p", min_p, np.float32),
+        seed=per_prompt(records, "seed", seed, np.int64),
         extra_json=records.extra_json,
     )
+
+
+def per_prompt(records: PromptRecords, column: str, default, dtype=np.int32) -> np.ndarray:
+    """Each prompt's value of an override ``column``: the row's own where it sets one, else ``default``."""
+    values = records.overrides.get(column)
+    if values is None:
+        return np.full(len(records), default, dtype=dtype)
+    return np.array([default if v is None else v for v in values], dtype=dtype)
 
 
 def check_spelled(prompts: PromptSet, tokenizer) -> None:

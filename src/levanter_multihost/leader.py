@@ -1,5 +1,7 @@
 """What only the leader does: spool every host's parts, merge them into one ordered output, summarize, report.
 
+:func:`merge_and_report` is the leader's whole stage once its own share is sampled.
+
 Covers the spool (a local temporary directory the leader's collector writes the other hosts' parts into while the
 leader samples its own; its own parts go there too), the streaming merge into ``merged.jsonl`` or
 ``merged.parquet`` with the completeness check on the way (nothing is written unless every expected (prompt,
@@ -15,16 +17,64 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from levanter_multihost import addition, rundir, summary
+from levanter_multihost import addition, rundir, summary, tracking
+from levanter_multihost.collector import Collector, HostArrivals
 from levanter_multihost.outputs import Completeness, SortedRun, keyed_lines, merge_sorted, read_keyed
-from levanter_multihost.rundir import RunDir
-from levanter_multihost.runplan import Reporting
+from levanter_multihost.rundir import Decision, RunDir
+from levanter_multihost.runplan import Reporting, RunPlan
+from levanter_multihost.runtime import HostContext
+from levanter_multihost.summary import HostMetrics
 
 logger = logging.getLogger(__name__)
+
+
+def merge_and_report(plan: RunPlan, ctx: HostContext, collector: Collector, spool: "Spool", own: HostMetrics,
+                     decision: Decision) -> None:  # fmt: skip
+    """Wait for every host's parts, merge, summarize, report; an earlier run's parts go only once the merge is in."""
+    with ctx.phase("collect"):
+        arrivals = collector.finish()
+    host_metrics = [own] + [received_metrics(a) for _, a in sorted(arrivals.items())]
+    with ctx.phase("merge"):
+        plan.run_dir.check_still_ours(decision.attempt)
+        merged = write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format, plan.reporting)
+    result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
+                                   wall_clock_s=time.time() - min(m.started_at for m in host_metrics),
+                                   leader_wait_s=ctx.seconds("collect"))  # fmt: skip
+    if plan.reporting.task is not None:
+        result["sample/task_accuracy"] = merged.correct / max(merged.rows, 1)
+    with ctx.phase("timeline"):
+        png = tracking.timeline_png(host_metrics, {"started_at": ctx.started_at, "phases": ctx.phases})
+        plan.run_dir.write_atomic(rundir.TIMELINE, png)
+    # written before the tracker too, which may be slow or fail, and again with the tracker's phase in it
+    write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
+    with ctx.phase("tracker"):
+        tracking.report(plan.reporting, result, merged.samples, png)
+    write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
+    plan.run_dir.check_still_ours(decision.attempt)  # deleted while merging: the run failed
+    if decision.replaces:
+        plan.run_dir.remove_parts_except(decision.attempts)
+    log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
+
+
+def received_metrics(arrivals: HostArrivals) -> HostMetrics:
+    """A host's metrics from its end message, with the bytes it sent and its ``wait`` phase: from its last send to
+    its end message reaching the leader.
+
+    Mixed clocks: the wait starts on the host's clock (its phases count from its own ``started_at``) and ends on
+    the leader's (``ended_at`` is the leader's ``time.time()``, less the host's ``started_at``), so the skew
+    between the two machines' wall clocks (NTP keeps it to milliseconds) shifts the span's end. It is drawn on the
+    timeline only, never summed into a throughput.
+    """
+    metrics = HostMetrics.from_json(arrivals.end["metrics"])
+    metrics.gather_bytes = arrivals.bytes
+    sends = metrics.phases.get("send")
+    metrics.phases["wait"] = [[sends[-1][1] if sends else 0.0, arrivals.ended_at - metrics.started_at]]
+    return metrics
 
 
 class Spool:
@@ -124,18 +174,19 @@ def task_score(task: str, row: dict) -> bool:
     raise ValueError(f"task ({task!r}) is not a known task.")
 
 
-def write_summary(run_dir: RunDir, reporting: Reporting, host_metrics: list[dict], result: dict,
+def write_summary(run_dir: RunDir, reporting: Reporting, host_metrics: list[HostMetrics], result: dict,
                   leader_phases: dict, started_at: float) -> None:  # fmt: skip
     """``summary.json``: the run's name, id, fingerprint, git commit and versions, the totals, every host's metrics,
     and the leader's own phases."""
     run = {"name": reporting.run_name, "id": reporting.run_id, **{k: v for k, v in reporting.config.items()
                                                                  if k != "config"}}  # fmt: skip
-    data = {"run": run, "summary": result, "hosts": host_metrics,
+    data = {"run": run, "summary": result, "hosts": [m.to_json() for m in host_metrics],
             "leader": {"started_at": started_at, "phases": {k: list(v) for k, v in leader_phases.items()}}}  # fmt: skip
     run_dir.write_atomic(rundir.SUMMARY, json.dumps(data, indent=2).encode("utf-8"))
 
 
-def log_results(reporting: Reporting, host_metrics: list[dict], result: dict[str, Any], merged_url: str) -> None:
+def log_results(reporting: Reporting, host_metrics: list[HostMetrics], result: dict[str, Any],
+                merged_url: str) -> None:  # fmt: skip
     logger.info("Per-host results:\n%s", summary.format_summary(host_metrics, result))
     if reporting.task is not None:
         logger.info("Task %s: %.1f%% exact answers", reporting.task, 100 * result["sample/task_accuracy"])

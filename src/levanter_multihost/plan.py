@@ -2,7 +2,7 @@
 
 Turns the engine config, the encoded prompts and stop condition, the slice and the model into the planner's
 plain values (:mod:`levanter_multihost.capacity`), and :func:`check_capacity` raises :class:`CapacityError`
-with every problem and its fix. The model's bytes per chip come from its real partition specs on a host's mesh
+with every problem and its fix. :func:`levanter_multihost.resolution.resolve_capacity` puts them together. The model's bytes per chip come from its real partition specs on a host's mesh
 (:mod:`levanter_multihost.footprint`, abstract shapes only); its architecture from the checkpoint's
 ``config.json`` when it is a local directory or in the Hugging Face cache, else from a table of Llama names.
 Never touches the network or an accelerator.
@@ -25,10 +25,11 @@ from levanter_multihost.capacity import (
     RunSpec,
     Topology,
     parse_tpu_type,
-    plan_capacity,
+    report,
 )
+from levanter_multihost.capacity.planner import verified_fixes
 from levanter_multihost.errors import ConfigError, UserError
-from levanter_multihost.runplan import PromptSet, StopCondition
+from levanter_multihost.runplan import StopCondition
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class CapacityError(UserError):
         self.plan = plan
         lines = [f"- {p.message}" for p in plan.problems]
         super().__init__("The config does not fit the run (levanter-multihost-plan shows the full table):\n"
-                         + "\n".join(lines))  # fmt: skip
+                         + "\n".join(lines) + "\n" + report.fix_line(verified_fixes(plan)))  # fmt: skip
 
 
 def engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
@@ -80,14 +81,7 @@ def _engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
     )
 
 
-def run_spec(prompts: PromptSet, stop: StopCondition, shard_strategy: str, batch_size: int | None) -> RunSpec:
-    lengths = prompts.tokens.lengths
-    if prompts.completions is not None:  # a scoring row: one forward pass over prompt and completion, no decoding
-        lengths = lengths + prompts.completions.lengths
-    return run_spec_of(lengths, prompts.max_new_tokens, prompts.n_generations, stop, shard_strategy, batch_size)
-
-
-def run_spec_of(lengths, max_new_tokens, n_generations, stop: StopCondition, shard_strategy: str,
+def run_spec(lengths, max_new_tokens, n_generations, stop: StopCondition, shard_strategy: str,
                 batch_size: int | None) -> RunSpec:  # fmt: skip
     """The planner's view of the prompts: per prompt its tokens, new tokens and generations (sequences of ints)."""
     demands = tuple(PromptDemand(int(p), int(m), int(n)) for p, m, n in zip(lengths, max_new_tokens, n_generations))
@@ -170,11 +164,9 @@ def model_footprint(config: dict, trainer: TrainerConfig, limits: EngineLimits):
                                      trainer.mp.compute_dtype, limits.page_size, dtype)  # fmt: skip
 
 
-def check_capacity(limits: EngineLimits, run: RunSpec, slice_: Topology, model: ModelShape | None,
-                   log: bool = True) -> CapacityPlan:  # fmt: skip
-    """Plan the run and raise :class:`CapacityError` if it cannot fit or would truncate; the same on every host,
-    before the model loads (``log``: say how it fits; one host is enough)."""
-    plan = plan_capacity(limits, run, slice_, model)
+def check_capacity(plan: CapacityPlan, log: bool = True) -> CapacityPlan:
+    """``plan`` if the run fits, else :class:`CapacityError`; the same on every host, before the model loads
+    (``log``: say how it fits; one host is enough)."""
     if not plan.ok:
         raise CapacityError(plan)
     if not log:

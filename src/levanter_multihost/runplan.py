@@ -1,6 +1,6 @@
 """The run plan: everything the stages need, resolved and checked once from the config before the model loads.
 
-Frozen, typed values only. ``config.resolve`` builds a :class:`RunPlan`; ``main`` hands each stage the pieces it
+Frozen, typed values only. ``resolution.resolve`` builds a :class:`RunPlan`; ``main`` hands each stage the pieces it
 needs, so no stage reads the config.
 """
 
@@ -157,7 +157,8 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Every wait between hosts, one name per meaning."""
+    """Every wait between hosts, one name per meaning (resolved before the plan: hosts need it to report any
+    failure of resolving)."""
 
     heartbeat_interval_s: float
     """How often every host shows the others it is alive."""
@@ -205,10 +206,7 @@ class RunPlan:
     """Replace an earlier run's outputs (once this run's merge is written)."""
     shard_strategy: str
     """How prompts are split over hosts (:mod:`levanter_multihost.sharding`)."""
-    timeouts: Timeouts
     reporting: Reporting
-    chunk_bytes: int
-    """Largest value written to the key-value store in one piece."""
     output_format: str = "jsonl"
     """Format of the merged output: ``jsonl`` or ``parquet``."""
 

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 
 import jax
 
@@ -24,25 +23,25 @@ from levanter_multihost import (
     coordination,
     leader,
     model_loading,
-    rundir,
     runtime,
     sampling,
     scoring,
     seams,
     summary,
-    tracking,
 )
-from levanter_multihost.checks import timeouts
 from levanter_multihost.collector import Collector
-from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line, resolve
+from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.outputs import row_line
+from levanter_multihost.checks import timeouts
+from levanter_multihost.resolution import resolve
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
 from levanter_multihost.runtime import CompileClock, HostContext
+from levanter_multihost.summary import BatchRecord
 
 LEAVE_WAIT_S = 15.0
 """How long a failed leader waits for the other hosts to stop before it exits (they hear of it within a beat)."""
@@ -64,27 +63,37 @@ def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
             attempt = new_attempt()
             with plan.run_dir.lock(attempt) if ctx.is_leader else contextlib.nullcontext():
                 with ctx.phase("prepare"):
-                    decision = prepare_run_dir(plan, link, attempt)
-                run_share(plan, ctx, link, decision)
+                    decision, earlier = prepare_run_dir(plan, link, attempt)
+                run_share(plan, ctx, link, decision, earlier)
         if not ctx.is_leader:
             link.wait_for(DONE)
     finally:
         stop_heartbeat.set()
 
 
-def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> Decision:
-    """Leader: decide fresh / resume / refuse and record the run, then tell the others, who wait for it."""
+def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> tuple[Decision, set[tuple[int, int]]]:
+    """Leader: decide fresh / resume / refuse and record the run, then tell the others, who wait for it. Every host
+    returns the decision and the rows earlier attempts left (the same on every host, or a :class:`UserError`)."""
+    fingerprint = fingerprint_hash(plan.fingerprint)
     if not link.is_leader:
         message = link.wait_for(READY)
-        return Decision(message["attempt"], tuple(message["attempts"]), message["replaces"])
+        decision = Decision(message["attempt"], tuple(message["attempts"]), message["replaces"])
+        earlier = sampling.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
+        if len(earlier) != message["earlier_rows"]:  # the missing work is split by what every host reads here
+            raise UserError(f"host {link.host} reads {len(earlier)} rows of earlier attempts in output_dir "
+                            f"({plan.run_dir.url}), the leader {message['earlier_rows']}: a resume needs one run "
+                            "directory every host reads (a bucket URL), not a local path on each host.")  # fmt: skip
+        return decision, earlier
     decision = plan.run_dir.decide(plan.fingerprint, plan.resume, plan.overwrite, attempt)
     plan.run_dir.record(plan.fingerprint, decision)
+    earlier = sampling.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
     link.announce(READY, {"attempt": decision.attempt, "attempts": list(decision.attempts),
-                          "replaces": decision.replaces})  # fmt: skip
-    return decision
+                          "replaces": decision.replaces, "earlier_rows": len(earlier)})  # fmt: skip
+    return decision, earlier
 
 
-def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision) -> None:
+def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision,
+              earlier: set[tuple[int, int]]) -> None:  # fmt: skip
     """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
     spool = leader.Spool() if ctx.is_leader else None
     collector = Collector(link, spool.add).start() if ctx.is_leader else None
@@ -95,16 +104,17 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
         kept, tokens_kept = sampling.keep_earlier_rows(plan.run_dir, decision.attempts, fingerprint, share,
                                                        plan.prompts, plan.sampling.stop, plan.tokenizer,
                                                        deliver)  # fmt: skip
-        items = sampling.work_items(plan.prompts, share, kept)
+        to_sample = sampling.sampling_share(plan.prompts, earlier, ctx.host, ctx.num_hosts, plan.shard_strategy)
+        items = sampling.work_items(plan.prompts, to_sample, earlier)
         batches = sampling.batches(items, plan.engine)
         logger.info("host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches", ctx.host, len(share),
                     len(kept), len(items), len(batches))  # fmt: skip
         stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver, collector) if batches else []
         metrics = summary.host_metrics(ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept)
         if not ctx.is_leader:
-            link.send_end(metrics)
+            link.send_end(metrics.to_json())
             return
-        finish(plan, ctx, collector, spool, metrics, decision)
+        leader.merge_and_report(plan, ctx, collector, spool, metrics, decision)
         link.announce(DONE, {})
     finally:
         if collector is not None:
@@ -114,7 +124,7 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
 
 
 def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attempt: str, fingerprint: str,
-           deliver: sampling.Deliver, collector: Collector | None) -> list[dict]:  # fmt: skip
+           deliver: sampling.Deliver, collector: Collector | None) -> list[BatchRecord]:  # fmt: skip
     """Load the model onto this host's chips and sample every batch; no cross-host communication."""
     with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
@@ -124,10 +134,12 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
             engine = None if scoring_rows else build_engine(model, plan.tokenizer, plan.engine.config,
                                                             plan.sampling.logprobs)  # fmt: skip
         expected = sum(len(i.generations) * i.max_new_tokens for b in batches for i in b)
-        progress = sampling.Progress(ctx.host, len(batches), expected, plan.reporting.progress_interval_s)
+        progress = sampling.Progress(ctx.host, len(batches), expected, plan.reporting.progress_interval_s,
+                                     CompileClock.seconds)  # fmt: skip
         stats = []
         for b, items in enumerate(batches):
             start = ctx.now()
+            progress.batch_started(b)
             if scoring_rows:
                 rows, batch = scoring.score_batch(model, items, plan.engine, plan.sampling.prompt_logprobs, ctx.host,
                                                   CompileClock.seconds)  # fmt: skip
@@ -148,44 +160,16 @@ def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attem
                                         ctx.host, b)  # fmt: skip
             with ctx.phase("send"):
                 deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
-            progress.batch_done(batch.tokens)
+            progress.batch_done(batch.tokens, batch.decode_s)
             if collector is not None:
                 collector.check()  # a host failed or went silent: stop now rather than after this host's share
-            stats.append({**vars(batch), "batch": b, "compile_s": batch.compile_prefill_s + batch.compile_decode_s,
-                          "write_s": ctx.phases["write"][-1][1] - ctx.phases["write"][-1][0]})  # fmt: skip
+            written = ctx.phases["write"][-1]
+            stats.append(BatchRecord(batch=b, sequences=batch.sequences, tokens=batch.tokens,
+                                     compile_s=batch.compile_prefill_s + batch.compile_decode_s,
+                                     prefill_s=batch.prefill_s, decode_s=batch.decode_s, write_s=written[1] - written[0],
+                                     pages_after_prefill=batch.pages_after_prefill, outer_rounds=batch.outer_rounds,
+                                     waves=batch.waves))  # fmt: skip
     return stats
-
-
-def finish(plan: RunPlan, ctx: HostContext, collector: Collector, spool: leader.Spool, own: dict,
-           decision: Decision) -> None:  # fmt: skip
-    """Leader: wait for every host's parts, merge, summarize, report; old outputs go only once the merge is in."""
-    with ctx.phase("collect"):
-        arrivals = collector.finish()
-    host_metrics = [own] + [{**a.end["metrics"], "gather_bytes": a.bytes} for _, a in sorted(arrivals.items())]
-    for m in host_metrics[1:]:
-        m["phases"]["wait"] = [[m["phases"]["send"][-1][1] if m["phases"].get("send") else 0.0,
-                                arrivals[m["host"]].ended_at - m["started_at"]]]  # fmt: skip
-    with ctx.phase("merge"):
-        plan.run_dir.check_still_ours(decision.attempt)
-        merged = leader.write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format,
-                                     plan.reporting)  # fmt: skip
-    result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
-                                   wall_clock_s=time.time() - min(m["started_at"] for m in host_metrics),
-                                   leader_wait_s=ctx.seconds("collect"))  # fmt: skip
-    if plan.reporting.task is not None:
-        result["sample/task_accuracy"] = merged.correct / max(merged.rows, 1)
-    with ctx.phase("timeline"):
-        png = tracking.timeline_png(host_metrics, {"started_at": ctx.started_at, "phases": ctx.phases})
-        plan.run_dir.write_atomic(rundir.TIMELINE, png)
-    # written before the tracker too, which may be slow or fail, and again with the tracker's phase in it
-    leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
-    with ctx.phase("tracker"):
-        tracking.report(plan.reporting, result, merged.samples, png)
-    leader.write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
-    plan.run_dir.check_still_ours(decision.attempt)  # deleted while merging: the run failed
-    if decision.replaces:
-        plan.run_dir.remove_parts_except(decision.attempts)
-    leader.log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
 
 
 def cli() -> None:

@@ -2,12 +2,13 @@
 
 Covers which prompts a host samples (:mod:`levanter_multihost.sharding`), reading and verifying the rows earlier
 attempts left in the run directory (a resume samples only what is missing, whatever the old host count and batch
-size were), packing what is left into batches the engine completes in one call
+size were, spread over every host by the same balancing as a fresh run's), packing what is left into batches the engine completes in one call
 (:class:`~levanter_multihost.capacity.BatchPacker`), and, after every batch, making its rows durable as a part
 and handing the part on (``deliver``). Progress lines cover the whole share: batches, tokens, tokens/s and an ETA
 measured from the first decode round, so compiling does not skew them. No cross-host communication here.
 """
 
+import collections
 import json
 import logging
 import time
@@ -33,10 +34,42 @@ class ResumeError(UserError):
 
 
 def host_share(prompts: PromptSet, host: int, num_hosts: int, strategy: str) -> list[int]:
-    """Global indices of the prompts ``host`` samples."""
+    """Global indices of the prompts ``host`` answers for: it verifies and delivers their rows kept from earlier
+    attempts (:func:`keep_earlier_rows`)."""
     costs = [prompt_cost(prompts.tokens.length(i), int(prompts.max_new_tokens[i]), int(prompts.n_generations[i]))
              for i in range(len(prompts))]  # fmt: skip
     return shard_for_host(strategy, num_hosts, host, costs)
+
+
+def earlier_rows(run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str) -> set[tuple[int, int]]:
+    """The (prompt, generation) of every row the run's earlier attempts left, read from their parts' keys only.
+
+    Every host reads every part, so that all of them agree on what is missing (the host whose share holds a row
+    verifies it, :func:`keep_earlier_rows`). Empty on a fresh run: its attempt has no parts yet.
+    """
+    keys: set[tuple[int, int]] = set()
+    for part in run_dir.list_parts():
+        if part.fingerprint != fingerprint or part.attempt not in attempts:
+            continue
+        try:
+            keys.update(key for key, _ in keyed_lines(run_dir.read_part(part), part.path))
+        except MergeError as e:  # a truncated or foreign line
+            raise ResumeError(f"{e} Remove the file or use overwrite: true.") from None
+    return keys
+
+
+def sampling_share(prompts: PromptSet, earlier: set[tuple[int, int]], host: int, num_hosts: int,
+                   strategy: str) -> list[int]:  # fmt: skip
+    """Global indices of the prompts with generations still to sample that ``host`` samples.
+
+    The missing work is spread over every host by the same strategy as a fresh run's (then it is the fresh run's
+    share): after a host died, a resume has every host sample part of what it lost.
+    """
+    kept = collections.Counter(p for p, _ in earlier)
+    todo = [p for p in range(len(prompts)) if kept[p] < prompts.n_generations[p]]
+    costs = [prompt_cost(prompts.tokens.length(p), int(prompts.max_new_tokens[p]),
+                         int(prompts.n_generations[p]) - kept[p]) for p in todo]  # fmt: skip
+    return [todo[i] for i in shard_for_host(strategy, num_hosts, host, costs)]
 
 
 def keep_earlier_rows(
@@ -116,7 +149,7 @@ def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts:
 
 
 def work_items(prompts: PromptSet, share: list[int], kept: set[tuple[int, int]]) -> list[WorkItem]:
-    """The prompts of ``share`` with generations still to sample, in global order."""
+    """The prompts of ``share`` with generations not in ``kept`` still to sample, in global order."""
     items = []
     for p in share:
         n = int(prompts.n_generations[p])
@@ -141,32 +174,61 @@ def batches(items: list[WorkItem], engine: EngineSettings) -> list[list[WorkItem
 
 
 class Progress:
-    """Host-local progress over the whole share, logged at most every ``interval_s`` (0: never)."""
+    """Host-local progress over the whole share, logged at most every ``interval_s`` (0: never).
 
-    def __init__(self, host: int, total_batches: int, total_tokens: int, interval_s: float):
+    Says when the first batch starts compiling; after that, tokens per second of decoding only (the rounds'
+    wall time less the compile seconds ``compile_clock`` counted meanwhile; prefill and the gaps between batches
+    left out), as ``decode tok/s`` in the summary, and the ETA of the remaining tokens at that rate. A batch's
+    end is logged too, and the share's last batch always, so a host with one short batch still says how it went.
+    """
+
+    def __init__(self, host: int, total_batches: int, total_tokens: int, interval_s: float,
+                 compile_clock: Callable[[], float]):  # fmt: skip
         self.host, self.total_batches, self.total_tokens, self.interval_s = host, total_batches, total_tokens, interval_s
+        self.compile_clock = compile_clock
         self.batches_done = 0
         self.tokens_done = 0
-        self.decode_started: float | None = None
+        self.decode_s_done = 0.0
+        """Decode seconds of the finished batches (compiling excluded)."""
+        self.batch_mark: tuple[float, float] | None = None
+        """(wall clock, compile seconds) at the running batch's first decode round."""
         self.last_line = 0.0
+
+    def batch_started(self, batch: int) -> None:
+        if batch == 0 and self.interval_s > 0:
+            logger.info("host %d: batch 1/%d: compiling the engine's programs and prefilling; decode rates follow",
+                        self.host, self.total_batches)  # fmt: skip
 
     def on_round(self, tokens_in_batch: int) -> None:
         now = time.perf_counter()
-        if self.decode_started is None:
-            self.decode_started = now  # rates and the ETA start at the first decode round, after compiling
-        if self.interval_s <= 0 or now - self.last_line < self.interval_s:
-            return
-        self.last_line = now
-        done = self.tokens_done + tokens_in_batch
-        elapsed = now - self.decode_started
-        rate = done / elapsed if elapsed > 0 and done else 0.0
-        eta = f"{(self.total_tokens - done) / rate:.0f}s" if rate > 0 else "-"
-        logger.info(
-            "host %d: batch %d/%d, %d/%d tokens (%.0f%%), %.1f tok/s, ETA %s",
-            self.host, self.batches_done + 1, self.total_batches, done, self.total_tokens,
-            100.0 * done / max(self.total_tokens, 1), rate, eta,
-        )  # fmt: skip
+        where = f"batch {self.batches_done + 1}/{self.total_batches}"
+        if self.batch_mark is None:  # the first round of a batch: its decode clock starts here
+            self.batch_mark = (now, self.compile_clock())
+            where += " decoding"  # the rate so far, if any, is the finished batches'
+            decode_s = self.decode_s_done
+        else:
+            start, compiled = self.batch_mark
+            decode_s = self.decode_s_done + max(now - start - (self.compile_clock() - compiled), 0.0)
+        if self.interval_s > 0 and now - self.last_line >= self.interval_s:
+            self._line(where, self.tokens_done + tokens_in_batch, decode_s)
 
-    def batch_done(self, tokens: int) -> None:
+    def batch_done(self, tokens: int, decode_s: float) -> None:
         self.batches_done += 1
         self.tokens_done += tokens
+        self.decode_s_done += decode_s
+        self.batch_mark = None
+        last = self.batches_done == self.total_batches
+        if self.interval_s > 0 and (last or time.perf_counter() - self.last_line >= self.interval_s):
+            self._line(f"batch {self.batches_done}/{self.total_batches} done", self.tokens_done, self.decode_s_done)
+
+    def _line(self, where: str, done: int, decode_s: float) -> None:
+        """A progress line; its rate and ETA only once some decoding has been timed (never "0 tok/s")."""
+        self.last_line = time.perf_counter()
+        share = f"{done}/{self.total_tokens} tokens ({100.0 * done / max(self.total_tokens, 1):.0f}%)"
+        if decode_s <= 0:
+            logger.info("host %d: %s, %s", self.host, where, share)
+            return
+        rate = done / decode_s
+        left = self.total_tokens - done
+        logger.info("host %d: %s, %s, %.1f tok/s decoding, ETA %.0fs", self.host, where, share, rate,
+                    max(left, 0) / rate)  # fmt: skip

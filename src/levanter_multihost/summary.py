@@ -13,6 +13,7 @@ No JAX import.
 """
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from levanter_multihost.tables import format_table
@@ -53,64 +54,118 @@ TABLE_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one batch took, as ``summary.json`` lists it per host (``batch_stats``)."""
+
+    batch: int
+    sequences: int
+    tokens: int
+    compile_s: float
+    """Compiling (or fetching from the persistent cache) during the batch: prefill's and the first round's."""
+    prefill_s: float
+    decode_s: float
+    write_s: float
+    """Writing the batch's part into the run directory."""
+    pages_after_prefill: int
+    outer_rounds: int
+    waves: int
+
+
+@dataclass
+class HostMetrics:
+    """What a host reports with its end message (JSON across hosts: :meth:`to_json`, :meth:`from_json`)."""
+
+    host: int
+    started_at: float
+    """``time.time()`` on the host when its process was created; its phases count from here."""
+    phases: dict[str, list[list[float]]]
+    """Phase name -> [start, end] spans in seconds since ``started_at``, on the host's own clock."""
+    prompts: int
+    """Prompts of its share (whose kept rows it delivers)."""
+    rows: int
+    rows_kept: int
+    sequences: int
+    """Sequences it sampled."""
+    tokens: int
+    tokens_generated: int
+    """Tokens it sampled (``tokens`` adds the kept rows')."""
+    batches: int
+    batch_stats: list[BatchRecord]
+    model_load_s: float
+    engine_build_s: float
+    compile_s: float
+    prefill_s: float
+    decode_s: float
+    generate_s: float
+    decode_tokens_per_s: float
+    pages_after_prefill: int
+    write_s: float
+    peak_rss_bytes: int
+    gather_bytes: int = 0
+    """Bytes it sent the leader; filled in by the leader."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "HostMetrics":
+        return cls(**{**data, "batch_stats": [BatchRecord(**b) for b in data["batch_stats"]]})
+
+
 def host_metrics(host: int, started_at: float, phases: dict[str, list[list[float]]], prompts: int,
-                 batches: Sequence[dict], rows_kept: int, tokens_kept: int) -> dict[str, Any]:  # fmt: skip
-    """What a host reports with its end message (``gather_bytes`` is filled in by the leader).
-
-    ``batches`` are the per-batch stats the sampler recorded (sequences, tokens, compile_s, prefill_s, decode_s,
-    outer_rounds, waves, pages_after_prefill, write_s).
-    """
-    sampled = sum(b["sequences"] for b in batches)
-    tokens = sum(b["tokens"] for b in batches)
-    compile_s = sum(b["compile_s"] for b in batches)
-    prefill_s = sum(b["prefill_s"] for b in batches)
-    decode_s = sum(b["decode_s"] for b in batches)
-    return {
-        "host": host,
-        "started_at": started_at,
-        "phases": {name: list(span) for name, span in phases.items()},
-        "prompts": prompts,
-        "rows": rows_kept + sampled,
-        "rows_kept": rows_kept,
-        "sequences": sampled,
-        "tokens": tokens_kept + tokens,
-        "tokens_generated": tokens,
-        "batches": len(batches),
-        "batch_stats": list(batches),
-        "model_load_s": _span(phases, "model_load"),
-        "engine_build_s": _span(phases, "engine_build"),
-        "compile_s": compile_s,
-        "prefill_s": prefill_s,
-        "decode_s": decode_s,
-        "generate_s": compile_s + prefill_s + decode_s,
-        "decode_tokens_per_s": tokens / decode_s if decode_s > 0 else 0.0,
-        "pages_after_prefill": max((b["pages_after_prefill"] for b in batches), default=0),
-        "write_s": sum(b.get("write_s", 0.0) for b in batches),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "gather_bytes": 0,
-    }
+                 batches: Sequence[BatchRecord], rows_kept: int, tokens_kept: int) -> HostMetrics:  # fmt: skip
+    """A host's metrics from its phases and its batches (``gather_bytes`` is filled in by the leader)."""
+    sampled = sum(b.sequences for b in batches)
+    tokens = sum(b.tokens for b in batches)
+    compile_s = sum(b.compile_s for b in batches)
+    prefill_s = sum(b.prefill_s for b in batches)
+    decode_s = sum(b.decode_s for b in batches)
+    return HostMetrics(
+        host=host,
+        started_at=started_at,
+        phases={name: list(span) for name, span in phases.items()},
+        prompts=prompts,
+        rows=rows_kept + sampled,
+        rows_kept=rows_kept,
+        sequences=sampled,
+        tokens=tokens_kept + tokens,
+        tokens_generated=tokens,
+        batches=len(batches),
+        batch_stats=list(batches),
+        model_load_s=_span(phases, "model_load"),
+        engine_build_s=_span(phases, "engine_build"),
+        compile_s=compile_s,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        generate_s=compile_s + prefill_s + decode_s,
+        decode_tokens_per_s=tokens / decode_s if decode_s > 0 else 0.0,
+        pages_after_prefill=max((b.pages_after_prefill for b in batches), default=0),
+        write_s=sum(b.write_s for b in batches),
+        peak_rss_bytes=peak_rss_bytes(),
+    )
 
 
-def build_summary(host_metrics: Sequence[dict[str, Any]], *, num_prompts: int, wall_clock_s: float,
+def build_summary(host_metrics: Sequence[HostMetrics], *, num_prompts: int, wall_clock_s: float,
                   leader_wait_s: float) -> dict[str, Any]:  # fmt: skip
     """Flat summary: ``sample/*`` totals and ``host/<i>/<metric>`` for every host, idle hosts included."""
-    times = [m["generate_s"] for m in host_metrics]
+    times = [m.generate_s for m in host_metrics]
     mean = sum(times) / len(times) if times else 0.0
     slowest = max(times, default=0.0)
-    sampled = sum(m["tokens_generated"] for m in host_metrics)
-    tokens = sum(m["tokens"] for m in host_metrics)
+    sampled = sum(m.tokens_generated for m in host_metrics)
+    tokens = sum(m.tokens for m in host_metrics)
     out: dict[str, Any] = {
         "sample/total_prompts": num_prompts,
-        "sample/total_sequences": sum(m["rows"] for m in host_metrics),
+        "sample/total_sequences": sum(m.rows for m in host_metrics),
         "sample/total_generated_tokens": tokens,
         "sample/tokens_sampled": sampled,
-        "sample/rows_kept": sum(m["rows_kept"] for m in host_metrics),
+        "sample/rows_kept": sum(m.rows_kept for m in host_metrics),
         "sample/num_hosts": len(host_metrics),
         "sample/inference_mode": "host_data_parallel",
-        "sample/batches": sum(m["batches"] for m in host_metrics),
+        "sample/batches": sum(m.batches for m in host_metrics),
         "sample/wall_clock_s": wall_clock_s,
         "sample/leader_wait_s": leader_wait_s,
-        "sample/gather_bytes": sum(m["gather_bytes"] for m in host_metrics),
+        "sample/gather_bytes": sum(m.gather_bytes for m in host_metrics),
         "sample/generate_time_max_s": slowest,
         "sample/generate_time_min_s": min(times, default=0.0),
         "sample/generate_time_mean_s": mean,
@@ -120,13 +175,13 @@ def build_summary(host_metrics: Sequence[dict[str, Any]], *, num_prompts: int, w
     }
     for m in host_metrics:
         for name in HOST_METRICS:
-            out[f"host/{m['host']}/{name}"] = m[name]
+            out[f"host/{m.host}/{name}"] = getattr(m, name)
     return out
 
 
-def format_summary(host_metrics: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+def format_summary(host_metrics: Sequence[HostMetrics], summary: dict[str, Any]) -> str:
     """One row per host, a totals row (sums; slowest host for times), and the three throughputs."""
-    hosts = sorted(host_metrics, key=lambda m: m["host"])
+    hosts = [m.to_json() for m in sorted(host_metrics, key=lambda m: m.host)]
     totals: dict[str, Any] = {"host": "all"}
     for key, _, _ in TABLE_COLUMNS[1:]:
         values = [m[key] for m in hosts]

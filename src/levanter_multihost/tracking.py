@@ -16,6 +16,7 @@ from levanter.tracker import CompositeTracker, Tracker, TrackerConfig
 from levanter.tracker.wandb import WandbConfig, WandbTracker
 
 from levanter_multihost.runplan import Reporting
+from levanter_multihost.summary import HostMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def _wandb_trackers(tracker: Tracker) -> list[WandbTracker]:
     return []
 
 
-def timeline_png(host_metrics: Sequence[dict[str, Any]], leader_phases: dict[str, Any] | None = None) -> bytes:
+def timeline_png(host_metrics: Sequence[HostMetrics], leader_phases: dict[str, Any] | None = None) -> bytes:
     """A bar per host, one segment per phase, on a shared wall-clock axis (seconds since the first host started);
     the leader's own merge and report phases on a bar of their own."""
     import matplotlib
@@ -101,9 +102,9 @@ def timeline_png(host_metrics: Sequence[dict[str, Any]], leader_phases: dict[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hosts = sorted(host_metrics, key=lambda m: m["host"])
-    t0 = min(m["started_at"] for m in hosts)
-    bars = [(f"host {m['host']}", m["started_at"] - t0, m["phases"]) for m in hosts]
+    hosts = sorted(host_metrics, key=lambda m: m.host)
+    t0 = min(m.started_at for m in hosts)
+    bars = [(f"host {m.host}", m.started_at - t0, m.phases) for m in hosts]
     if leader_phases is not None:
         bars.append(("leader", leader_phases["started_at"] - t0, leader_phases["phases"]))
     leader_colors = {"collect": "#f6f5f4", "merge": "#1c71d8", "timeline": "#813d9c", "tracker": "#a51d2d"}

@@ -5,7 +5,7 @@ batches (:class:`~levanter_multihost.capacity.batch.BatchPacker`), forecasts eac
 construction rules, the prompts that cannot fit a call at all, the stop sequences and HBM.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from levanter_multihost.capacity.autosize import Proposal, propose
 from levanter_multihost.capacity.batch import (
@@ -200,12 +200,48 @@ def plan_capacity(
 
 
 def _single_prompt_problems(engine: EngineLimits, max_pages: int | None, run: RunSpec) -> list[Problem]:
-    """The first prompt that cannot fit one call, per field (one message each, not one per prompt)."""
+    """Per field, the prompt that needs the most of it (one message each, not one per prompt): its value fixes
+    every prompt, where the first failing prompt's might fix only that one."""
     found: dict[str, Problem] = {}
     for i, d in enumerate(run.demands):
         for p in prompt_problems(engine, max_pages, d, f"Prompt {i}"):
-            found.setdefault(p.field, p)
+            if p.field not in found or (p.suggested or 0) > (found[p.field].suggested or 0):
+                found[p.field] = p
     return list(found.values())
+
+
+ENGINE_FIELDS = frozenset(f.name for f in fields(EngineLimits))
+
+
+def verified_fixes(plan: CapacityPlan, rounds: int = 6) -> dict[str, int] | None:
+    """Values for the problems' fields with which the run fits, checked by planning it again with them.
+
+    Each round applies every remaining problem's suggestion and plans again, since one fix can raise another
+    field's need (a longer ``max_seq_len`` needs more pages). None when a problem has no number or names a field
+    outside the engine and ``batch_size``, or the rounds do not settle: then no value is offered as a fix.
+    """
+    fixes: dict[str, int] = {}
+    current = plan
+    for _ in range(rounds):
+        if current.ok:
+            return fixes
+        for p in current.problems:
+            if p.suggested is None or not (p.field == "batch_size" or p.field.removeprefix("engine.") in ENGINE_FIELDS):
+                return None
+            fixes[p.field] = p.suggested
+        sizes = {f.removeprefix("engine."): v for f, v in fixes.items() if f != "batch_size"}
+        try:
+            engine = replace(plan.engine, **sizes)
+        except ValueError:  # a value the engine refuses outright
+            return None
+        run = replace(plan.run, batch_size=fixes.get("batch_size", plan.run.batch_size))
+        current = plan_capacity(engine, run, plan.topology, plan.model)
+    return fixes if current.ok else None
+
+
+def as_flags(fixes: dict[str, int]) -> str:
+    """``fixes`` as command-line overrides of the sampler and the planner."""
+    return " ".join(f"--{name} {value}" for name, value in fixes.items())
 
 
 def _host_plans(engine: EngineLimits, max_pages: int | None, run: RunSpec, num_hosts: int) -> tuple[HostPlan, ...]:

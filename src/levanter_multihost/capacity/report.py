@@ -1,9 +1,14 @@
 """The capacity plan as a table for people and as JSON for tools (``levanter-multihost-plan``)."""
 
+import textwrap
 from dataclasses import asdict
 
 from levanter_multihost.capacity.hbm import gib
-from levanter_multihost.capacity.planner import CapacityPlan
+from levanter_multihost.capacity.planner import CapacityPlan, as_flags, verified_fixes
+
+NEEDED_WIDTH = 54
+"""Characters of the table's "needed" column before it wraps, so that a line stays under ~100."""
+TEXT_WIDTH = 100
 
 
 def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
@@ -69,17 +74,34 @@ def text(plan: CapacityPlan) -> str:
         f"up to {worst.max_new_tokens} new tokens, on {plan.topology.describe()}"
     )
     table = [("parameter", "value", "needed", "verdict"), *rows(plan)]
-    widths = [max(len(r[i]) for r in table) for i in range(3)]
-    lines = [head, ""]
-    for r in table:
-        lines.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3]]).rstrip())
+    wrapped = [(r, textwrap.wrap(r[2], NEEDED_WIDTH) or [""]) for r in table]
+    widths = [max(len(r[0]) for r in table), max(len(r[1]) for r in table), max(len(w[0]) for _, w in wrapped)]
+    lines = [*textwrap.wrap(head, TEXT_WIDTH), ""]
+    for r, needed in wrapped:
+        cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), needed[0].ljust(widths[2]), r[3]]
+        lines.append("  ".join(cells).rstrip())
+        lines += [" " * (widths[0] + widths[1] + 4) + more for more in needed[1:]]
     if plan.problems:
+        fixes = verified_fixes(plan)
         lines += ["", "Problems (field to change: suggested value):"]
         for p in plan.problems:
-            lines += [f"- {p.field}: {'-' if p.suggested is None else p.suggested}", f"  {p.message}"]
+            value = (fixes or {}).get(p.field, p.suggested)
+            lines.append(f"- {p.field}: {'-' if value is None else value}")
+            lines += textwrap.wrap(p.message, TEXT_WIDTH, initial_indent="  ", subsequent_indent="  ")
+        lines += [""] + textwrap.wrap(fix_line(fixes), TEXT_WIDTH)
     if plan.notes:
-        lines += ["", "Notes:", *[f"- {n}" for n in plan.notes]]
+        lines += ["", "Notes:"]
+        for n in plan.notes:
+            lines += textwrap.wrap(n, TEXT_WIDTH, initial_indent="- ", subsequent_indent="  ")
     return "\n".join(lines)
+
+
+def fix_line(fixes: dict[str, int] | None) -> str:
+    """What planning again with the suggested values showed."""
+    if fixes is None:
+        return ("Planning again with these values did not make the run fit: change one field at a time and plan "
+                "again.")  # fmt: skip
+    return f"Planned again with {as_flags(fixes)}: it fits."
 
 
 def to_dict(plan: CapacityPlan) -> dict:
@@ -124,6 +146,7 @@ def to_dict(plan: CapacityPlan) -> dict:
             "tokens_per_s_per_host": plan.proposal.tokens_per_s,
         },  # fmt: skip
         "problems": [asdict(p) for p in plan.problems],
+        "fixes": verified_fixes(plan) if plan.problems else {},
         "notes": list(plan.notes),
     }
 
