@@ -54,8 +54,9 @@ def test_a_resume_spreads_the_missing_work_over_every_host_by_the_same_balancing
     from levanter_multihost.runplan import PromptSet, TokenTable
     from levanter_multihost.sampling import host_share, sampling_share
 
-    prompts = PromptSet(texts=["1+1="] * 16, tokens=TokenTable.of([[1, 2, 3]] * 16),
-                        max_new_tokens=np.full(16, 4), temperature=np.zeros(16), n_generations=np.full(16, 2))  # fmt: skip
+    prompts = PromptSet(texts=["1+1="] * 16, tokens=TokenTable.of([[1, 2, 3]] * 16), max_new_tokens=np.full(16, 4),
+                        temperature=np.zeros(16), n_generations=np.full(16, 2), top_k=np.zeros(16),
+                        top_p=np.ones(16), min_p=np.zeros(16), seed=np.zeros(16))  # fmt: skip
     earlier = {(p, g) for p in range(16) for g in range(2) if not 4 <= p <= 7} - {(8, 1)}
     for strategy in ("contiguous", "balanced"):
         shares = [sampling_share(prompts, earlier, host, 4, strategy) for host in range(4)]
