@@ -136,15 +136,24 @@ def launch(
     core_list = core_list if core_list is not None else cores()
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir.parent / (log_name or f"{output_dir.name}.log")
-    sampler = [PY, str(REPO / "bench" / "bench_sampler.py"), "--config_path", str(config),
-               f"--output_dir={output_dir}", "--trainer.model_axis_size=1", "--engine_log=true", *overrides]  # fmt: skip
+    sampler = [
+        PY,
+        str(REPO / "bench" / "bench_sampler.py"),
+        "--config_path",
+        str(config),
+        f"--output_dir={output_dir}",
+        "--trainer.model_axis_size=1",
+        "--engine_log=true",
+        *overrides,
+    ]
     command = pinned_launch_command(hosts, sampler, launcher_flags)
     env = host_env(BENCH_CORES=",".join(map(str, core_list)), **(env_extra or {}))
     load_before = loadavg()
     with open(log_path, "wb") as log:
         launched_at = time.time()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             while proc.poll() is None:
                 elapsed = time.time() - launched_at
@@ -212,8 +221,9 @@ def parse_engine_rounds(log: str) -> dict[int, list[list]]:
             continue
         h = int(host.group(1))
         if m := _ROUND_RE.search(line):
-            out.setdefault(h, []).append([float(m.group(1)), float(m.group(2)), float(m.group(3)), int(m.group(4)),
-                                          batches.get(h, 0)])  # fmt: skip
+            out.setdefault(h, []).append(
+                [float(m.group(1)), float(m.group(2)), float(m.group(3)), int(m.group(4)), batches.get(h, 0)]
+            )
         elif _BATCH_RE.search(line):
             batches[h] = batches.get(h, 0) + 1
     return out
@@ -260,10 +270,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Columns) -> str:
     def cell(row, key, fmt):
         return fmt.format(row[key]) if row.get(key) is not None else "–"
 
-    numeric = [any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)
-               for k, _, _ in columns]  # fmt: skip
-    lines = ["| " + " | ".join(t for _, t, _ in columns) + " |",
-             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]  # fmt: skip
+    numeric = [
+        any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)
+        for k, _, _ in columns
+    ]
+    lines = [
+        "| " + " | ".join(t for _, t, _ in columns) + " |",
+        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -290,14 +304,23 @@ class Report:
         path = Path(out)
         info = dict(machine(), loadavg_1m_before=self.load_before, loadavg_1m_after=loadavg())
         args = vars(self.args) if hasattr(self.args, "__dict__") else self.args
-        record = {"bench": self.bench, "when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
-                  "seconds": time.time() - self.started, "machine": info, "args": args,
-                  "tables": {title: rows for title, rows, _ in self.tables}, **data}  # fmt: skip
+        record = {
+            "bench": self.bench,
+            "when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
+            "seconds": time.time() - self.started,
+            "machine": info,
+            "args": args,
+            "tables": {title: rows for title, rows, _ in self.tables},
+            **data,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2, default=str))
         load = f"{self.load_before:.2f} -> {info['loadavg_1m_after']:.2f}" if self.load_before is not None else "?"
-        print(f"\n{self.bench}: {info['cores']} cores, 1-min load average {load}, {record['seconds']:.0f} s; "
-              f"wrote {path}", flush=True)  # fmt: skip
+        print(
+            f"\n{self.bench}: {info['cores']} cores, 1-min load average {load}, {record['seconds']:.0f} s; "
+            f"wrote {path}",
+            flush=True,
+        )
 
 
 _CONTROL = """
@@ -322,8 +345,9 @@ def machine_parallel_speedup(core_list: list[int], seconds: float = 3.0) -> dict
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     def start(core: int) -> subprocess.Popen:
-        return subprocess.Popen([PY, "-c", _CONTROL, str(core), str(seconds)], env=env, stdout=subprocess.PIPE,
-                                text=True)  # fmt: skip
+        return subprocess.Popen(
+            [PY, "-c", _CONTROL, str(core), str(seconds)], env=env, stdout=subprocess.PIPE, text=True
+        )
 
     alone = float(start(core_list[0]).communicate()[0])
     procs = [start(c) for c in core_list]

@@ -88,8 +88,9 @@ def main() -> None:
     work = SCRATCH / "batch_size"
     shutil.rmtree(work, ignore_errors=True)
     prompts = addition_prompts(args.prompts, work / f"addition_{args.prompts}.txt")
-    config = write_config(work / "config.yaml", prompts_file=str(prompts), task="addition", progress_interval_s=0,
-                          samples_table_rows=0)  # fmt: skip
+    config = write_config(
+        work / "config.yaml", prompts_file=str(prompts), task="addition", progress_interval_s=0, samples_table_rows=0
+    )
     flags = [cache_flag(work / "jax_cache")]
     wait_for_quiet()
     launch(config, work / "fill_cache", 1, *flags, core_list=[args.core])
@@ -105,8 +106,20 @@ def main() -> None:
     for b in sizes:
         mine = [r for r in runs if r["batch_size"] == b]
         row = {"batch_size": b, "batches": mine[0]["batches"], "tokens": mine[0]["tokens"], "repeats": len(mine)}
-        for key in ("compile_s", "prefill_s", "decode_s", "loop_s", "decode_tok_s", "sampling_tok_s", "loop_tok_s",
-                    "round_tok_s", "step_ms", "stats_step_ms", "host_ms_per_row", "prefill_ms_per_batch"):  # fmt: skip
+        for key in (
+            "compile_s",
+            "prefill_s",
+            "decode_s",
+            "loop_s",
+            "decode_tok_s",
+            "sampling_tok_s",
+            "loop_tok_s",
+            "round_tok_s",
+            "step_ms",
+            "stats_step_ms",
+            "host_ms_per_row",
+            "prefill_ms_per_batch",
+        ):
             values = [r[key] for r in mine if r[key] is not None]
             row[key] = statistics.median(values) if values else None
         medians.append(row)
@@ -133,8 +146,12 @@ COLUMNS = [
     ("loop_tok_s", "loop tok/s", "{:.0f}"),
     ("loop_vs_largest", "loop vs largest", "{:.2f}"),
 ]
-RUN_COLUMNS = [("repeat", "rep", "{:d}"), *COLUMNS[:-1], ("compile_s", "compile s", "{:.1f}"),
-               ("load_1m", "load", "{:.1f}")]  # fmt: skip
+RUN_COLUMNS = [
+    ("repeat", "rep", "{:d}"),
+    *COLUMNS[:-1],
+    ("compile_s", "compile s", "{:.1f}"),
+    ("load_1m", "load", "{:.1f}"),
+]
 
 if __name__ == "__main__":
     main()

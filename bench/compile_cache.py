@@ -39,16 +39,25 @@ def host_rows(run: dict, variant: str, attempt: str, cache: Path) -> list[dict]:
     rows = []
     for m in run["host_metrics"]:
         hits = run["cache_hits"].get(m["host"], [])
-        rows.append({
-            "variant": variant, "run": attempt, "host": m["host"],
-            "engine_build_s": m["engine_build_s"], "compile_s": m["compile_s"], "prefill_s": m["prefill_s"],
-            "decode_s": m["decode_s"], "generate_s": m["generate_s"],
-            "compile_share": m["compile_s"] / m["generate_s"] if m["generate_s"] else None,
-            "compile_of_wall": m["compile_s"] / run["wall_outside_s"],
-            "generate_cpu_s": run["cpu"].get(m["host"], {}).get("cpu_s"),
-            "engine_hits": ",".join(p for p in ENGINE_PROGRAMS if p in hits) or "none",
-            "cache_files": cache_files(cache), "wall_s": run["wall_outside_s"], "load_1m": run["loadavg_1m"][0],
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": variant,
+                "run": attempt,
+                "host": m["host"],
+                "engine_build_s": m["engine_build_s"],
+                "compile_s": m["compile_s"],
+                "prefill_s": m["prefill_s"],
+                "decode_s": m["decode_s"],
+                "generate_s": m["generate_s"],
+                "compile_share": m["compile_s"] / m["generate_s"] if m["generate_s"] else None,
+                "compile_of_wall": m["compile_s"] / run["wall_outside_s"],
+                "generate_cpu_s": run["cpu"].get(m["host"], {}).get("cpu_s"),
+                "engine_hits": ",".join(p for p in ENGINE_PROGRAMS if p in hits) or "none",
+                "cache_files": cache_files(cache),
+                "wall_s": run["wall_outside_s"],
+                "load_1m": run["loadavg_1m"][0],
+            }
+        )
     return rows
 
 
@@ -58,8 +67,14 @@ def cold_and_warm(config: Path, work: Path, variant: str, hosts: int, env: dict[
     rows = []
     for attempt in ("cold", "warm"):
         wait_for_quiet()
-        run = launch(config, work / attempt, hosts, cache_flag(cache), env_extra={"JAX_LOG_COMPILES": "1", **env},
-                     core_list=core_list)  # fmt: skip
+        run = launch(
+            config,
+            work / attempt,
+            hosts,
+            cache_flag(cache),
+            env_extra={"JAX_LOG_COMPILES": "1", **env},
+            core_list=core_list,
+        )
         rows += host_rows(run, variant, attempt, cache)
     for warm in (r for r in rows if r["run"] == "warm"):
         cold = next(r for r in rows if r["run"] == "cold" and r["host"] == warm["host"])
@@ -82,8 +97,9 @@ def main() -> None:
     config = write_config(work / "config.yaml", TINY_CONFIG, samples_table_rows=0)
     rows = cold_and_warm(config, work / "default", f"{args.hosts} hosts", args.hosts, {}, core_list)
     if args.eqx_raise:
-        rows += cold_and_warm(config, work / "raise", "1 host, EQX_ON_ERROR=raise", 1, {"EQX_ON_ERROR": "raise"},
-                              core_list)  # fmt: skip
+        rows += cold_and_warm(
+            config, work / "raise", "1 host, EQX_ON_ERROR=raise", 1, {"EQX_ON_ERROR": "raise"}, core_list
+        )
     report.table("Cold vs warm compilation cache, per host", rows, COLUMNS)
     report.write(args.out, rows=rows)
 

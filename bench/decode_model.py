@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 KNOWN_SHAPES = {
-    # HF-style shapes of checkpoints that cannot be read offline (as levanter_multihost.plan knows them)
+    # HF-style shapes of checkpoints that cannot be read offline (as levanter_multihost.capacity_inputs knows them)
     r"llama-?3(\.\d)?-8b": {
         "hidden_dim": 4096,
         "intermediate_dim": 14336,

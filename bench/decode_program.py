@@ -80,8 +80,15 @@ def engine_for(config, B: int, context: int):
     c = config.engine
     pages = B * math.ceil((context + 1) / c.page_size) + 1
     max_seq_len = max(c.max_seq_len, context + 1)
-    return dataclasses.replace(c, max_seqs=B, max_tokens_per_round=B, max_queued_tokens=max(B, 1),
-                               max_seqs_in_prefill=B, max_pages=pages, max_seq_len=max_seq_len)  # fmt: skip
+    return dataclasses.replace(
+        c,
+        max_seqs=B,
+        max_tokens_per_round=B,
+        max_queued_tokens=max(B, 1),
+        max_seqs_in_prefill=B,
+        max_pages=pages,
+        max_seq_len=max_seq_len,
+    )
 
 
 def hlo_computations(text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -130,8 +137,11 @@ def executed_ops(hlo: str, trips_of) -> int | None:
                 total += 1 + trips * body
             elif op == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else [
-                    called(line, "true_computation"), called(line, "false_computation")]  # fmt: skip
+                names = (
+                    [b.strip().lstrip("%") for b in branches.group(1).split(",")]
+                    if branches
+                    else [called(line, "true_computation"), called(line, "false_computation")]
+                )
                 total += 1 + max(count(n, depth) for n in names if n)
             elif op == "call":
                 total += count(called(line, "to_apply"), depth)
@@ -150,7 +160,7 @@ def one(setup_cls, config, args, seam: bool, B: int, context: int) -> dict:
     import jax
     from levanter.inference import engine as engine_module
 
-    from levanter_multihost import plan
+    from levanter_multihost import capacity_inputs
     from levanter_multihost.capacity import hbm
     from levanter_multihost.capacity.tpu import parse_tpu_type
     from levanter_multihost.seams import decode_step
@@ -167,8 +177,14 @@ def one(setup_cls, config, args, seam: bool, B: int, context: int) -> dict:
     inner = [r for r in table if not r.get("total") and r["depth"] > 0]
     unknown = [r["source"] for r in inner if not r["known"]]
     trips = None if unknown else sum(r["body_runs_per_step"] for r in inner if r["on_tpu"] == "yes")
-    row = {"seams": "on" if seam else "off", "B": B, "context": context, "serial_loop_trips": trips,
-           "loops": {r["loop"].strip(): r["body_runs_per_step"] for r in inner}, "unknown_loops": unknown}  # fmt: skip
+    row = {
+        "seams": "on" if seam else "off",
+        "B": B,
+        "context": context,
+        "serial_loop_trips": trips,
+        "loops": {r["loop"].strip(): r["body_runs_per_step"] for r in inner},
+        "unknown_loops": unknown,
+    }
     if not args.no_compile:
 
         def trips_of(cls: str, depth: int) -> float:
@@ -182,7 +198,8 @@ def one(setup_cls, config, args, seam: bool, B: int, context: int) -> dict:
     row["trace_to_report_s"] = round(time.perf_counter() - t0, 1)
     bound = None
     if config.tpu_type:  # the HBM bound of one host of the config's slice
-        shape = plan.model_shape(config.hf_checkpoint.model_name_or_path, config.trainer, plan.engine_limits(c))
+        limits = capacity_inputs.engine_limits(c)
+        shape = capacity_inputs.model_shape(config.hf_checkpoint.model_name_or_path, config.trainer, limits)
         bound = hbm.step_seconds_bound(shape, parse_tpu_type(config.tpu_type), B, context)
     if bound is not None and trips is not None:
         row["hbm_bound_step_ms"] = round(bound * 1e3, 3)
@@ -216,8 +233,13 @@ def main(argv=None) -> dict:
             for key in ("serial_loop_trips", "executed_ops"):
                 if r.get(key) is not None and prev.get(key) is not None:
                     r[f"slope_{key}"] = round((r[key] - prev[key]) / (r["B"] - prev["B"]), 3)
-    report = {"shape": args.shape, "config": str(path.relative_to(REPO)), "context": context,
-              "trip_us": round(args.trip_us, 2), "rows": rows}  # fmt: skip
+    report = {
+        "shape": args.shape,
+        "config": str(path.relative_to(REPO)),
+        "context": context,
+        "trip_us": round(args.trip_us, 2),
+        "rows": rows,
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

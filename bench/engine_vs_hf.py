@@ -96,10 +96,22 @@ def run_hf(args, prompts_path: Path) -> dict:
     here = Path(__file__).resolve()
     start = time.time()
     command = [
-        sys.executable, str(here), "--hf_worker", "--prompts_path", str(prompts_path),
-        "--hf_checkpoint", args.hf_checkpoint, "--max_new_tokens", str(args.max_new_tokens),
-        "--hf_batch_sizes", args.hf_batch_sizes, "--core", str(args.core), "--t0", repr(time.perf_counter()),
-    ]  # fmt: skip
+        sys.executable,
+        str(here),
+        "--hf_worker",
+        "--prompts_path",
+        str(prompts_path),
+        "--hf_checkpoint",
+        args.hf_checkpoint,
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+        "--hf_batch_sizes",
+        args.hf_batch_sizes,
+        "--core",
+        str(args.core),
+        "--t0",
+        repr(time.perf_counter()),
+    ]
     if args.torch_path:
         command += ["--torch_path", args.torch_path]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -240,8 +252,11 @@ def main() -> None:
             }
         )
     report.table("All runs", rows, COLUMNS)
-    report.table("pipeline / HF tokens/s (median over repeats); greedy outputs compared prompt by prompt", summary,
-                 SUMMARY_COLUMNS)  # fmt: skip
+    report.table(
+        "pipeline / HF tokens/s (median over repeats); greedy outputs compared prompt by prompt",
+        summary,
+        SUMMARY_COLUMNS,
+    )
     report.write(args.out, config=config.read_text(), torch=hf.get("torch"), rows=rows, summary=summary)
 
 

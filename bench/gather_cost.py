@@ -68,8 +68,10 @@ def make_parts(rows: list[dict]) -> list[tuple[dict, bytes]]:
     from levanter_multihost.outputs import row_line
 
     batches = [rows[i : i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
-    return [({"kind": "batch", "batch": b, "rows": len(batch)}, b"".join(row_line(r) for r in batch))
-            for b, batch in enumerate(batches)]  # fmt: skip
+    return [
+        ({"kind": "batch", "batch": b, "rows": len(batch)}, b"".join(row_line(r) for r in batch))
+        for b, batch in enumerate(batches)
+    ]
 
 
 def write_merged(parts_by_host: list[list[tuple[dict, bytes]]], out_dir: str) -> None:
@@ -91,8 +93,15 @@ def _reporting():
     """Nothing reported, no task, no samples: the merge alone."""
     from levanter_multihost.runplan import Reporting
 
-    return Reporting(tracker=None, run_name="gather_cost", run_id=None, config={}, samples_table_rows=0, task=None,
-                     progress_interval_s=0.0)  # fmt: skip
+    return Reporting(
+        tracker=None,
+        run_name="gather_cost",
+        run_id=None,
+        config={},
+        samples_table_rows=0,
+        task=None,
+        progress_interval_s=0.0,
+    )
 
 
 def _project(client, host: int, n: int, rows: list[dict], parts: list | None, prefix: str, out_dir: str) -> dict:
@@ -321,7 +330,9 @@ def main() -> None:
     report = Report("gather_cost", args)
     here = Path(__file__).resolve()
     core_list = cores()
-    command = pinned_launch_command(args.hosts, [sys.executable, str(here), "--worker", "--repeats", str(args.repeats)])
+    command = pinned_launch_command(
+        args.hosts, [sys.executable, str(here), "--worker", "--repeats", str(args.repeats)]
+    )
     env = host_env(BENCH_CORES=",".join(map(str, core_list)))
     start = time.time()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, check=False)
@@ -338,9 +349,11 @@ def main() -> None:
         r["send_max_s"] = max(r["send_s_per_host"])
         r["fraction_of_seed"] = r["total_s"] / SEED_GENERATION_S
         r["MB"] = r["bytes"] / 1e6
-    print(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {NUM_PROMPTS} rows x 2048 tokens; "
-          f"raw compact JSON {data['raw_json_bytes'] / 1e6:.1f} MB, parts' JSONL {data['jsonl_bytes'] / 1e6:.1f} MB; "
-          "merged.jsonl identical on every path")  # fmt: skip
+    print(
+        f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {NUM_PROMPTS} rows x 2048 tokens; "
+        f"raw compact JSON {data['raw_json_bytes'] / 1e6:.1f} MB, parts' JSONL {data['jsonl_bytes'] / 1e6:.1f} MB; "
+        "merged.jsonl identical on every path"
+    )
     report.table("Every repeat", results, COLUMNS)
     summary = summarize(results)
     summary["single_core"] = one = single_core_costs(args.hosts)
@@ -374,9 +387,17 @@ def main() -> None:
         f"JSONL) vs encode + {args.hosts} x decode + merge = {estimate['reference']:.2f}s = "
         f"{100 * estimate['reference'] / SEED_GENERATION_S:.2f}% (reference), before transfer and the write."
     )
-    report.write(args.out, hosts=args.hosts, rows=NUM_PROMPTS, raw_json_bytes=data["raw_json_bytes"],
-                 parts_jsonl_bytes=data["jsonl_bytes"], batch_rows=BATCH_ROWS, launcher_wall_s=wall, results=results,
-                 summary=summary)  # fmt: skip
+    report.write(
+        args.out,
+        hosts=args.hosts,
+        rows=NUM_PROMPTS,
+        raw_json_bytes=data["raw_json_bytes"],
+        parts_jsonl_bytes=data["jsonl_bytes"],
+        batch_rows=BATCH_ROWS,
+        launcher_wall_s=wall,
+        results=results,
+        summary=summary,
+    )
 
 
 COLUMNS = [

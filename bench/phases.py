@@ -74,8 +74,21 @@ def breakdown(run: dict) -> tuple[list[dict], dict]:
             if name != "between":
                 row[name] = phase_s(m, name)
         last_send = max((end for _, end in m["phases"].get("send", [])), default=0.0)
-        covered = sum(row[name] for name in ("startup", "distributed_init", "prepare", "model_load", "engine_build",
-                                             "compile", "prefill", "decode", "write", "send"))  # fmt: skip
+        covered = sum(
+            row[name]
+            for name in (
+                "startup",
+                "distributed_init",
+                "prepare",
+                "model_load",
+                "engine_build",
+                "compile",
+                "prefill",
+                "decode",
+                "write",
+                "send",
+            )
+        )
         row["between"] = last_send - covered
         rows.append(row)
     leader = run["leader"]
@@ -114,14 +127,20 @@ def main() -> None:
     for key, title in LEADER_PHASES:
         table.append({"phase": title, "h0": own[key], "max": own[key], "share": own[key] / wall})
     table.append({"phase": "wall clock (launcher start -> exit)", "max": wall, "share": 1.0})
-    columns = [("phase", "phase", "{}"), *[(f"h{r['host']}", f"host {r['host']} s", "{:.2f}") for r in hosts],
-               ("max", "max s", "{:.2f}"), ("share", "of wall", "{:.1%}")]  # fmt: skip
+    columns = [
+        ("phase", "phase", "{}"),
+        *[(f"h{r['host']}", f"host {r['host']} s", "{:.2f}") for r in hosts],
+        ("max", "max s", "{:.2f}"),
+        ("share", "of wall", "{:.1%}"),
+    ]
     mode = "warm compilation cache" if args.cache else "no compilation cache"
     report.table(f"{args.hosts} hosts ({pinning_note(args.hosts, core_list)}), {mode}; tiny_local", table, columns)
     s = run["summary"]
-    print(f"job {s['sample/job_tokens_per_s']:.0f} tok/s (slowest host's generate {s['sample/generate_time_max_s']:.2f}"
-          f" s), end to end {s['sample/end_to_end_tokens_per_s']:.0f} tok/s over {s['sample/wall_clock_s']:.2f} s, "
-          f"launcher wall {wall:.2f} s")  # fmt: skip
+    print(
+        f"job {s['sample/job_tokens_per_s']:.0f} tok/s (slowest host's generate {s['sample/generate_time_max_s']:.2f}"
+        f" s), end to end {s['sample/end_to_end_tokens_per_s']:.0f} tok/s over {s['sample/wall_clock_s']:.2f} s, "
+        f"launcher wall {wall:.2f} s"
+    )
     report.write(args.out, mode=mode, hosts=hosts, leader=own, summary=s)
 
 

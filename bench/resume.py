@@ -87,9 +87,16 @@ def main() -> None:
     work = SCRATCH / "resume"
     shutil.rmtree(work, ignore_errors=True)
     prompts = addition_prompts(args.prompts, work / f"addition_{args.prompts}.txt")
-    config = write_config(work / "config.yaml", prompts_file=str(prompts), task="addition", overwrite=False,
-                          progress_interval_s=0, samples_table_rows=0, batch_size=args.batch_size,
-                          silent_host_timeout_s=20)  # fmt: skip
+    config = write_config(
+        work / "config.yaml",
+        prompts_file=str(prompts),
+        task="addition",
+        overwrite=False,
+        progress_interval_s=0,
+        samples_table_rows=0,
+        batch_size=args.batch_size,
+        silent_host_timeout_s=20,
+    )
     flags = [cache_flag(work / "jax_cache")]
     killed_dir, reference_dir = work / "killed", work / "reference"
     print(f"{args.hosts} hosts: {pinning_note(args.hosts, core_list)}", flush=True)
@@ -107,12 +114,24 @@ def main() -> None:
             return
         os.kill(pid, signal.SIGKILL)
         kill.update(pid=pid, at_s=elapsed, parts_then=len(parts_on_disk(killed_dir, args.kill_host)))
-        print(f"SIGKILL to host {args.kill_host} (pid {pid}) at {elapsed:.1f} s, "
-              f"{kill['parts_then']} of its parts on disk", flush=True)  # fmt: skip
+        print(
+            f"SIGKILL to host {args.kill_host} (pid {pid}) at {elapsed:.1f} s, "
+            f"{kill['parts_then']} of its parts on disk",
+            flush=True,
+        )
 
     wait_for_quiet()
-    killed = launch(config, killed_dir, args.hosts, *flags, core_list=core_list, launcher_flags=["--keep_going"],
-                    watch=watch, check=False, log_name="killed_run.log")  # fmt: skip
+    killed = launch(
+        config,
+        killed_dir,
+        args.hosts,
+        *flags,
+        core_list=core_list,
+        launcher_flags=["--keep_going"],
+        watch=watch,
+        check=False,
+        log_name="killed_run.log",
+    )
     after_kill = {h: parts_on_disk(killed_dir, h) for h in range(args.hosts)}
     on_disk = rows_in(parts_on_disk(killed_dir))
     missing = args.prompts - on_disk
@@ -130,9 +149,17 @@ def main() -> None:
     host_rows = []
     for m in resumed["host_metrics"]:
         h = m["host"]
-        host_rows.append({"host": h, "parts_after_kill": len(after_kill[h]), "rows_after_kill": rows_in(after_kill[h]),
-                          "rows_kept": m["rows_kept"], "sampled": m["sequences"], "batches": m["batches"],
-                          "generate_s": m["generate_s"]})  # fmt: skip
+        host_rows.append(
+            {
+                "host": h,
+                "parts_after_kill": len(after_kill[h]),
+                "rows_after_kill": rows_in(after_kill[h]),
+                "rows_kept": m["rows_kept"],
+                "sampled": m["sequences"],
+                "batches": m["batches"],
+                "generate_s": m["generate_s"],
+            }
+        )
     result = {
         "killed_host": args.kill_host,
         "killed_exit_status": killed["returncode"],
@@ -158,8 +185,9 @@ def main() -> None:
     report.table("Kill and resume", [result], COLUMNS)
     with open(killed["log"], errors="replace") as f:
         tail = [line for line in f.read().splitlines() if "ERROR" in line][-5:]
-    report.write(args.out, result=result, hosts=host_rows, kill=kill, killed_log_errors=tail,
-                 at=time.strftime("%H:%M:%S"))  # fmt: skip
+    report.write(
+        args.out, result=result, hosts=host_rows, kill=kill, killed_log_errors=tail, at=time.strftime("%H:%M:%S")
+    )
 
 
 HOST_COLUMNS = [

@@ -59,31 +59,44 @@ def main() -> None:
     for path in sorted(SAMPLER_CONFIGS.glob("*.yaml")):
         d = plans[path.name] = plan(path, args.prompt_tokens)
         roof, hbm = d["roofline"] or {}, d["hbm"] or {}
-        rows.append({
-            "config": path.name, "slice": d["tpu_type"] or f"{d['num_hosts']} local hosts", "ok": d["ok"],
-            "prompts_per_host": max(d["prompts_per_host"]), "batch": d["batch"]["sequences"],
-            "limited_by": d["batch"]["limited_by"].removeprefix("engine."),
-            "batches_per_host": max(d["batches_per_host"]),
-            "step_ms": roof["step_s"] * 1e3 if roof.get("step_s") else None,
-            "tok_s_per_host": roof.get("tokens_per_s_per_host"),
-            "decode_bound_s": max(roof["decode_s_per_host"]) if roof.get("decode_s_per_host") else None,
-            "hbm_needed_GiB": hbm["bytes_per_chip_needed"] / 2**30 if hbm else None,
-            "hbm_GiB": hbm["bytes_per_chip"] / 2**30 if hbm else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "config": path.name,
+                "slice": d["tpu_type"] or f"{d['num_hosts']} local hosts",
+                "ok": d["ok"],
+                "prompts_per_host": max(d["prompts_per_host"]),
+                "batch": d["batch"]["sequences"],
+                "limited_by": d["batch"]["limited_by"].removeprefix("engine."),
+                "batches_per_host": max(d["batches_per_host"]),
+                "step_ms": roof["step_s"] * 1e3 if roof.get("step_s") else None,
+                "tok_s_per_host": roof.get("tokens_per_s_per_host"),
+                "decode_bound_s": max(roof["decode_s_per_host"]) if roof.get("decode_s_per_host") else None,
+                "hbm_needed_GiB": hbm["bytes_per_chip_needed"] / 2**30 if hbm else None,
+                "hbm_GiB": hbm["bytes_per_chip"] / 2**30 if hbm else None,
+            }
+        )
     seed = plans[SEED_CONFIG]
     tokens = 64 * 2048
     decode_s = tokens / SEED_DECODE_TOK_S
     bound = max(seed["roofline"]["decode_s_per_host"])
     iterations = max(h["decode_iterations"] for h in seed["hosts"])
     anchor = {
-        "config": SEED_CONFIG, "measured_round_s": SEED_GENERATION_S, "measured_decode_tok_s": SEED_DECODE_TOK_S,
-        "measured_decode_s": decode_s, "decode_bound_s": bound, "fraction_of_bound": bound / decode_s,
-        "decode_iterations": iterations, "measured_step_ms": decode_s / iterations * 1e3,
+        "config": SEED_CONFIG,
+        "measured_round_s": SEED_GENERATION_S,
+        "measured_decode_tok_s": SEED_DECODE_TOK_S,
+        "measured_decode_s": decode_s,
+        "decode_bound_s": bound,
+        "fraction_of_bound": bound / decode_s,
+        "decode_iterations": iterations,
+        "measured_step_ms": decode_s / iterations * 1e3,
         "bound_step_ms": seed["roofline"]["step_s"] * 1e3,
-    }  # fmt: skip
+    }
     report.table("The planner's batch and HBM bound per shipped config", rows, COLUMNS)
-    report.table("The seed's measured run (v5p-16, 64 prompts per host) against the decode-only bound", [anchor],
-                 ANCHOR_COLUMNS)  # fmt: skip
+    report.table(
+        "The seed's measured run (v5p-16, 64 prompts per host) against the decode-only bound",
+        [anchor],
+        ANCHOR_COLUMNS,
+    )
     print("token counts: " + seed["notes"][0])
     report.write(args.out, rows=rows, anchor=anchor, plans=plans)
 

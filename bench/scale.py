@@ -77,8 +77,13 @@ def run_size(
     config_dir, n: int, hosts: int, flags: list[str], core_list, baseline, label: str = ""
 ) -> tuple[dict, list]:
     prompts = addition_prompts(n, config_dir / f"addition_{n}.txt")
-    config = write_config(config_dir / f"config_{n}.yaml", prompts_file=str(prompts), task="addition",
-                          progress_interval_s=30, samples_table_rows=0)  # fmt: skip
+    config = write_config(
+        config_dir / f"config_{n}.yaml",
+        prompts_file=str(prompts),
+        task="addition",
+        progress_interval_s=30,
+        samples_table_rows=0,
+    )
     out = config_dir / f"run_{n}{label}"
     shutil.rmtree(out, ignore_errors=True)
     run = launch(config, out, hosts, *flags, core_list=core_list)
@@ -86,11 +91,22 @@ def run_size(
     check = check_rows(out / "merged.jsonl", n, baseline)
     hosts_rows = []
     for m in run["host_metrics"]:
-        hosts_rows.append({"prompts": f"{n}{label}", "host": m["host"], "host_prompts": m["prompts"],
-                           "batches": m["batches"], "sequences": m["sequences"], "tokens": m["tokens_generated"],
-                           "peak_rss_MiB": m["peak_rss_bytes"] / 2**20, "compile_s": m["compile_s"],
-                           "prefill_s": m["prefill_s"], "decode_s": m["decode_s"], "generate_s": m["generate_s"],
-                           "decode_tok_s": m["decode_tokens_per_s"]})  # fmt: skip
+        hosts_rows.append(
+            {
+                "prompts": f"{n}{label}",
+                "host": m["host"],
+                "host_prompts": m["prompts"],
+                "batches": m["batches"],
+                "sequences": m["sequences"],
+                "tokens": m["tokens_generated"],
+                "peak_rss_MiB": m["peak_rss_bytes"] / 2**20,
+                "compile_s": m["compile_s"],
+                "prefill_s": m["prefill_s"],
+                "decode_s": m["decode_s"],
+                "generate_s": m["generate_s"],
+                "decode_tok_s": m["decode_tokens_per_s"],
+            }
+        )
     rss = [m["peak_rss_bytes"] / 2**20 for m in run["host_metrics"]]
     row = {
         "prompts": f"{n}{label}",
@@ -107,9 +123,11 @@ def run_size(
         "wall_s": run["wall_outside_s"],
         "load_1m": run["loadavg_1m"],
     }
-    print(f"{n}{label} prompts: {row['rows']} rows, every row once {row['every_row_once']}, "
-          f"accuracy {row['accuracy']:.4f}, RSS max {row['rss_max_MiB']:.0f} MiB, wall {row['wall_s']:.0f} s",
-          flush=True)  # fmt: skip
+    print(
+        f"{n}{label} prompts: {row['rows']} rows, every row once {row['every_row_once']}, "
+        f"accuracy {row['accuracy']:.4f}, RSS max {row['rss_max_MiB']:.0f} MiB, wall {row['wall_s']:.0f} s",
+        flush=True,
+    )
     return row, hosts_rows
 
 
@@ -176,14 +194,22 @@ def row_of(run: dict, repeat: int) -> dict:
     work = [m["prefill_s"] + m["decode_s"] for m in ms]
     cpu = [run["cpu"][m["host"]]["cpu_s"] for m in ms]
     return {
-        "hosts": run["hosts"], "repeat": repeat, "tokens": tokens,
+        "hosts": run["hosts"],
+        "repeat": repeat,
+        "tokens": tokens,
         "batches": "/".join(str(m["batches"]) for m in ms),
-        "generate_max_s": s["sample/generate_time_max_s"], "imbalance": s["sample/host_imbalance"],
-        "sampling_max_s": max(work), "cpu_max_s": max(cpu), "wall_s": run["wall_outside_s"],
-        "job": s["sample/job_tokens_per_s"], "sampling": tokens / max(work), "cpu": tokens / max(cpu),
-        "wall": tokens / run["wall_outside_s"], "accuracy": s.get("sample/task_accuracy"),
+        "generate_max_s": s["sample/generate_time_max_s"],
+        "imbalance": s["sample/host_imbalance"],
+        "sampling_max_s": max(work),
+        "cpu_max_s": max(cpu),
+        "wall_s": run["wall_outside_s"],
+        "job": s["sample/job_tokens_per_s"],
+        "sampling": tokens / max(work),
+        "cpu": tokens / max(cpu),
+        "wall": tokens / run["wall_outside_s"],
+        "accuracy": s.get("sample/task_accuracy"),
         "load_1m": run["loadavg_1m"][0],
-    }  # fmt: skip
+    }
 
 
 def by_hosts(args) -> None:
@@ -193,8 +219,9 @@ def by_hosts(args) -> None:
     core_list = cores()
     work = SCRATCH / "scaling"
     prompts = addition_prompts(args.prompts, work / f"addition_{args.prompts}.txt")
-    config = write_config(work / "config.yaml", prompts_file=str(prompts), task="addition", progress_interval_s=0,
-                          samples_table_rows=0)  # fmt: skip
+    config = write_config(
+        work / "config.yaml", prompts_file=str(prompts), task="addition", progress_interval_s=0, samples_table_rows=0
+    )
     flags = [cache_flag(work / "jax_cache")]
     wait_for_quiet()
     launch(config, work / "cold", max(counts), *flags, core_list=core_list)
@@ -217,8 +244,11 @@ def by_hosts(args) -> None:
             row[f"x_{way}"] = statistics.median(m[way] / b[way] for m, b in zip(mine, base))
         summary.append(row)
     report.table("Every run", runs, RUN_COLUMNS)
-    report.table(f"Medians of {args.repeats} (speedups: medians of within-repeat ratios vs {counts[0]} host)",
-                 summary, SUMMARY_COLUMNS)  # fmt: skip
+    report.table(
+        f"Medians of {args.repeats} (speedups: medians of within-repeat ratios vs {counts[0]} host)",
+        summary,
+        SUMMARY_COLUMNS,
+    )
     print("machine control, one numpy process per core vs one alone: " + ", ".join(f"{c:.2f}x" for c in controls))
     report.write(args.out, runs=runs, summary=summary, machine_control=controls, config=config.read_text())
 

@@ -62,12 +62,21 @@ def planned(config_path, hosts: int, strategy: str) -> list[dict]:
     from levanter_multihost.config import SampleLmMultihostConfig
     from levanter_multihost.plan_cli import plan_config
 
-    config = draccus.parse(SampleLmMultihostConfig, config_path=str(config_path),
-                           args=[f"--shard_strategy={strategy}"])  # fmt: skip
+    config = draccus.parse(
+        SampleLmMultihostConfig, config_path=str(config_path), args=[f"--shard_strategy={strategy}"]
+    )
     plan = report.to_dict(plan_config(config, hosts, None, None))
-    return [{"strategy": strategy, "host": h["host"], "prompts": h["prompts"], "batches": len(h["batch_sequences"]),
-             "sequences": "/".join(map(str, h["batch_sequences"])), "decode_iterations": h["decode_iterations"]}
-            for h in plan["hosts"]]  # fmt: skip
+    return [
+        {
+            "strategy": strategy,
+            "host": h["host"],
+            "prompts": h["prompts"],
+            "batches": len(h["batch_sequences"]),
+            "sequences": "/".join(map(str, h["batch_sequences"])),
+            "decode_iterations": h["decode_iterations"],
+        }
+        for h in plan["hosts"]
+    ]
 
 
 def imbalance(values: list[float]) -> float:
@@ -87,14 +96,33 @@ def main() -> None:
     core_list = cores()
     work = SCRATCH / "sharding"
     w = args.width
-    engine = {"max_seq_len": 64, "page_size": 8, "max_pages": 6 * w, "max_seqs": w, "max_seqs_in_prefill": w,
-              "max_prefill_size": 8 * w, "max_queued_tokens": w, "max_tokens_per_round": w, "max_rounds": 8}  # fmt: skip
-    config = write_config(work / "config.yaml", prompts_file=str(skewed_prompts(args.prompts, args.long_tokens,
-                          work / "skewed_prompts.txt")), max_new_tokens=NEW_TOKENS, task=None, progress_interval_s=0,
-                          samples_table_rows=0, engine=engine)  # fmt: skip
+    engine = {
+        "max_seq_len": 64,
+        "page_size": 8,
+        "max_pages": 6 * w,
+        "max_seqs": w,
+        "max_seqs_in_prefill": w,
+        "max_prefill_size": 8 * w,
+        "max_queued_tokens": w,
+        "max_tokens_per_round": w,
+        "max_rounds": 8,
+    }
+    config = write_config(
+        work / "config.yaml",
+        prompts_file=str(skewed_prompts(args.prompts, args.long_tokens, work / "skewed_prompts.txt")),
+        max_new_tokens=NEW_TOKENS,
+        task=None,
+        progress_interval_s=0,
+        samples_table_rows=0,
+        engine=engine,
+    )
     plan = [row for s in ("contiguous", "balanced") for row in planned(config, args.hosts, s)]
-    report.table(f"Planned batches per host ({args.prompts} prompts, {args.prompts // 4} of {args.long_tokens} "
-                 f"tokens first; engine width {w})", plan, PLAN_COLUMNS)  # fmt: skip
+    report.table(
+        f"Planned batches per host ({args.prompts} prompts, {args.prompts // 4} of {args.long_tokens} "
+        f"tokens first; engine width {w})",
+        plan,
+        PLAN_COLUMNS,
+    )
 
     flags = [cache_flag(work / "jax_cache")]
     wait_for_quiet()
@@ -109,26 +137,49 @@ def main() -> None:
             gen = [m["generate_s"] for m in ms]
             work_s = [m["prefill_s"] + m["decode_s"] for m in ms]
             cpu = [run["cpu"][m["host"]]["cpu_s"] for m in ms]
-            runs.append({
-                "strategy": strategy, "repeat": rep, "batches": "/".join(str(m["batches"]) for m in ms),
-                "generate_s": "/".join(f"{g:.2f}" for g in gen), "generate_imbalance": imbalance(gen),
-                "work_s": "/".join(f"{g:.2f}" for g in work_s), "work_imbalance": imbalance(work_s),
-                "cpu_s": "/".join(f"{c:.2f}" for c in cpu), "cpu_imbalance": imbalance(cpu),
-                "generate_max_s": max(gen), "wall_s": run["wall_outside_s"], "load_1m": run["loadavg_1m"][0],
-            })  # fmt: skip
+            runs.append(
+                {
+                    "strategy": strategy,
+                    "repeat": rep,
+                    "batches": "/".join(str(m["batches"]) for m in ms),
+                    "generate_s": "/".join(f"{g:.2f}" for g in gen),
+                    "generate_imbalance": imbalance(gen),
+                    "work_s": "/".join(f"{g:.2f}" for g in work_s),
+                    "work_imbalance": imbalance(work_s),
+                    "cpu_s": "/".join(f"{c:.2f}" for c in cpu),
+                    "cpu_imbalance": imbalance(cpu),
+                    "generate_max_s": max(gen),
+                    "wall_s": run["wall_outside_s"],
+                    "load_1m": run["loadavg_1m"][0],
+                }
+            )
             rows = read_rows(out / "merged.jsonl")
             merged[strategy] = [(r["global_prompt_index"], r["generated_token_ids"]) for r in rows]
     identical = merged["contiguous"] == merged["balanced"]
     summary = []
     for strategy in ("contiguous", "balanced"):
         mine = [r for r in runs if r["strategy"] == strategy]
-        summary.append({"strategy": strategy, **{k: statistics.median(r[k] for r in mine) for k in (
-            "generate_imbalance", "work_imbalance", "cpu_imbalance", "generate_max_s", "wall_s")}})  # fmt: skip
+        summary.append(
+            {
+                "strategy": strategy,
+                **{
+                    k: statistics.median(r[k] for r in mine)
+                    for k in ("generate_imbalance", "work_imbalance", "cpu_imbalance", "generate_max_s", "wall_s")
+                },
+            }
+        )
     report.table(f"Every run ({args.hosts} hosts, {pinning_note(args.hosts, core_list)})", runs, RUN_COLUMNS)
     report.table("Medians", summary, SUMMARY_COLUMNS)
     print(f"outputs identical between the strategies: {identical} ({len(merged['balanced'])} rows)")
-    report.write(args.out, engine=engine, planned=plan, runs=runs, summary=summary, outputs_identical=identical,
-                 config=json.dumps(config.read_text()))  # fmt: skip
+    report.write(
+        args.out,
+        engine=engine,
+        planned=plan,
+        runs=runs,
+        summary=summary,
+        outputs_identical=identical,
+        config=json.dumps(config.read_text()),
+    )
 
 
 PLAN_COLUMNS = [

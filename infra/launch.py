@@ -315,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no command given: put it after --")
     if local:
         if args.tpu_name:
-            refuse(f"--local_hosts {args.local_hosts} and --tpu_name {args.tpu_name} ask for two backends; pass only one")
+            refuse(
+                f"--local_hosts {args.local_hosts} and --tpu_name {args.tpu_name} ask for two backends; pass only one"
+            )
         if args.local_hosts < 1:
             refuse(f"--local_hosts ({args.local_hosts}) must be >= 1")
         if args.devices_per_host < 1:

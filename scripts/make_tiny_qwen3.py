@@ -21,10 +21,22 @@ from safetensors.numpy import save_file
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "tiny-addition"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-SHAPE = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8, "max_position_embeddings": 64,
-         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
-         "eos_token_id": 2, "pad_token_id": 0}  # fmt: skip
+SHAPE = {
+    "vocab_size": 24,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 
 
 def weights(config: transformers.Qwen3Config, seed: int = 0) -> dict[str, np.ndarray]:

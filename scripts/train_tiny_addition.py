@@ -212,13 +212,16 @@ def engine_accuracy(config: TrainTinyAdditionConfig, checkpoint: str) -> float:
     terminator = tuple(tokenizer(addition.TERMINATOR, add_special_tokens=False)["input_ids"])
     stop = StopCondition((addition.TERMINATOR,), (terminator,))
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    items = [WorkItem(i, p, list(t), (0,), 1, config.max_new_tokens, 0.0) for i, (p, t) in enumerate(zip(prompts, ids))]
+    items = [
+        WorkItem(i, p, list(t), (0,), 1, config.max_new_tokens, 0.0) for i, (p, t) in enumerate(zip(prompts, ids))
+    ]
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
         converter = config.model.hf_checkpoint_converter(ref_checkpoint=checkpoint)
         model = converter.load_pretrained(LlamaLMHeadModel, ref=checkpoint, dtype=jnp.float32, axis_mapping=mapping)
         engine = build_engine(model, tokenizer, config.engine, logprobs=False)
-        pairs, _ = generate_batch(engine, tokenizer, items, Sampling(seed=0, stop=stop), 0, lambda _: None,
-                                  lambda: 0.0)
+        pairs, _ = generate_batch(
+            engine, tokenizer, items, Sampling(seed=0, stop=stop), 0, lambda _: None, lambda: 0.0
+        )
     rows = [row for row, _ in pairs]
     for row in rows[:4]:
         logger.info("engine sample: %s -> %r", row["prompt"], row["generated_text"])

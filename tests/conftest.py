@@ -33,9 +33,16 @@ FEATURE_ROWS = [
 """Text and chat prompts, carried columns of several types, and per-row overrides (sampling controls and a 64-bit
 seed included)."""
 FEATURE_FLAGS = (
-    "--temperature=0.8", "--seed=7", "--n_generations=2", '--stop_sequences=["9", "0"]', "--logprobs=true",
-    "--max_new_tokens=6", "--gather_chunk_bytes=512", "--trainer.model_axis_size=1", "--task=null",
-)  # fmt: skip
+    "--temperature=0.8",
+    "--seed=7",
+    "--n_generations=2",
+    '--stop_sequences=["9", "0"]',
+    "--logprobs=true",
+    "--max_new_tokens=6",
+    "--gather_chunk_bytes=512",
+    "--trainer.model_axis_size=1",
+    "--task=null",
+)
 """Sampled, several generations, two stop strings (plus EOS), log-probabilities, tiny store chunks."""
 
 
@@ -59,8 +66,13 @@ def greedy_4x4(tmp_path_factory):
     """The README's job: 4 hosts x 4 devices, 256 prompts, greedy, one batch per host, tracked to wandb (offline)."""
     out = tmp_path_factory.mktemp("greedy_4x4")
     wandb_dir = tmp_path_factory.mktemp("wandb")
-    tracker = ["--trainer.tracker.type", "wandb", "--trainer.tracker.mode=offline",  # key by key, as a user types
-               "--trainer.tracker.project=levanter-multihost-test", "--trainer.tracker.tags=[host-dp, test]"]
+    tracker = [
+        "--trainer.tracker.type",
+        "wandb",
+        "--trainer.tracker.mode=offline",  # key by key, as a user types
+        "--trainer.tracker.project=levanter-multihost-test",
+        "--trainer.tracker.tags=[host-dp, test]",
+    ]
     run = launch(out, *tracker, "--run_name=readme-job", hosts=4, env_extra={"WANDB_DIR": str(wandb_dir)})
     run.wandb_dir = wandb_dir
     return run
@@ -109,8 +121,9 @@ def feature_inputs(tmp_path_factory):
 
 def _features(tmp_path_factory, eos_checkpoint, hosts: int, source: str, *flags: str):
     out = tmp_path_factory.mktemp(f"features_{hosts}")
-    return launch(out, f"--hf_checkpoint={eos_checkpoint}", source, *FEATURE_FLAGS, *flags, hosts=hosts,
-                  devices_per_host=1)  # fmt: skip
+    return launch(
+        out, f"--hf_checkpoint={eos_checkpoint}", source, *FEATURE_FLAGS, *flags, hosts=hosts, devices_per_host=1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -127,5 +140,12 @@ def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
     out = tmp_path_factory.mktemp("features_1")
     source = f"--prompts_dataset={feature_inputs / 'rows_dataset'}"
     flags = [f for f in FEATURE_FLAGS if not f.startswith("--trainer.model_axis_size")]
-    return run_in_process(out, f"--hf_checkpoint={eos_checkpoint}", source, "--prompts_file=null", *flags,
-                          "--batch_size=3", "--output_format=parquet")  # fmt: skip
+    return run_in_process(
+        out,
+        f"--hf_checkpoint={eos_checkpoint}",
+        source,
+        "--prompts_file=null",
+        *flags,
+        "--batch_size=3",
+        "--output_format=parquet",
+    )

@@ -72,13 +72,22 @@ def parts(link: Coordinator) -> None:
     collector = Collector(link, lambda h, header, data: received[h].append((header, data))).start()
     link.announce(READY, {"attempt": "0000000a"})
     arrivals = collector.finish()
-    exact = all(received[h] == [({"kind": "batch", "batch": b}, part_data(h, b)) for b in range(PARTS)]
-                for h in received)  # fmt: skip
-    keys = [link._key(h, f"part{b:06d}", name) for h in received for b in range(PARTS)
-            for name in ("manifest", "chunk000000", "chunk000001")]  # fmt: skip
-    result(exact=exact, parts={h: a.parts for h, a in arrivals.items()},
-           bytes={h: a.bytes for h, a in arrivals.items()}, ends={h: a.end for h, a in arrivals.items()},
-           left=[k for k in keys if link._try_get(k) is not None])  # fmt: skip
+    exact = all(
+        received[h] == [({"kind": "batch", "batch": b}, part_data(h, b)) for b in range(PARTS)] for h in received
+    )
+    keys = [
+        link._key(h, f"part{b:06d}", name)
+        for h in received
+        for b in range(PARTS)
+        for name in ("manifest", "chunk000000", "chunk000001")
+    ]
+    result(
+        exact=exact,
+        parts={h: a.parts for h, a in arrivals.items()},
+        bytes={h: a.bytes for h, a in arrivals.items()},
+        ends={h: a.end for h, a in arrivals.items()},
+        left=[k for k in keys if link._try_get(k) is not None],
+    )
     link.announce(DONE, {})
     leave(link, list(received))
 
@@ -133,27 +142,40 @@ def largest(link: Coordinator, out_dir: str) -> None:
     for b, lines in mine:
         spool.add(0, {"kind": "batch", "batch": b, "rows": len(lines)}, b"".join(lines))
     arrivals = collector.finish()
-    reporting = Reporting(tracker=None, run_name="largest", run_id=None, config={}, samples_table_rows=2, task=None,
-                          progress_interval_s=0.0)  # fmt: skip
+    reporting = Reporting(
+        tracker=None,
+        run_name="largest",
+        run_id=None,
+        config={},
+        samples_table_rows=2,
+        task=None,
+        progress_interval_s=0.0,
+    )
     merged = leader.write_merged(spool, RunDir(out_dir), [1] * LARGEST_PROMPTS, "jsonl", reporting)
     spool.close()
     data = RunDir(out_dir).read_bytes("merged.jsonl")
     exact = data == b"".join(row_line(synthetic_row(i, n)) for i in range(LARGEST_PROMPTS))
-    result(rows=merged.rows, exact=exact, samples=[r["global_prompt_index"] for r in merged.samples],
-           headers=sorted((h, hd["batch"], hd["rows"]) for h, hd in headers),
-           bytes=sum(a.bytes for a in arrivals.values()))  # fmt: skip
+    result(
+        rows=merged.rows,
+        exact=exact,
+        samples=[r["global_prompt_index"] for r in merged.samples],
+        headers=sorted((h, hd["batch"], hd["rows"]) for h, hd in headers),
+        bytes=sum(a.bytes for a in arrivals.values()),
+    )
     link.announce(DONE, {})
     leave(link, list(range(1, n)))
 
 
 def main() -> None:
     mode, out_dir, silent_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    jax.distributed.initialize(os.environ[ENV_COORDINATOR], int(os.environ[ENV_NUM_PROCESSES]),
-                               int(os.environ[ENV_PROCESS_ID]))  # fmt: skip
+    jax.distributed.initialize(
+        os.environ[ENV_COORDINATOR], int(os.environ[ENV_NUM_PROCESSES]), int(os.environ[ENV_PROCESS_ID])
+    )
     chunk_bytes = 4 * 1024 * 1024 if mode == "largest" else CHUNK_BYTES
     timeouts = Timeouts(heartbeat_interval_s=min(0.25, silent_s / 4), silent_host_s=silent_s)
-    link = Coordinator(distributed.global_state.client, jax.process_index(), jax.process_count(), chunk_bytes,
-                       timeouts)  # fmt: skip
+    link = Coordinator(
+        distributed.global_state.client, jax.process_index(), jax.process_count(), chunk_bytes, timeouts
+    )
     link.start_heartbeat()
     if mode == "largest":
         largest(link, out_dir)

@@ -78,12 +78,17 @@ def launch(
     check: bool = True,
 ) -> Run:
     """Run the sampler on ``hosts`` emulated hosts; ``overrides`` are draccus flags (``--max_new_tokens=4``)."""
-    command = local_launch_command(REPO, hosts, devices_per_host,
-                                   sampler_command(config, output_dir, *cache_flags(), *overrides))  # fmt: skip
+    command = local_launch_command(
+        REPO, hosts, devices_per_host, sampler_command(config, output_dir, *cache_flags(), *overrides)
+    )
     proc = subprocess.Popen(
-        command, cwd=REPO, env=host_env(**(env_extra or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command,
+        cwd=REPO,
+        env=host_env(**(env_extra or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -113,17 +118,27 @@ def run_in_process(output_dir: Path, *overrides: str, config: Path = TINY_CONFIG
 
 
 def launch_and_kill(
-    output_dir: Path, victim: int, *overrides: str, after_parts: int = 0, hosts: int = 4, devices_per_host: int = 1,
-    timeout: float = 600, sig: int = signal.SIGKILL,
-) -> tuple[Run, float]:  # fmt: skip
+    output_dir: Path,
+    victim: int,
+    *overrides: str,
+    after_parts: int = 0,
+    hosts: int = 4,
+    devices_per_host: int = 1,
+    timeout: float = 600,
+    sig: int = signal.SIGKILL,
+) -> tuple[Run, float]:
     """Run with ``--keep_going`` and send ``sig`` to host ``victim`` once it has written ``after_parts`` parts and
     reports progress again (so it dies while it still has batches to sample).
 
     Returns the run and the seconds from the signal to the launcher's exit.
     """
-    command = local_launch_command(REPO, hosts, devices_per_host,
-                                   sampler_command(TINY_CONFIG, output_dir, *cache_flags(), *overrides),
-                                   launcher_flags=("--keep_going", "--grace_s", "5"))  # fmt: skip
+    command = local_launch_command(
+        REPO,
+        hosts,
+        devices_per_host,
+        sampler_command(TINY_CONFIG, output_dir, *cache_flags(), *overrides),
+        launcher_flags=("--keep_going", "--grace_s", "5"),
+    )
     proc = subprocess.Popen(
         command, cwd=REPO, env=host_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -159,13 +174,20 @@ def launch_and_kill(
 class Background:
     """The launcher running in the background, its output collected by a thread; for faults injected mid-run."""
 
-    def __init__(self, output_dir: Path, *overrides: str, hosts: int = 2, grace_s: float = 10,
-                 config: Path = TINY_CONFIG):  # fmt: skip
+    def __init__(
+        self, output_dir: Path, *overrides: str, hosts: int = 2, grace_s: float = 10, config: Path = TINY_CONFIG
+    ):
         sampler = sampler_command(config, output_dir, "--trainer.model_axis_size=1", *cache_flags(), *overrides)
         command = local_launch_command(REPO, hosts, 1, sampler, launcher_flags=("--grace_s", str(grace_s)))
         self.output_dir = Path(output_dir)
-        self.proc = subprocess.Popen(command, cwd=REPO, env=host_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=host_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

@@ -30,9 +30,9 @@ from levanter.trainer import TrainerConfig
 from levanter_multihost import seams
 from levanter_multihost.addition import make_prompts
 from levanter_multihost.capacity import BatchPacker, PromptDemand, batch_limit, forecast
+from levanter_multihost.capacity_inputs import engine_limits
 from levanter_multihost.generation import EngineStateError, WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.model_loading import load_model
-from levanter_multihost.plan import engine_limits
 from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
 
 pytestmark = pytest.mark.slow  # the real engine in this process
@@ -41,9 +41,19 @@ TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny-addition"
 TRAINER = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
 # 4 pages of 8 tokens per sequence at most; 15 pages, 8 slots, 6 prompts or 48 prompt tokens per prefill; a decode
 # budget of 8 outer rounds x 4 iterations = 32
-ENGINE = InferenceEngineConfig(max_seq_len=32, page_size=8, max_pages=15, max_seqs=8, max_seqs_in_prefill=6,
-                               max_prefill_size=48, max_queued_tokens=8, max_rounds=4, max_stop_seqs=0,
-                               max_stop_tokens=0, compute_dtype=jnp.float32)  # fmt: skip
+ENGINE = InferenceEngineConfig(
+    max_seq_len=32,
+    page_size=8,
+    max_pages=15,
+    max_seqs=8,
+    max_seqs_in_prefill=6,
+    max_prefill_size=48,
+    max_queued_tokens=8,
+    max_rounds=4,
+    max_stop_seqs=0,
+    max_stop_tokens=0,
+    compute_dtype=jnp.float32,
+)
 SHARED_DECODE = dataclasses.replace(ENGINE, max_tokens_per_round=3)
 GREEDY = Sampling(seed=0, stop=StopCondition())
 PROMPTS = make_prompts(1000, 0)
@@ -58,8 +68,10 @@ def prompts_of(tokens: int, n: int) -> list[str]:
 
 @contextmanager
 def one_device():
-    mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
-                (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL))  # fmt: skip
+    mesh = Mesh(
+        np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
+        (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL),
+    )
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(TRAINER.compute_axis_mapping):
         yield
 
@@ -101,8 +113,10 @@ def fresh_engine(tiny, config: InferenceEngineConfig):
 def work(tiny, prompts, max_new, generations) -> tuple[list[WorkItem], list[PromptDemand]]:
     """The sampler's work items for ``prompts`` (global index = position) and what each asks of the engine."""
     ids = [tiny[1](p, add_special_tokens=False)["input_ids"] for p in prompts]
-    items = [WorkItem(k, p, t, tuple(range(n)), n, m, 0.0)
-             for k, (p, t, m, n) in enumerate(zip(prompts, ids, max_new, generations))]  # fmt: skip
+    items = [
+        WorkItem(k, p, t, tuple(range(n)), n, m, 0.0)
+        for k, (p, t, m, n) in enumerate(zip(prompts, ids, max_new, generations))
+    ]
     return items, [PromptDemand(len(t), m, n) for t, m, n in zip(ids, max_new, generations)]
 
 
@@ -135,8 +149,10 @@ def run_packed(engine, tiny, config, prompts, max_new, generations, batch_size=N
         else:  # sequences take turns; the forecast is the most any order of turns takes
             assert 0 < stats.outer_rounds <= expect.outer_rounds
         expected = [(k, g, "length", max_new[k]) for k in r for g in range(generations[k])]
-        assert [(row["global_prompt_index"], row["generation_index"], row["finish_reason"],
-                 row["generated_token_count"]) for row in rows] == expected  # fmt: skip
+        assert [
+            (row["global_prompt_index"], row["generation_index"], row["finish_reason"], row["generated_token_count"])
+            for row in rows
+        ] == expected
         sizes.append(stats.sequences)
     return sizes
 
@@ -151,10 +167,12 @@ LIMITS = [
 ]
 
 
-@pytest.mark.parametrize("field, tokens, max_new, n, batch_size, allowed", LIMITS,
-                         ids=[f"{c[0]}-n{c[3]}" for c in LIMITS])  # fmt: skip
-def test_each_limit_sets_the_batch_and_every_batch_runs_as_forecast(engine, tiny, field, tokens, max_new, n,
-                                                                    batch_size, allowed):  # fmt: skip
+@pytest.mark.parametrize(
+    "field, tokens, max_new, n, batch_size, allowed", LIMITS, ids=[f"{c[0]}-n{c[3]}" for c in LIMITS]
+)
+def test_each_limit_sets_the_batch_and_every_batch_runs_as_forecast(
+    engine, tiny, field, tokens, max_new, n, batch_size, allowed
+):
     limits = engine_limits(ENGINE)
     limit = batch_limit(limits, limits.max_pages, PromptDemand(tokens, max_new, n), batch_size)
     assert (limit.limited_by, limit.sequences) == (field, allowed)

@@ -27,19 +27,42 @@ from levanter_multihost.capacity.batch import prompt_problems, within_decode_bud
 from levanter_multihost.capacity.tpu import GIB
 
 # The seed's host-DP engine for 64 prompts per host (v5p-16 and v5p-32 runs).
-SEED = EngineLimits(max_seq_len=2560, page_size=128, max_pages=2304, max_seqs=128, max_seqs_in_prefill=128,
-                    max_prefill_size=2048, max_queued_tokens=128, max_tokens_per_round=128,
-                    max_rounds=64)  # fmt: skip
+SEED = EngineLimits(
+    max_seq_len=2560,
+    page_size=128,
+    max_pages=2304,
+    max_seqs=128,
+    max_seqs_in_prefill=128,
+    max_prefill_size=2048,
+    max_queued_tokens=128,
+    max_tokens_per_round=128,
+    max_rounds=64,
+)
 # The seed's final engine for 1024 prompts on v5p-32 (256 per host).
-SEED_1024 = replace(SEED, max_seqs=256, max_seqs_in_prefill=256, max_prefill_size=4096, max_pages=4608,
-                    max_queued_tokens=256, max_tokens_per_round=256)  # fmt: skip
+SEED_1024 = replace(
+    SEED,
+    max_seqs=256,
+    max_seqs_in_prefill=256,
+    max_prefill_size=4096,
+    max_pages=4608,
+    max_queued_tokens=256,
+    max_tokens_per_round=256,
+)
 V5P_32 = parse_tpu_type("v5p-32")
 P8B = 8_030_261_248
 # Llama-3-8B in bfloat16, every axis sharded over a host's 4 chips (tests/test_plan.py gets it from partition specs)
 LLAMA3_8B = ModelShape(P8B * 2, P8B * 2 // 4, 131_072, 131_072 // 4, "Llama-3-8B")
 # a small engine whose limits the closed-form tests lower one at a time
-SMALL = EngineLimits(max_seq_len=64, page_size=8, max_pages=1000, max_seqs=32, max_seqs_in_prefill=32,
-                     max_prefill_size=1024, max_queued_tokens=32, max_rounds=8)  # fmt: skip
+SMALL = EngineLimits(
+    max_seq_len=64,
+    page_size=8,
+    max_pages=1000,
+    max_seqs=32,
+    max_seqs_in_prefill=32,
+    max_prefill_size=1024,
+    max_queued_tokens=32,
+    max_rounds=8,
+)
 
 
 def run(prompt_tokens: int, prompts: int, max_new: int, generations: int = 1, **kw) -> RunSpec:
@@ -52,12 +75,17 @@ def fields_of(plan) -> list[str]:
 
 def random_engine(rng: random.Random) -> EngineLimits:
     seqs = rng.randint(1, 24)
-    return EngineLimits(max_seq_len=64, page_size=rng.choice([4, 8, 16]),
-                        max_pages=rng.choice([None, rng.randint(4, 200)]), max_seqs=seqs,
-                        max_seqs_in_prefill=rng.randint(1, 24),
-                        max_prefill_size=rng.choice([None, rng.randint(8, 128)]), max_queued_tokens=64,
-                        max_tokens_per_round=rng.choice([None, rng.randint(1, seqs)]),
-                        max_rounds=rng.randint(1, 16))  # fmt: skip
+    return EngineLimits(
+        max_seq_len=64,
+        page_size=rng.choice([4, 8, 16]),
+        max_pages=rng.choice([None, rng.randint(4, 200)]),
+        max_seqs=seqs,
+        max_seqs_in_prefill=rng.randint(1, 24),
+        max_prefill_size=rng.choice([None, rng.randint(8, 128)]),
+        max_queued_tokens=64,
+        max_tokens_per_round=rng.choice([None, rng.randint(1, seqs)]),
+        max_rounds=rng.randint(1, 16),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,12 +142,24 @@ def test_final_1024_values_run_one_batch_per_host():
 # topology and the engine's own rules
 
 
-@pytest.mark.parametrize("name, hosts, chips, gen", [
-    ("v5p-8", 1, 4, "v5p"), ("v5p-16", 2, 4, "v5p"), ("v5p-32", 4, 4, "v5p"), ("v5p-128", 16, 4, "v5p"),
-    ("v4-8", 1, 4, "v4"), ("v4-32", 4, 4, "v4"), ("v5e-4", 1, 4, "v5e"), ("v5e-8", 1, 8, "v5e"),
-    ("v5e-16", 4, 4, "v5e"), ("v5litepod-16", 4, 4, "v5e"), ("v6e-8", 1, 8, "v6e"), ("v6e-16", 4, 4, "v6e"),
-    ("V6E-256", 64, 4, "v6e"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, hosts, chips, gen",
+    [
+        ("v5p-8", 1, 4, "v5p"),
+        ("v5p-16", 2, 4, "v5p"),
+        ("v5p-32", 4, 4, "v5p"),
+        ("v5p-128", 16, 4, "v5p"),
+        ("v4-8", 1, 4, "v4"),
+        ("v4-32", 4, 4, "v4"),
+        ("v5e-4", 1, 4, "v5e"),
+        ("v5e-8", 1, 8, "v5e"),
+        ("v5e-16", 4, 4, "v5e"),
+        ("v5litepod-16", 4, 4, "v5e"),
+        ("v6e-8", 1, 8, "v6e"),
+        ("v6e-16", 4, 4, "v6e"),
+        ("V6E-256", 64, 4, "v6e"),
+    ],
+)
 def test_parse_tpu_type(name, hosts, chips, gen):
     t = parse_tpu_type(name)
     assert (t.num_hosts, t.chips_per_host, t.generation.name, t.name) == (hosts, chips, gen, name)
@@ -136,9 +176,15 @@ def test_parse_tpu_type_rejects(name):
 @pytest.mark.parametrize("in_prefill", [4, 24])
 @pytest.mark.parametrize("queued", [8, 16, 32])
 def test_max_queued_tokens_rules(max_seqs, per_round, in_prefill, queued):
-    engine = EngineLimits(max_seq_len=64, page_size=8, max_pages=1000, max_seqs=max_seqs,
-                          max_tokens_per_round=per_round, max_seqs_in_prefill=in_prefill,
-                          max_queued_tokens=queued)  # fmt: skip
+    engine = EngineLimits(
+        max_seq_len=64,
+        page_size=8,
+        max_pages=1000,
+        max_seqs=max_seqs,
+        max_tokens_per_round=per_round,
+        max_seqs_in_prefill=in_prefill,
+        max_queued_tokens=queued,
+    )
     need = max(max_seqs, per_round or max_seqs, in_prefill)
     plan = plan_capacity(engine, run(4, 2, 8), Topology())
     rule = [p for p in plan.problems if p.field == "engine.max_queued_tokens"]
@@ -148,18 +194,46 @@ def test_max_queued_tokens_rules(max_seqs, per_round, in_prefill, queued):
         assert plan_capacity(replace(engine, max_queued_tokens=need), run(4, 2, 8), Topology()).ok
 
 
-@pytest.mark.parametrize("engine, demand, field, suggested, says", [
-    (EngineLimits(100, page_size=16), PromptDemand(40, 64), "engine.max_seq_len", 104,
-     "needs 104 positions, more than engine.max_seq_len (100)"),
-    (EngineLimits(64, page_size=8, max_prefill_size=16), PromptDemand(20, 8), "engine.max_prefill_size", 20,
-     "20 tokens; its 1 generation(s) prefill 20, more than engine.max_prefill_size (16)"),
-    (EngineLimits(64, page_size=8, max_seqs=4), PromptDemand(4, 8, 6), "engine.max_seqs", 6,
-     "6 generations, more than engine.max_seqs (4)"),
-    (EngineLimits(64, page_size=8, max_pages=10), PromptDemand(4, 40, 2), "engine.max_pages", 12,
-     "needs 12 KV pages at full length"),
-    (EngineLimits(32, page_size=8, max_tokens_per_round=2, max_rounds=4), PromptDemand(4, 20, 6),
-     "engine.max_tokens_per_round", 6, "may need 19 x 3 decode iterations, more than the 32 one call runs"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "engine, demand, field, suggested, says",
+    [
+        (
+            EngineLimits(100, page_size=16),
+            PromptDemand(40, 64),
+            "engine.max_seq_len",
+            104,
+            "needs 104 positions, more than engine.max_seq_len (100)",
+        ),
+        (
+            EngineLimits(64, page_size=8, max_prefill_size=16),
+            PromptDemand(20, 8),
+            "engine.max_prefill_size",
+            20,
+            "20 tokens; its 1 generation(s) prefill 20, more than engine.max_prefill_size (16)",
+        ),
+        (
+            EngineLimits(64, page_size=8, max_seqs=4),
+            PromptDemand(4, 8, 6),
+            "engine.max_seqs",
+            6,
+            "6 generations, more than engine.max_seqs (4)",
+        ),
+        (
+            EngineLimits(64, page_size=8, max_pages=10),
+            PromptDemand(4, 40, 2),
+            "engine.max_pages",
+            12,
+            "needs 12 KV pages at full length",
+        ),
+        (
+            EngineLimits(32, page_size=8, max_tokens_per_round=2, max_rounds=4),
+            PromptDemand(4, 20, 6),
+            "engine.max_tokens_per_round",
+            6,
+            "may need 19 x 3 decode iterations, more than the 32 one call runs",
+        ),
+    ],
+)
 def test_a_prompt_no_call_can_complete_is_a_problem_and_the_packer_names_it(engine, demand, field, suggested, says):
     plan = plan_capacity(engine, RunSpec((PromptDemand(4, 8), demand, demand)), Topology())
     assert [(p.field, p.suggested) for p in plan.problems] == [(field, suggested)]  # once, for the first prompt
@@ -178,8 +252,10 @@ def test_batch_size_below_one_prompts_generations():
 def test_stop_sequence_capacity():
     spec = run(4, 1, 8, stop_sequences=5, longest_stop_tokens=20)
     plan = plan_capacity(EngineLimits(max_seq_len=64, page_size=8), spec, Topology())
-    assert [(p.field, p.suggested) for p in plan.problems] == [("engine.max_stop_seqs", 5),
-                                                               ("engine.max_stop_tokens", 20)]  # fmt: skip
+    assert [(p.field, p.suggested) for p in plan.problems] == [
+        ("engine.max_stop_seqs", 5),
+        ("engine.max_stop_tokens", 20),
+    ]
 
 
 @pytest.mark.parametrize("field", ["max_seq_len", "page_size", "max_seqs", "max_pages", "max_prefill_size"])
@@ -192,21 +268,24 @@ def test_invalid_engine_numbers_name_the_field(field):
 # the closed form and the packer
 
 
-@pytest.mark.parametrize("change, demand, batch_size, sequences, field", [
-    ({"max_seqs": 12}, PromptDemand(4, 4), None, 12, "engine.max_seqs"),
-    ({"max_seqs_in_prefill": 5}, PromptDemand(4, 4), None, 5, "engine.max_seqs_in_prefill"),
-    ({"max_prefill_size": 30}, PromptDemand(7, 4), None, 4, "engine.max_prefill_size"),
-    ({"max_pages": 20}, PromptDemand(7, 20), None, 5, "engine.max_pages"),  # ceil(27 / 8) = 4 pages each
-    ({"max_tokens_per_round": 4}, PromptDemand(4, 20), None, 12, "engine.max_tokens_per_round"),  # 64 // 19 turns
-    ({}, PromptDemand(4, 4), 3, 3, "batch_size"),
-    # in whole prompts of 3 or 5 generations, each generation a request of its own
-    ({"max_seqs": 10}, PromptDemand(4, 4, 3), None, 9, "engine.max_seqs"),
-    ({"max_seqs_in_prefill": 7}, PromptDemand(4, 4, 3), None, 6, "engine.max_seqs_in_prefill"),
-    ({"max_prefill_size": 30}, PromptDemand(7, 4, 3), None, 3, "engine.max_prefill_size"),  # 4 prefills of 7
-    ({"max_pages": 20}, PromptDemand(7, 20, 3), None, 3, "engine.max_pages"),
-    ({"max_tokens_per_round": 4}, PromptDemand(4, 20, 5), None, 10, "engine.max_tokens_per_round"),
-    ({}, PromptDemand(4, 4, 2), 7, 6, "batch_size"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, demand, batch_size, sequences, field",
+    [
+        ({"max_seqs": 12}, PromptDemand(4, 4), None, 12, "engine.max_seqs"),
+        ({"max_seqs_in_prefill": 5}, PromptDemand(4, 4), None, 5, "engine.max_seqs_in_prefill"),
+        ({"max_prefill_size": 30}, PromptDemand(7, 4), None, 4, "engine.max_prefill_size"),
+        ({"max_pages": 20}, PromptDemand(7, 20), None, 5, "engine.max_pages"),  # ceil(27 / 8) = 4 pages each
+        ({"max_tokens_per_round": 4}, PromptDemand(4, 20), None, 12, "engine.max_tokens_per_round"),  # 64 // 19 turns
+        ({}, PromptDemand(4, 4), 3, 3, "batch_size"),
+        # in whole prompts of 3 or 5 generations, each generation a request of its own
+        ({"max_seqs": 10}, PromptDemand(4, 4, 3), None, 9, "engine.max_seqs"),
+        ({"max_seqs_in_prefill": 7}, PromptDemand(4, 4, 3), None, 6, "engine.max_seqs_in_prefill"),
+        ({"max_prefill_size": 30}, PromptDemand(7, 4, 3), None, 3, "engine.max_prefill_size"),  # 4 prefills of 7
+        ({"max_pages": 20}, PromptDemand(7, 20, 3), None, 3, "engine.max_pages"),
+        ({"max_tokens_per_round": 4}, PromptDemand(4, 20, 5), None, 10, "engine.max_tokens_per_round"),
+        ({}, PromptDemand(4, 4, 2), 7, 6, "batch_size"),
+    ],
+)
 def test_batch_limit_names_the_field_that_binds(change, demand, batch_size, sequences, field):
     engine = replace(SMALL, **change)
     limit = batch_limit(engine, engine.max_pages, demand, batch_size)
@@ -351,15 +430,21 @@ def test_roofline_of_the_seed_run():
     assert (roomy.batch.sequences, roomy.largest_batch, roomy.step_bound_s) == (128, 64, plan.step_bound_s)
 
 
-@pytest.mark.parametrize("engine, spec", [
-    (replace(SEED, max_seqs=256), run(16, 1024, 2048)),
-    (replace(SEED, max_seq_len=2000), run(32, 256, 2048)),
-    (replace(SEED, max_prefill_size=16), run(32, 256, 2048)),
-    (replace(SEED, max_pages=10), run(32, 256, 2048)),
-    (replace(SEED, max_pages=30_000), run(32, 256, 2048)),
-    (replace(SEED, max_stop_seqs=1, max_stop_tokens=2), run(32, 256, 2048, stop_sequences=3, longest_stop_tokens=4)),
-    (SEED, run(32, 256, 2048, batch_size=200)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "engine, spec",
+    [
+        (replace(SEED, max_seqs=256), run(16, 1024, 2048)),
+        (replace(SEED, max_seq_len=2000), run(32, 256, 2048)),
+        (replace(SEED, max_prefill_size=16), run(32, 256, 2048)),
+        (replace(SEED, max_pages=10), run(32, 256, 2048)),
+        (replace(SEED, max_pages=30_000), run(32, 256, 2048)),
+        (
+            replace(SEED, max_stop_seqs=1, max_stop_tokens=2),
+            run(32, 256, 2048, stop_sequences=3, longest_stop_tokens=4),
+        ),
+        (SEED, run(32, 256, 2048, batch_size=200)),
+    ],
+)
 def test_each_suggestion_removes_its_problem(engine, spec):
     plan = plan_capacity(engine, spec, V5P_32, LLAMA3_8B)
     assert plan.problems
@@ -424,13 +509,22 @@ def test_auto_size_never_proposes_what_the_engine_cannot_hold():
     for _ in range(200):
         slice_ = parse_tpu_type(rng.choice(["v5p-8", "v5p-32", "v4-16", "v5e-16", "v6e-8"]))
         kv_chip = rng.choice([2048, 16384, 131072]) // rng.choice([1, 2, 4])
-        model = ModelShape(weight_bytes=10**9, weight_bytes_per_chip=rng.randint(10**8, 8 * 10**9),
-                           kv_bytes_per_token=kv_chip * 4, kv_bytes_per_token_per_chip=kv_chip)  # fmt: skip
+        model = ModelShape(
+            weight_bytes=10**9,
+            weight_bytes_per_chip=rng.randint(10**8, 8 * 10**9),
+            kv_bytes_per_token=kv_chip * 4,
+            kv_bytes_per_token_per_chip=kv_chip,
+        )
         prompt, new = rng.randint(1, 300), rng.randint(1, 2048)
-        engine = EngineLimits(max_seq_len=prompt + new + rng.randint(0, 256), page_size=rng.choice([16, 64, 128]),
-                              max_rounds=rng.choice([8, 32, 64]))  # fmt: skip
-        run = RunSpec(tuple(PromptDemand(rng.randint(1, prompt), new, rng.choice([1, 1, 4])) for _ in range(50))
-                      + (PromptDemand(prompt, new),))  # fmt: skip
+        engine = EngineLimits(
+            max_seq_len=prompt + new + rng.randint(0, 256),
+            page_size=rng.choice([16, 64, 128]),
+            max_rounds=rng.choice([8, 32, 64]),
+        )
+        run = RunSpec(
+            tuple(PromptDemand(rng.randint(1, prompt), new, rng.choice([1, 1, 4])) for _ in range(50))
+            + (PromptDemand(prompt, new),)
+        )
         proposal = plan_capacity(engine, run, slice_, model).proposal
         if proposal is None:
             continue

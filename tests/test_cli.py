@@ -14,8 +14,15 @@ NATIVE_DUMPS = ("Terminating process because the JAX distributed service", "coor
 
 
 def sample(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "levanter_multihost.sample_lm_multihost", "--config_path", str(TINY_CONFIG),
-               *cache_flags(), *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "levanter_multihost.sample_lm_multihost",
+        "--config_path",
+        str(TINY_CONFIG),
+        *cache_flags(),
+        *args,
+    ]
     return subprocess.run(command, cwd=REPO, env=env or host_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -48,8 +55,14 @@ def test_help_lists_the_samplers_own_fields_before_levanters(capsys):
 @pytest.mark.multihost
 def test_a_bad_config_on_several_hosts_is_a_few_lines_and_no_native_dumps(tmp_path):
     """Every host finds the mistake; only the leader says it, and no host dumps JAX's native errors."""
-    run = launch(tmp_path, '--prompts=["1+2=", "not addition"]', "--trainer.model_axis_size=1", hosts=2,
-                 devices_per_host=1, check=False)  # fmt: skip
+    run = launch(
+        tmp_path,
+        '--prompts=["1+2=", "not addition"]',
+        "--trainer.model_axis_size=1",
+        hosts=2,
+        devices_per_host=1,
+        check=False,
+    )
     lines = [line for line in run.output.splitlines() if line.strip()]
     assert run.returncode == 2, run.tail()
     assert len(lines) <= 25, run.output

@@ -17,8 +17,12 @@ def test_config_parses(path):
     assert (CONFIG_DIR.parent / config.prompts_file).exists()
 
 
-SEED_FAMILY = [("llama8b_v5p16_128x2048", 128), ("llama8b_v5p32_128x2048", 128), ("llama8b_v5p32_256x2048", 256),
-               ("llama8b_v5p32_1024x2048", 1024)]  # fmt: skip
+SEED_FAMILY = [
+    ("llama8b_v5p16_128x2048", 128),
+    ("llama8b_v5p32_128x2048", 128),
+    ("llama8b_v5p32_256x2048", 256),
+    ("llama8b_v5p32_1024x2048", 1024),
+]
 
 
 @pytest.mark.parametrize("name,prompts", SEED_FAMILY)

@@ -148,8 +148,11 @@ def test_a_failed_host_is_named_with_its_error_and_a_host_never_heard_from_as_si
         "Gather incomplete: host 2 failed: ValueError: engine exploded on batch 1; host(s) [3] went silent (no "
         "heartbeat for silent_host_s=1s: dead or hung). No merged output was written."
     )
-    assert collector.arrivals[2].end == {"status": "failed", "parts": 1, "error": "ValueError: engine exploded on "
-                                         "batch 1"}  # fmt: skip
+    assert collector.arrivals[2].end == {
+        "status": "failed",
+        "parts": 1,
+        "error": "ValueError: engine exploded on batch 1",
+    }
 
 
 def test_a_corrupted_chunk_is_named_by_host_and_chunk():
@@ -217,8 +220,10 @@ def test_a_silent_leader_is_named_by_a_host_waiting_for_it(name):
     with pytest.raises(CoordinationError) as error:
         coordinator(kv, 1, 2).wait_for(name)
     assert time.monotonic() - start >= SILENT_S
-    expected = (rf"^The leader \(host 0\) went silent while this host waited for '{name}' \(no heartbeat for \d+s > "
-                r"silent_host_s 1s\): it died or hung\. .*rerun with resume: true\.$")  # fmt: skip
+    expected = (
+        rf"^The leader \(host 0\) went silent while this host waited for '{name}' \(no heartbeat for \d+s > "
+        r"silent_host_s 1s\): it died or hung\. .*rerun with resume: true\.$"
+    )
     assert re.match(expected, str(error.value)), str(error.value)
 
 
@@ -274,7 +279,7 @@ def test_a_host_with_other_prompts_is_refused_naming_it_and_the_fields_before_an
     with pytest.raises(HostsDisagree) as error:
         coordinator(kv, 0, 3).agree(dict(RUN))
     assert str(error.value) == (
-        f'The hosts resolved different runs: host 2 differs in num_prompts (8 vs the leader\'s 256), prompts_sha256 '
+        f"The hosts resolved different runs: host 2 differs in num_prompts (8 vs the leader's 256), prompts_sha256 "
         f'("{"b" * 36}... vs the leader\'s "{"a" * 36}...). Give every host the same prompts, model and config (a '
         "stale local copy on one worker?). Nothing was sampled or merged."
     )

@@ -28,7 +28,7 @@ from levanter.models.llama import LlamaConfig
 from levanter.trainer import TrainerConfig
 
 from levanter_multihost import seams
-from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, finish, generate_batch
+from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch, row_ending
 from levanter_multihost.model_loading import load_model
 from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
 from levanter_multihost.seams import SeamError, decode_step
@@ -37,16 +37,28 @@ TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny-addition"
 TRAINER = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
 # 8-token pages, 4 decode iterations a round: sequences of 4-9 prompt and 3-22 new tokens cross page boundaries
 # and finish in the middle of rounds
-ENGINE = InferenceEngineConfig(max_seq_len=32, page_size=8, max_pages=40, max_seqs=16, max_seqs_in_prefill=16,
-                               max_prefill_size=160, max_queued_tokens=16, max_rounds=4, max_stop_seqs=3,
-                               max_stop_tokens=2, compute_dtype=jnp.float32)  # fmt: skip
+ENGINE = InferenceEngineConfig(
+    max_seq_len=32,
+    page_size=8,
+    max_pages=40,
+    max_seqs=16,
+    max_seqs_in_prefill=16,
+    max_prefill_size=160,
+    max_queued_tokens=16,
+    max_rounds=4,
+    max_stop_seqs=3,
+    max_stop_tokens=2,
+    compute_dtype=jnp.float32,
+)
 PROMPTS = ["12+30=", "7+5=", "100+23=", "2269+795=", "9+9=", "4821+377=", "58+67=", "3+4="]
 
 
 @contextmanager
 def one_device():
-    mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
-                (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL))  # fmt: skip
+    mesh = Mesh(
+        np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
+        (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL),
+    )
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(TRAINER.compute_axis_mapping):
         yield
 
@@ -146,11 +158,11 @@ def test_a_stop_string_cuts_ids_and_text_alike(tiny):
     _, tokenizer = tiny
     ids = tokenizer("42.7+1", add_special_tokens=False)["input_ids"]
     stop = StopCondition(strings=("2.",), token_ids=((999,),))  # tokens the engine never saw
-    row = finish(ids, tokenizer, stop, 10)
+    row = row_ending(ids, tokenizer, stop, 10)
     assert row["generated_token_ids"] == ids[:3] and row["generated_text"] == "4"
     assert (row["finish_reason"], row["stop_reason"], row["generated_token_count"]) == ("stop", "2.", 3)
-    assert finish(row["generated_token_ids"], tokenizer, stop, 10) == row  # resume re-derives the same row
-    kept = finish(ids, tokenizer, dataclasses.replace(stop, include_stop_in_text=True), 10)
+    assert row_ending(row["generated_token_ids"], tokenizer, stop, 10) == row  # resume re-derives the same row
+    kept = row_ending(ids, tokenizer, dataclasses.replace(stop, include_stop_in_text=True), 10)
     assert kept["generated_text"] == "42." and kept["generated_token_ids"] == ids[:3]
 
 
@@ -158,8 +170,13 @@ def _whiles(tiny, max_seqs: int) -> list[tuple[str, str | None]]:
     from levanter.inference import engine as engine_module
 
     model, tokenizer = tiny
-    config = dataclasses.replace(ENGINE, max_seqs=max_seqs, max_tokens_per_round=max_seqs,
-                                 max_queued_tokens=max_seqs, max_seqs_in_prefill=max_seqs)  # fmt: skip
+    config = dataclasses.replace(
+        ENGINE,
+        max_seqs=max_seqs,
+        max_tokens_per_round=max_seqs,
+        max_queued_tokens=max_seqs,
+        max_seqs_in_prefill=max_seqs,
+    )
     with one_device():
         engine = build_engine(model, tokenizer, config, logprobs=False)
         hlo = engine_module._run_generation_loop.lower(engine.gen_state, model, engine.sampler, max_seqs, 2)

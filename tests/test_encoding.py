@@ -35,8 +35,15 @@ def adds_bos(tmp_path_factory):
 
 
 def encode(tokenizer, records, add_bos=None, chat_template=None):
-    return encode_prompts(records, tokenizer, chat_template=chat_template, add_bos=add_bos, max_new_tokens=6,
-                          temperature=0.5, n_generations=2)  # fmt: skip
+    return encode_prompts(
+        records,
+        tokenizer,
+        chat_template=chat_template,
+        add_bos=add_bos,
+        max_new_tokens=6,
+        temperature=0.5,
+        n_generations=2,
+    )
 
 
 def test_bos_follows_the_tokenizer_unless_the_config_says(tiny, adds_bos):

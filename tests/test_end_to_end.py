@@ -85,7 +85,9 @@ def test_compilation_cache_is_filled_by_one_run_and_reused_by_the_next_on_every_
 
 def test_one_prompt_on_two_hosts_leaves_one_host_idle(tmp_path):
     one_device = "--trainer.model_axis_size=1"
-    run = launch(tmp_path, '--prompts=["12+30="]', one_device, hosts=2, devices_per_host=1)  # inline wins over the file
+    run = launch(
+        tmp_path, '--prompts=["12+30="]', one_device, hosts=2, devices_per_host=1
+    )  # inline wins over the file
     assert [len(run.parts(h)) for h in range(2)] == [1, 0]
     assert [r["prompt"] for r in run.rows()] == ["12+30="]
     hosts = run.summary()["hosts"]
@@ -104,8 +106,17 @@ def test_tiny_model_answers_held_out_additions_on_four_hosts_as_on_one(greedy_4x
 
 def test_the_planner_forecasts_what_the_engine_did_in_every_batch(greedy_4x4, greedy_2x4):
     """One admission wave, the pages after prefill and the decode rounds of every batch, as forecast in closed form."""
-    limits = EngineLimits(max_seq_len=32, page_size=8, max_pages=1024, max_seqs=256, max_seqs_in_prefill=256,
-                          max_prefill_size=4096, max_queued_tokens=256, max_tokens_per_round=256, max_rounds=8)  # fmt: skip
+    limits = EngineLimits(
+        max_seq_len=32,
+        page_size=8,
+        max_pages=1024,
+        max_seqs=256,
+        max_seqs_in_prefill=256,
+        max_prefill_size=4096,
+        max_queued_tokens=256,
+        max_tokens_per_round=256,
+        max_rounds=8,
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(REPO / "assets" / "tiny-addition"))
     counts = [len(ids) for ids in tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]]
     for run in (greedy_4x4, greedy_2x4):

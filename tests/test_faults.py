@@ -17,7 +17,7 @@ import draccus
 import pytest
 from multihost import REPO, TINY_CONFIG, Background, cache_flags, host_env
 
-from levanter_multihost import sampling
+from levanter_multihost import host_work
 from levanter_multihost.generation import EngineStateError
 from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
@@ -26,8 +26,13 @@ pytestmark = pytest.mark.multihost
 
 SILENT_S = 8
 PROMPTS_256 = "config/prompts/addition_256.txt"
-FLAGS = ("--prompts_file=config/prompts/addition_1024.txt", "--batch_size=32", "--progress_interval_s=0.2",
-         f"--silent_host_timeout_s={SILENT_S}", "--task=null")  # fmt: skip
+FLAGS = (
+    "--prompts_file=config/prompts/addition_1024.txt",
+    "--batch_size=32",
+    "--progress_interval_s=0.2",
+    f"--silent_host_timeout_s={SILENT_S}",
+    "--task=null",
+)
 
 
 def test_sigterm_to_the_launcher_stops_every_host_keeping_their_batches(tmp_path):
@@ -116,12 +121,21 @@ def test_an_engine_whose_checks_poison_its_state_fails_the_run_with_no_merged_fi
     monkeypatch.delenv("EQX_ON_ERROR", raising=False)
     seams.checks_as_nan()
     jax.clear_caches()  # programs traced by earlier tests in this process carry the "raise" checks
-    args = [f"--output_dir={tmp_path}", '--prompts=["4821+377=", "9999+9999=", "1+2=", "12+30="]', "--task=null",
-            "--engine.max_pages=6", "--engine.max_seqs=4", "--trainer.model_axis_size=1", *cache_flags()]  # fmt: skip
+    args = [
+        f"--output_dir={tmp_path}",
+        '--prompts=["4821+377=", "9999+9999=", "1+2=", "12+30="]',
+        "--task=null",
+        "--engine.max_pages=6",
+        "--engine.max_seqs=4",
+        "--trainer.model_axis_size=1",
+        *cache_flags(),
+    ]
     config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args)
-    monkeypatch.setattr(sampling, "batches", lambda items, engine: [items])  # one batch, whatever the planner says
-    monkeypatch.setattr("levanter_multihost.plan.check_capacity", lambda plan, **k: plan)
-    with pytest.raises(EngineStateError, match=r"host 0, batch 0: the engine's page table is poisoned .* engine.max_pages"):
+    monkeypatch.setattr(host_work, "batches", lambda items, engine: [items])  # one batch, whatever the planner says
+    monkeypatch.setattr("levanter_multihost.capacity_inputs.check_capacity", lambda plan, **k: plan)
+    with pytest.raises(
+        EngineStateError, match=r"host 0, batch 0: the engine's page table is poisoned .* engine.max_pages"
+    ):
         main(config)
     jax.clear_caches()  # and the ones traced here carry "nan"
     assert not (tmp_path / "merged.jsonl").exists()
@@ -135,12 +149,21 @@ def test_two_hosts_given_different_prompt_files_are_refused_naming_the_host_befo
     (tmp_path / "p0.txt").write_text("\n".join(prompts[:64]) + "\n")
     (tmp_path / "p1.txt").write_text("\n".join(prompts[64:128]) + "\n")
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "infra" / "launch.py"), "--local_hosts", "2", "--devices_per_host", "1",
-               "--", "bash", "-c", f'exec "{sys.executable}" -m levanter_multihost.sample_lm_multihost --config_path '
-               f'{TINY_CONFIG} --output_dir={out} --trainer.model_axis_size=1 '
-               f'--prompts_file={tmp_path}/p${{{ENV_PROCESS_ID}}}.txt ' + " ".join(cache_flags())]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO, env=host_env(), capture_output=True, text=True, timeout=300,
-                         check=False)
+    command = [
+        sys.executable,
+        str(REPO / "infra" / "launch.py"),
+        "--local_hosts",
+        "2",
+        "--devices_per_host",
+        "1",
+        "--",
+        "bash",
+        "-c",
+        f'exec "{sys.executable}" -m levanter_multihost.sample_lm_multihost --config_path '
+        f"{TINY_CONFIG} --output_dir={out} --trainer.model_axis_size=1 "
+        f"--prompts_file={tmp_path}/p${{{ENV_PROCESS_ID}}}.txt " + " ".join(cache_flags()),
+    ]
+    run = subprocess.run(command, cwd=REPO, env=host_env(), capture_output=True, text=True, timeout=300, check=False)
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-10000:]
     assert output.count("The hosts resolved") == 1  # said once, by the leader; host 1 exits 2 quietly
@@ -171,5 +194,7 @@ def test_a_run_directory_deleted_mid_run_fails_the_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_host_frozen_past_the_timeout_says_it_was_frozen_when_it_wakes(tmp_path):
     run = frozen_until(tmp_path, 1, "host(s) [1] went silent")
-    assert "[host 1]" in run.output and "This host itself was frozen (stopped or starved) for" in run.output, run.tail()
+    assert "[host 1]" in run.output and "This host itself was frozen (stopped or starved) for" in run.output, (
+        run.tail()
+    )
     assert run.returncode != 0

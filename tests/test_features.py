@@ -22,8 +22,16 @@ DIGIT0 = 4  # "0"; the digits follow in order
 
 def generations(rows):
     """What sampling decided, per (prompt, generation): tokens, text, finish, and logprobs rounded."""
-    return {(r["global_prompt_index"], r["generation_index"]): (r["generated_token_ids"], r["generated_text"],
-            r["finish_reason"], r["stop_reason"], [round(x, 4) for x in r["generated_logprobs"]]) for r in rows}  # fmt: skip
+    return {
+        (r["global_prompt_index"], r["generation_index"]): (
+            r["generated_token_ids"],
+            r["generated_text"],
+            r["finish_reason"],
+            r["stop_reason"],
+            [round(x, 4) for x in r["generated_logprobs"]],
+        )
+        for r in rows
+    }
 
 
 def parquet_rows(run):

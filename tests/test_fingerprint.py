@@ -9,15 +9,16 @@ import pytest
 from multihost import REPO, TINY_CONFIG
 
 from levanter_multihost.config import SampleLmMultihostConfig
-from levanter_multihost.resolution import resolve
 from levanter_multihost.fingerprint import canonical_location, checkpoint_digest
+from levanter_multihost.resolution import resolve
 
 TINY = REPO / "assets" / "tiny-addition"
 
 
 def fields(tmp_path, *args: str) -> dict:
-    config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG),
-                           args=[f"--output_dir={tmp_path / 'out'}", *args])  # fmt: skip
+    config = draccus.parse(
+        SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=[f"--output_dir={tmp_path / 'out'}", *args]
+    )
     return resolve(config, host=0, num_hosts=1, local_devices=4).fingerprint
 
 
@@ -25,16 +26,23 @@ def differ(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-@pytest.mark.parametrize("a,b", [("./assets/x", "assets/x"), ("assets//x/", "assets/x"), ("gs://b//x/", "gs://b/x"),
-                                 ("org/name", "org/name")])  # fmt: skip
+@pytest.mark.parametrize(
+    "a,b",
+    [("./assets/x", "assets/x"), ("assets//x/", "assets/x"), ("gs://b//x/", "gs://b/x"), ("org/name", "org/name")],
+)
 def test_a_location_is_spelled_one_way(a, b):
     assert canonical_location(a) == canonical_location(b)
 
 
 def test_the_same_checkpoint_spelled_another_way_is_the_same_run(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    assert differ(fields(tmp_path, "--hf_checkpoint=./assets/tiny-addition"),
-                  fields(tmp_path, "--hf_checkpoint=assets/tiny-addition")) == []  # fmt: skip
+    assert (
+        differ(
+            fields(tmp_path, "--hf_checkpoint=./assets/tiny-addition"),
+            fields(tmp_path, "--hf_checkpoint=assets/tiny-addition"),
+        )
+        == []
+    )
 
 
 def test_a_copy_of_the_checkpoint_has_its_digest_and_new_weights_at_the_same_path_do_not(tmp_path):
@@ -54,8 +62,13 @@ def test_a_copy_of_the_checkpoint_has_its_digest_and_new_weights_at_the_same_pat
     assert checkpoint_digest("meta-llama/Llama-3.1-8B") is None  # a hub id: its name and revision say which
 
 
-@pytest.mark.parametrize("flag,field", [("--engine.compute_dtype=bfloat16", "compute_dtype"),
-                                        ("--trainer.model_axis_size=2", "model_axis_size"),
-                                        ("--output_format=parquet", "output_format")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,field",
+    [
+        ("--engine.compute_dtype=bfloat16", "compute_dtype"),
+        ("--trainer.model_axis_size=2", "model_axis_size"),
+        ("--output_format=parquet", "output_format"),
+    ],
+)
 def test_every_setting_that_changes_a_row_or_the_schema_is_in_the_fingerprint(tmp_path, flag, field):
     assert differ(fields(tmp_path), fields(tmp_path, flag)) == [field]

@@ -42,8 +42,10 @@ class Hosts:
     @property
     def log(self) -> str:
         """Every host's exit status and output, for failure messages."""
-        return "\n".join(f"--- host {h} (exit {rc}):\n{out[-6000:]}"
-                         for h, (rc, out) in enumerate(zip(self.returncodes, self.outputs, strict=True)))  # fmt: skip
+        return "\n".join(
+            f"--- host {h} (exit {rc}):\n{out[-6000:]}"
+            for h, (rc, out) in enumerate(zip(self.returncodes, self.outputs, strict=True))
+        )
 
 
 def free_port() -> int:
@@ -61,8 +63,11 @@ def run_hosts(mode: str, hosts: int, tmp_path: Path) -> Hosts:
         env = local_host_env(host_env(), port, hosts, h, devices_per_host=1)
         with open(logs[h], "wb") as log:
             command = [sys.executable, str(WORKER), mode, str(tmp_path / "out"), str(SILENT_HOST_S)]
-            procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
     deadline = time.monotonic() + TIMEOUT_S
     timed_out = False
     try:

@@ -199,15 +199,31 @@ print(json.dumps({"status": status, "heavy": heavy}))
 @pytest.mark.parametrize(
     "argv, loads_tpu, shown",
     [
-        (["--local_hosts", "1", "--devices_per_host", "1", "--", sys.executable, "-c", "print('host ran')"], False,
-         "[host 0] host ran"),
+        (
+            ["--local_hosts", "1", "--devices_per_host", "1", "--", sys.executable, "-c", "print('host ran')"],
+            False,
+            "[host 0] host ran",
+        ),
         (["--local_hosts", "1", "--help"], False, "--grace_s"),
         (["--help"], True, "--tpu_name TPU_NAME"),
-        (["--dry_run", "--zone", "us-central1-a", "--tpu_name", "simpo-worker-3", "--tpu_type", "v5p-32", "--",
-          "true"], True, "gcloud compute tpus tpu-vm describe simpo-worker-3"),
+        (
+            [
+                "--dry_run",
+                "--zone",
+                "us-central1-a",
+                "--tpu_name",
+                "simpo-worker-3",
+                "--tpu_type",
+                "v5p-32",
+                "--",
+                "true",
+            ],
+            True,
+            "gcloud compute tpus tpu-vm describe simpo-worker-3",
+        ),
     ],
     ids=["local-run", "local-help", "help", "tpu-dry-run"],
-)  # fmt: skip
+)
 def test_only_a_tpu_run_loads_the_tpu_backend(argv, loads_tpu, shown):
     env = {k: v for k, v in os.environ.items() if k not in ("ZONE", "TPU_NAME", "TPU_TYPE", "CAPACITY_TYPE")}
     proc = subprocess.run(
@@ -323,7 +339,10 @@ def test_hosts_that_fail_after_the_first_within_the_grace_period_are_named_too(l
     status = run.finish()
     assert status == 3, run.output
     assert "[launch] host 1 exited with status 3; stopping the others" in run.output
-    assert "[launch] host 0 exited with status 1\n" in run.output and "[launch] host 2 exited with status 1\n" in run.output
+    assert (
+        "[launch] host 0 exited with status 1\n" in run.output
+        and "[launch] host 2 exited with status 1\n" in run.output
+    )
     assert run.signals_of(0) == run.signals_of(2) == set(), run.output
 
 
@@ -357,8 +376,11 @@ def test_a_bad_local_run_names_the_value_and_the_fix(flags, command, status, mes
         assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1, proc.stdout + proc.stderr
 
 
-STALE = {"LEVANTER_MULTIHOST_COORDINATOR": "127.0.0.1:1", "LEVANTER_MULTIHOST_NUM_PROCESSES": "2",
-         "LEVANTER_MULTIHOST_PROCESS_ID": "1"}  # fmt: skip
+STALE = {
+    "LEVANTER_MULTIHOST_COORDINATOR": "127.0.0.1:1",
+    "LEVANTER_MULTIHOST_NUM_PROCESSES": "2",
+    "LEVANTER_MULTIHOST_PROCESS_ID": "1",
+}
 """What a shell keeps after someone pasted one host's environment of an earlier job."""
 
 
@@ -371,8 +393,11 @@ def test_launcher_variables_not_from_a_running_launcher_are_refused(monkeypatch,
 
     for name, value in {**STALE, **({"LEVANTER_MULTIHOST_LAUNCHER": launcher} if launcher else {})}.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(UserError, match=r"LEVANTER_MULTIHOST_COORDINATOR, .* are set, but no running infra/launch.py "
-                                        r"started this process .* they are stale.* Run `unset LEVANTER_MULTIHOST_"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"LEVANTER_MULTIHOST_COORDINATOR, .* are set, but no running infra/launch.py "
+        r"started this process .* they are stale.* Run `unset LEVANTER_MULTIHOST_",
+    ):
         runtime.distributed_from_env(TrainerConfig())
     from levanter_multihost.processes import start_ticks
 
@@ -383,8 +408,14 @@ def test_launcher_variables_not_from_a_running_launcher_are_refused(monkeypatch,
 @pytest.mark.slow
 def test_a_plain_process_with_stale_launcher_variables_says_so_within_seconds(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **STALE, "JAX_PLATFORMS": "cpu"}
-    argv = [sys.executable, "-m", "levanter_multihost.sample_lm_multihost", "--config_path",
-            str(ROOT / "config" / "sampler" / "tiny_local.yaml"), f"--output_dir={tmp_path}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "levanter_multihost.sample_lm_multihost",
+        "--config_path",
+        str(ROOT / "config" / "sampler" / "tiny_local.yaml"),
+        f"--output_dir={tmp_path}",
+    ]
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "are set, but no running infra/launch.py started this process" in proc.stderr, proc.stderr

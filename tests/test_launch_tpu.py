@@ -336,8 +336,12 @@ def test_defaults_come_from_the_levanter_config_file(tmp_path, monkeypatch):
     assert env == {"WANDB_ENTITY": "team", "LIBTPU_INIT_ARGS": "--xla_tpu_flag", "HF_TOKEN": "hf_x", "FOO": "1"}
 
 
-MORE_SECRETS = {"DB_PASSWD": "x1234567", "MY_AUTH_HEADER": "abcd1234", "github_token": "ghp_lower1234",
-                "GCS_CREDS": "gcs-creds-5678"}  # fmt: skip
+MORE_SECRETS = {
+    "DB_PASSWD": "x1234567",
+    "MY_AUTH_HEADER": "abcd1234",
+    "github_token": "ghp_lower1234",
+    "GCS_CREDS": "gcs-creds-5678",
+}
 """Secret by name alone: the old KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL missed the first two and the last (CREDS);
 one is lower case."""
 

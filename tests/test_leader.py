@@ -66,8 +66,15 @@ def expected() -> bytes:
 
 
 def reporting(samples: int = 0, task: str | None = None) -> Reporting:
-    return Reporting(tracker=NoopConfig(), run_name="test", run_id=None, config={}, samples_table_rows=samples,
-                     task=task, progress_interval_s=0.0)  # fmt: skip
+    return Reporting(
+        tracker=NoopConfig(),
+        run_name="test",
+        run_id=None,
+        config={},
+        samples_table_rows=samples,
+        task=task,
+        progress_interval_s=0.0,
+    )
 
 
 @pytest.fixture
@@ -169,8 +176,13 @@ def test_a_part_received_twice_is_named_as_duplicated_rows(spool, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("header, name", [({"kind": "batch", "batch": 5, "rows": 2}, "host 2's batch 5"),
-                                          ({"kind": "kept", "rows": 2}, "host 2's kept rows")])  # fmt: skip
+@pytest.mark.parametrize(
+    "header, name",
+    [
+        ({"kind": "batch", "batch": 5, "rows": 2}, "host 2's batch 5"),
+        ({"kind": "kept", "rows": 2}, "host 2's kept rows"),
+    ],
+)
 def test_a_bad_part_is_named_by_host_and_batch_when_it_arrives(header, name):
     s = leader.Spool()
     try:

@@ -33,18 +33,34 @@ def engine_rows():
     seams.checks_as_nan()
     tokenizer = load_tokenizer(TINY)
     trainer = TrainerConfig(model_axis_size=1)
-    config = InferenceEngineConfig(max_seq_len=32, page_size=8, max_pages=128, max_seqs=16, max_seqs_in_prefill=16,
-                                   max_prefill_size=256, max_queued_tokens=16, max_rounds=8,
-                                   compute_dtype=jnp.float32)  # fmt: skip
+    config = InferenceEngineConfig(
+        max_seq_len=32,
+        page_size=8,
+        max_pages=128,
+        max_seqs=16,
+        max_seqs_in_prefill=16,
+        max_prefill_size=256,
+        max_queued_tokens=16,
+        max_rounds=8,
+        compute_dtype=jnp.float32,
+    )
     prompts = make_prompts(16, seed=3)
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     items = [WorkItem(i, p, list(t), (0,), 1, NEW_TOKENS, 0.0) for i, (p, t) in enumerate(zip(prompts, ids))]
     with model_loading.on_local_mesh(trainer):
-        model = model_loading.load_model(ModelSource(RepoRef(os.path.abspath(TINY)), None, LlamaConfig(), trainer),
-                                         tokenizer)  # fmt: skip
+        model = model_loading.load_model(
+            ModelSource(RepoRef(os.path.abspath(TINY)), None, LlamaConfig(), trainer), tokenizer
+        )
         engine = build_engine(model, tokenizer, config, logprobs=True)
-        rows, _ = generate_batch(engine, tokenizer, items, Sampling(seed=0, stop=StopCondition(), logprobs=True), 0,
-                                 lambda _: None, lambda: 0.0)  # fmt: skip
+        rows, _ = generate_batch(
+            engine,
+            tokenizer,
+            items,
+            Sampling(seed=0, stop=StopCondition(), logprobs=True),
+            0,
+            lambda _: None,
+            lambda: 0.0,
+        )
     return [(row, item.token_ids) for (row, _), item in zip(rows, items)]
 
 

@@ -94,8 +94,13 @@ def test_the_architecture_comes_from_config_json():
     assert model_loading.encoded(model)["type"] == "qwen3"
 
 
-QWEN3_FLAGS = (f"--hf_checkpoint={QWEN3}", "--prompts=" + json.dumps(PROMPTS), "--task=null",
-               f"--max_new_tokens={NEW_TOKENS}", "--stop_at_eos=false")  # fmt: skip
+QWEN3_FLAGS = (
+    f"--hf_checkpoint={QWEN3}",
+    "--prompts=" + json.dumps(PROMPTS),
+    "--task=null",
+    f"--max_new_tokens={NEW_TOKENS}",
+    "--stop_at_eos=false",
+)
 """The README's job shape (tiny_local.yaml: every axis sharded over a host's 4 devices) on the tiny Qwen3, greedy."""
 
 
@@ -124,8 +129,9 @@ def test_qwen3_on_4_hosts_gives_the_rows_of_1_host(qwen3_1x4, tmp_path):
     four = launch(tmp_path / "qwen3_4x4", *QWEN3_FLAGS, hosts=4)
     assert {r["process_index"] for r in four.rows()} == {0, 1, 2, 3}
     drop = ("process_index",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in four.rows()] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in qwen3_1x4.rows()]  # fmt: skip
+    assert [{k: v for k, v in r.items() if k not in drop} for r in four.rows()] == [
+        {k: v for k, v in r.items() if k not in drop} for r in qwen3_1x4.rows()
+    ]
 
 
 def test_an_architecture_the_engine_cannot_run_is_one_line_before_load(tmp_path, monkeypatch):
@@ -133,10 +139,14 @@ def test_an_architecture_the_engine_cannot_run_is_one_line_before_load(tmp_path,
     ckpt = tmp_path / "qwen2"
     shutil.copytree(QWEN3, ckpt)
     settings = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({**settings, "model_type": "qwen2",
-                                                  "architectures": ["Qwen2ForCausalLM"]}))  # fmt: skip
-    fails(config(tmp_path, f"--hf_checkpoint={ckpt}"), r"is a 'qwen2' \(Qwen2ForCausalLM\) model; this sampler runs "
-          r"llama and qwen3 checkpoints")  # fmt: skip
+    (ckpt / "config.json").write_text(
+        json.dumps({**settings, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    )
+    fails(
+        config(tmp_path, f"--hf_checkpoint={ckpt}"),
+        r"is a 'qwen2' \(Qwen2ForCausalLM\) model; this sampler runs "
+        r"llama and qwen3 checkpoints",
+    )
 
 
 def test_a_model_type_that_contradicts_the_checkpoint_is_one_line_before_load(tmp_path, monkeypatch):
@@ -147,15 +157,16 @@ def test_a_model_type_that_contradicts_the_checkpoint_is_one_line_before_load(tm
 def test_the_plan_and_the_tracker_see_the_checkpoints_own_shape(tmp_path):
     import jax
 
-    from levanter_multihost import plan
+    from levanter_multihost import capacity_inputs
     from levanter_multihost.resolution import resolve
 
-    resolved = resolve(config(tmp_path, f"--hf_checkpoint={QWEN3}", "--trainer.model_axis_size=1"), 0, 1,
-                       len(jax.local_devices()))  # fmt: skip
+    resolved = resolve(
+        config(tmp_path, f"--hf_checkpoint={QWEN3}", "--trainer.model_axis_size=1"), 0, 1, len(jax.local_devices())
+    )
     logged = resolved.reporting.config["config"]["model"]
     assert (logged["type"], logged["hidden_dim"], logged["num_heads"], logged["num_kv_heads"]) == ("qwen3", 32, 8, 4)
     assert type(resolved.model.model).__name__ == "Qwen3Config"
-    shape = plan.model_shape(str(QWEN3), resolved.model.trainer, resolved.engine.limits)  # trainer.mp is f32
+    shape = capacity_inputs.model_shape(str(QWEN3), resolved.model.trainer, resolved.engine.limits)  # trainer.mp is f32
     assert shape.weight_bytes == sum(a.nbytes for a in load_file(QWEN3 / "model.safetensors").values())
 
 

@@ -32,6 +32,7 @@ def check_complete(keys, n_generations) -> None:
         completeness.see(key)
     completeness.check()
 
+
 TRICKY_TEXT = "é\u2028\u2029\u0085\x1c\r" + '{"global_prompt_index": 99}\n'
 """Characters ``str.splitlines`` splits at (``json.dumps(..., ensure_ascii=False)`` leaves the first four as
 they are), and text that looks like a line's start."""
@@ -230,13 +231,19 @@ PAIRS = r"\(prompt, generation\) pairs, first "
         ([(0, 0), (2, 0), (2, 2), (3, 0)], rf"^Cannot merge: 2 missing {PAIRS}\[\(0, 1\), \(2, 1\)\]\.$"),
         (EXPECTED[:3], rf"^Cannot merge: 3 missing {PAIRS}\[\(2, 1\), \(2, 2\), \(3, 0\)\]\.$"),
         (EXPECTED[:3] + [(2, 0)] + EXPECTED[3:], rf"^Cannot merge: 1 duplicated {PAIRS}\[\(2, 0\)\]\.$"),
-        (EXPECTED[:2] + [(1, 0)] + EXPECTED[2:] + [(3, 1), (4, 0)],
-         rf"^Cannot merge: 3 unexpected {PAIRS}\[\(1, 0\), \(3, 1\), \(4, 0\)\]\.$"),
-        ([(0, 0), (0, 0), (0, 2)] + EXPECTED[2:5],
-         (rf"^Cannot merge: 2 missing {PAIRS}\[\(0, 1\), \(3, 0\)\]; 1 duplicated {PAIRS}\[\(0, 0\)\]; "
-          rf"1 unexpected {PAIRS}\[\(0, 2\)\]\.$")),
+        (
+            EXPECTED[:2] + [(1, 0)] + EXPECTED[2:] + [(3, 1), (4, 0)],
+            rf"^Cannot merge: 3 unexpected {PAIRS}\[\(1, 0\), \(3, 1\), \(4, 0\)\]\.$",
+        ),
+        (
+            [(0, 0), (0, 0), (0, 2)] + EXPECTED[2:5],
+            (
+                rf"^Cannot merge: 2 missing {PAIRS}\[\(0, 1\), \(3, 0\)\]; 1 duplicated {PAIRS}\[\(0, 0\)\]; "
+                rf"1 unexpected {PAIRS}\[\(0, 2\)\]\.$"
+            ),
+        ),
     ],
-)  # fmt: skip
+)
 def test_missing_duplicated_and_unexpected_pairs_are_named(keys, message):
     with pytest.raises(MergeError, match=message):
         check_complete(keys, N_GENERATIONS)

@@ -1,4 +1,4 @@
-"""The adapter from the sampler's config to the planner (``levanter_multihost.plan``), the
+"""The adapter from the sampler's config to the planner (``levanter_multihost.capacity_inputs``), the
 ``levanter-multihost-plan`` CLI run in-process through ``main(argv)`` (exit codes, JSON, text, token counting),
 the model's bytes per chip from its real partition specs, and the check that every YAML under ``config/`` fits
 the topology it declares."""
@@ -13,7 +13,7 @@ import yaml
 from levanter.inference.engine import InferenceEngineConfig
 from levanter.trainer import TrainerConfig
 
-from levanter_multihost import plan
+from levanter_multihost import capacity_inputs
 from levanter_multihost.capacity import PromptDemand, RunSpec, parse_tpu_type, plan_capacity
 from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.errors import ConfigError, UserError
@@ -24,19 +24,36 @@ from levanter_multihost.runplan import StopCondition
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny-addition"
 # Sampler configs: the YAMLs under config/ that name prompts.
-CONFIGS = [p for p in sorted(REPO.glob("config/**/*.yaml"))
-           if {"prompts", "prompts_file"} & set(yaml.safe_load(p.read_text()))]  # fmt: skip
-SEED_ENGINE = {"max_seq_len": 2560, "page_size": 128, "max_pages": 2304, "max_seqs": 128, "max_seqs_in_prefill": 128,
-               "max_prefill_size": 2048, "max_queued_tokens": 128, "max_tokens_per_round": 128,
-               "max_rounds": 64}  # fmt: skip
+CONFIGS = [
+    p
+    for p in sorted(REPO.glob("config/**/*.yaml"))
+    if {"prompts", "prompts_file"} & set(yaml.safe_load(p.read_text()))
+]
+SEED_ENGINE = {
+    "max_seq_len": 2560,
+    "page_size": 128,
+    "max_pages": 2304,
+    "max_seqs": 128,
+    "max_seqs_in_prefill": 128,
+    "max_prefill_size": 2048,
+    "max_queued_tokens": 128,
+    "max_tokens_per_round": 128,
+    "max_rounds": 64,
+}
 ALL_AXES = ["heads", "mlp", "kv_head", "vocab"]
 TENSOR_PARALLEL = {"model_axis_size": 4, "tensor_parallel_axes": ALL_AXES, "mp": "p=f32,c=bfloat16"}
 
 
 def write_config(tmp_path: Path, n_prompts: int, engine: dict, **extra) -> Path:
-    config = {"hf_checkpoint": "meta-llama/Meta-Llama-3-8B", "tpu_type": "v5p-32", "max_new_tokens": 2048,
-              "prompts": [f"Prompt {i}: tell me a story." for i in range(n_prompts)], "trainer": TENSOR_PARALLEL,
-              "engine": engine, **extra}  # fmt: skip
+    config = {
+        "hf_checkpoint": "meta-llama/Meta-Llama-3-8B",
+        "tpu_type": "v5p-32",
+        "max_new_tokens": 2048,
+        "prompts": [f"Prompt {i}: tell me a story." for i in range(n_prompts)],
+        "trainer": TENSOR_PARALLEL,
+        "engine": engine,
+        **extra,
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -48,16 +65,27 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 def trainer(axes=ALL_AXES, model_axis_size: int = 4) -> TrainerConfig:
-    return TrainerConfig(model_axis_size=model_axis_size, tensor_parallel_axes=axes,
-                         mp=jmp.get_policy("p=f32,c=bfloat16"))  # fmt: skip
+    return TrainerConfig(
+        model_axis_size=model_axis_size, tensor_parallel_axes=axes, mp=jmp.get_policy("p=f32,c=bfloat16")
+    )
 
 
 def tiny_checkpoint(tmp_path: Path, kv_heads: int) -> Path:
     checkpoint = tmp_path / f"tiny_kv{kv_heads}"
     checkpoint.mkdir()
-    (checkpoint / "config.json").write_text(json.dumps({
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "hidden_size": 64,
-        "intermediate_size": 128, "vocab_size": 1000, "tie_word_embeddings": True}))  # fmt: skip
+    (checkpoint / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": kv_heads,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "vocab_size": 1000,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
     return checkpoint
 
 
@@ -66,8 +94,9 @@ def tiny_checkpoint(tmp_path: Path, kv_heads: int) -> Path:
 
 
 def test_cli_json_seed_v5p32_256_prompts(tmp_path, capsys):
-    code, out = run_cli(capsys, "--config_path", str(write_config(tmp_path, 256, SEED_ENGINE)), "--prompt_tokens",
-                        "32", "--json")  # fmt: skip
+    code, out = run_cli(
+        capsys, "--config_path", str(write_config(tmp_path, 256, SEED_ENGINE)), "--prompt_tokens", "32", "--json"
+    )
     data = json.loads(out)
     assert code == 0 and data["ok"] and data["problems"] == [], out
     assert (data["num_hosts"], data["chips_per_host"]) == (4, 4)
@@ -99,16 +128,19 @@ def test_cli_num_hosts_and_tpu_type_override(tmp_path, capsys):
     assert code == 0 and json.loads(out)["prompts_per_host"] == [32] * 8
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--prompt_tokens", "0"], "--prompt_tokens (0) must be an integer >= 1"),
-    (["--num_hosts", "0"], "--num_hosts (0) must be an integer >= 1"),
-    (["--tpu_type", "v9-8"], "tpu_type 'v9-8' is not a slice name like v5p-32"),
-    (["--engine.max_seqs", "0"], "engine.max_seqs (0) must be >= 1"),
-    # the engine's own InferenceEngineConfig.__post_init__ refuses it while the config is parsed
-    (["--engine.max_seqs", "256"], "max_queued_tokens must be >= max_seqs"),
-    # the sampler's own check, before the head tiling's (test_llama3_8b_per_chip... covers that one)
-    (["--trainer.model_axis_size", "3"], "trainer.model_axis_size (3) does not divide this host's 4 devices"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--prompt_tokens", "0"], "--prompt_tokens (0) must be an integer >= 1"),
+        (["--num_hosts", "0"], "--num_hosts (0) must be an integer >= 1"),
+        (["--tpu_type", "v9-8"], "tpu_type 'v9-8' is not a slice name like v5p-32"),
+        (["--engine.max_seqs", "0"], "engine.max_seqs (0) must be >= 1"),
+        # the engine's own InferenceEngineConfig.__post_init__ refuses it while the config is parsed
+        (["--engine.max_seqs", "256"], "max_queued_tokens must be >= max_seqs"),
+        # the sampler's own check, before the head tiling's (test_llama3_8b_per_chip... covers that one)
+        (["--trainer.model_axis_size", "3"], "trainer.model_axis_size (3) does not divide this host's 4 devices"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_the_reason(tmp_path, capsys, argv, says):
     code, out = run_cli(capsys, "--config_path", str(write_config(tmp_path, 4, SEED_ENGINE)), *argv)
     assert code == 2 and out.startswith("levanter-multihost-plan: ") and says in out, out
@@ -129,18 +161,40 @@ def test_cli_estimates_tokens_when_the_tokenizer_is_not_offline(tmp_path, capsys
     prompt = "Prompt 0: tell me a story."
     assert f"(longest prompt {len(prompt) + 1} + 2048 new)" in out
     # EOS counts as one more stop sequence even when the tokenizer cannot say which
-    stops = write_config(tmp_path, 4, {**SEED_ENGINE, "max_stop_seqs": 4}, hf_checkpoint="no-such-org/no-such-model",
-                         tpu_type=None, stop_sequences=["A", "B", "C", "\n\nUser:"])  # fmt: skip
+    stops = write_config(
+        tmp_path,
+        4,
+        {**SEED_ENGINE, "max_stop_seqs": 4},
+        hf_checkpoint="no-such-org/no-such-model",
+        tpu_type=None,
+        stop_sequences=["A", "B", "C", "\n\nUser:"],
+    )
     code, out = run_cli(capsys, "--config_path", str(stops), "--json")
     assert code == 1
     assert [(p["field"], p["suggested"]) for p in json.loads(out)["problems"]] == [("engine.max_stop_seqs", 5)]
 
 
 def test_cli_counts_tokens_with_an_offline_tokenizer(tmp_path, capsys):
-    engine = {"max_seq_len": 16, "page_size": 4, "max_pages": 64, "max_seqs": 4, "max_seqs_in_prefill": 4,
-              "max_queued_tokens": 4, "max_rounds": 4, "max_stop_tokens": 1}  # fmt: skip
-    path = write_config(tmp_path, 0, engine, tpu_type=None, hf_checkpoint=str(TINY),
-                        prompts=["12+3=", "4+4=", "9999+1="], stop_sequences=["."], max_new_tokens=6)  # fmt: skip
+    engine = {
+        "max_seq_len": 16,
+        "page_size": 4,
+        "max_pages": 64,
+        "max_seqs": 4,
+        "max_seqs_in_prefill": 4,
+        "max_queued_tokens": 4,
+        "max_rounds": 4,
+        "max_stop_tokens": 1,
+    }
+    path = write_config(
+        tmp_path,
+        0,
+        engine,
+        tpu_type=None,
+        hf_checkpoint=str(TINY),
+        prompts=["12+3=", "4+4=", "9999+1="],
+        stop_sequences=["."],
+        max_new_tokens=6,
+    )
     code, out = run_cli(capsys, "--config_path", str(path))
     assert code == 0, out
     assert "13 (longest prompt 7 + 6 new)" in out  # one token per character, as the sampler counts them
@@ -151,8 +205,15 @@ def test_cli_counts_tokens_with_an_offline_tokenizer(tmp_path, capsys):
 def test_cli_reads_the_model_shape_from_a_local_checkpoint(tmp_path, capsys):
     engine = {**SEED_ENGINE, "page_size": 16, "max_pages": 640}
     heads_mlp = {**TENSOR_PARALLEL, "tensor_parallel_axes": ["heads", "mlp"]}
-    path = write_config(tmp_path, 8, engine, hf_checkpoint=str(tiny_checkpoint(tmp_path, 2)), tpu_type="v5e-4",
-                        max_new_tokens=32, trainer=heads_mlp)  # fmt: skip
+    path = write_config(
+        tmp_path,
+        8,
+        engine,
+        hf_checkpoint=str(tiny_checkpoint(tmp_path, 2)),
+        tpu_type="v5e-4",
+        max_new_tokens=32,
+        trainer=heads_mlp,
+    )
     code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "10", "--json")
     data = json.loads(out)
     assert code == 0, out
@@ -167,14 +228,14 @@ def test_cli_reads_the_model_shape_from_a_local_checkpoint(tmp_path, capsys):
 def test_a_sharding_the_kernel_cannot_tile_is_refused_with_a_value_that_works(tmp_path, capsys):
     """One KV head split 4 ways: JAX refuses the uneven shard; unsharded, 2 combined K/V heads tile."""
     checkpoint = str(tiny_checkpoint(tmp_path, 1))
-    limits = plan.engine_limits(InferenceEngineConfig(max_seq_len=2560))
+    limits = capacity_inputs.engine_limits(InferenceEngineConfig(max_seq_len=2560))
     with pytest.raises(ConfigError) as info:
-        plan.model_shape(checkpoint, trainer(), limits)
+        capacity_inputs.model_shape(checkpoint, trainer(), limits)
     cause = info.value.__cause__
     assert isinstance(cause, HeadTilingError) and (cause.field, cause.suggested) == ("trainer.model_axis_size", 1)
     fix = "Set trainer.model_axis_size: 1 or trainer.tensor_parallel_axes: ['heads', 'mlp', 'vocab']"
     assert fix in str(info.value)
-    assert plan.model_shape(checkpoint, trainer(["heads", "mlp", "vocab"]), limits) is not None
+    assert capacity_inputs.model_shape(checkpoint, trainer(["heads", "mlp", "vocab"]), limits) is not None
     path = write_config(tmp_path, 4, SEED_ENGINE, hf_checkpoint=checkpoint, tpu_type="v5e-4")
     code, out = run_cli(capsys, "--config_path", str(path), "--prompt_tokens", "8")
     assert code == 2 and "trainer.model_axis_size" in out
@@ -186,15 +247,15 @@ def test_a_sharding_the_kernel_cannot_tile_is_refused_with_a_value_that_works(tm
 
 def test_llama3_8b_per_chip_from_partition_specs_and_the_decode_step():
     """The seed's shape: 64 sequences of 32-token prompts per v5p-32 host, mid-way through 2048 new tokens."""
-    limits = plan.engine_limits(InferenceEngineConfig(**SEED_ENGINE))
+    limits = capacity_inputs.engine_limits(InferenceEngineConfig(**SEED_ENGINE))
     spec = RunSpec(tuple([PromptDemand(32, 2048)] * 256))
     v5p_32 = parse_tpu_type("v5p-32")
-    sharded = plan.model_shape("meta-llama/Meta-Llama-3-8B", trainer(), limits)
+    sharded = capacity_inputs.model_shape("meta-llama/Meta-Llama-3-8B", trainer(), limits)
     assert sharded.source.startswith("known shape for meta-llama/Meta-Llama-3-8B")
     assert sharded.weight_bytes == 8_030_261_248 * 2 and sharded.kv_bytes_per_token == 131_072
     assert sharded.weight_bytes_per_chip <= 0.27 * sharded.weight_bytes
     assert sharded.kv_bytes_per_token_per_chip <= 0.26 * sharded.kv_bytes_per_token
-    heads_mlp = plan.model_shape("meta-llama/Meta-Llama-3-8B", trainer(["heads", "mlp"]), limits)
+    heads_mlp = capacity_inputs.model_shape("meta-llama/Meta-Llama-3-8B", trainer(["heads", "mlp"]), limits)
     assert heads_mlp.kv_bytes_per_token_per_chip == heads_mlp.kv_bytes_per_token  # every chip holds all KV heads
     fast = plan_capacity(limits, spec, v5p_32, sharded)
     slow = plan_capacity(limits, spec, v5p_32, heads_mlp)
@@ -202,27 +263,28 @@ def test_llama3_8b_per_chip_from_partition_specs_and_the_decode_step():
     assert fast.step_bound_s <= 2.4e-3
     assert 4.5e-3 < slow.step_bound_s < 6e-3
     with pytest.raises(ConfigError, match="Set trainer.model_axis_size: 1"):
-        plan.model_shape("meta-llama/Meta-Llama-3-8B", trainer(model_axis_size=3), limits)
+        capacity_inputs.model_shape("meta-llama/Meta-Llama-3-8B", trainer(model_axis_size=3), limits)
 
 
 def test_engine_limits_topology_and_check_capacity(tmp_path):
     overrides = ["--engine.compute_dtype", "float32", "--engine.max_tokens_per_round", "null"]
-    config = draccus.parse(SampleLmMultihostConfig, config_path=str(write_config(tmp_path, 256, SEED_ENGINE)),
-                           args=overrides)  # fmt: skip
-    limits = plan.engine_limits(config.engine)
+    config = draccus.parse(
+        SampleLmMultihostConfig, config_path=str(write_config(tmp_path, 256, SEED_ENGINE)), args=overrides
+    )
+    limits = capacity_inputs.engine_limits(config.engine)
     assert (limits.kv_dtype_bytes, limits.tokens_per_round, limits.prefill_size) == (4, 128, 2048)
-    topology = plan.topology("v5p-32", 2, 4)  # the job's host count wins (with a warning)
+    topology = capacity_inputs.topology("v5p-32", 2, 4)  # the job's host count wins (with a warning)
     assert (topology.num_hosts, topology.chips_per_host, topology.generation.name) == (2, 4, "v5p")
-    assert plan.topology(None, 3, 2).generation is None
+    assert capacity_inputs.topology(None, 3, 2).generation is None
     with pytest.raises(UserError, match="tpu_type"):
-        plan.topology("v5p-7", 1, 4)
-    spec = plan.run_spec([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", 100)
-    with pytest.raises(plan.CapacityError) as info:
-        plan.check_capacity(plan_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None))
+        capacity_inputs.topology("v5p-7", 1, 4)
+    spec = capacity_inputs.run_spec([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", 100)
+    with pytest.raises(capacity_inputs.CapacityError) as info:
+        capacity_inputs.check_capacity(plan_capacity(limits, spec, capacity_inputs.topology("v5p-32", 4, 4), None))
     assert isinstance(info.value, UserError)
     assert "batch_size (100)" in str(info.value) and info.value.plan.problems[0].suggested == 64
-    spec = plan.run_spec([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", None)
-    fits = plan.check_capacity(plan_capacity(limits, spec, plan.topology("v5p-32", 4, 4), None))
+    spec = capacity_inputs.run_spec([32] * 256, [2048] * 256, [1] * 256, StopCondition(), "contiguous", None)
+    fits = capacity_inputs.check_capacity(plan_capacity(limits, spec, capacity_inputs.topology("v5p-32", 4, 4), None))
     assert fits.ok and fits.batches_per_host == [1] * 4
 
 
@@ -253,8 +315,19 @@ def test_cli_takes_the_samplers_overrides_and_plans_the_emulated_topology(capsys
     code, out = run_cli(capsys, "--config_path", "config/sampler/tiny_local.yaml", "--json")
     data = json.loads(out)
     assert code == 0 and (data["num_hosts"], data["chips_per_host"], data["prompts_per_host"]) == (1, 4, [256])
-    argv = ["--config_path", "config/sampler/tiny_local.yaml", "--num_hosts", "4", "--max_new_tokens", "20",
-            "--batch_size", "32", "--engine.max_seq_len", "40", "--json"]  # fmt: skip
+    argv = [
+        "--config_path",
+        "config/sampler/tiny_local.yaml",
+        "--num_hosts",
+        "4",
+        "--max_new_tokens",
+        "20",
+        "--batch_size",
+        "32",
+        "--engine.max_seq_len",
+        "40",
+        "--json",
+    ]
     code, out = run_cli(capsys, *argv)
     data = json.loads(out)
     assert code == 0 and (data["num_hosts"], data["chips_per_host"], data["prompts_per_host"]) == (4, 4, [64] * 4)
@@ -266,8 +339,11 @@ def test_a_local_output_dir_on_a_multi_host_tpu_run_is_warned_about(tmp_path, mo
 
     from levanter_multihost.resolution import resolve
 
-    config = draccus.parse(SampleLmMultihostConfig, config_path=str(REPO / "config/sampler/tiny_local.yaml"),
-                           args=[f"--output_dir={tmp_path}"])  # fmt: skip
+    config = draccus.parse(
+        SampleLmMultihostConfig,
+        config_path=str(REPO / "config/sampler/tiny_local.yaml"),
+        args=[f"--output_dir={tmp_path}"],
+    )
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     caplog.set_level("WARNING")
     resolve(config, 0, 2, 4)
@@ -277,32 +353,39 @@ def test_a_local_output_dir_on_a_multi_host_tpu_run_is_warned_about(tmp_path, mo
     assert "local path" not in caplog.text
 
 
-@pytest.mark.parametrize("overrides, batches", [
-    ([], 1),
-    (["--engine.max_pages=256"], 2),  # 256 sequences of 4 pages each no longer fit one call
-    (["--tpu_type=v5p-8", "--engine.auto_size=true"], 1),  # the planner's sizes, from the checkpoint's shape
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, batches",
+    [
+        ([], 1),
+        (["--engine.max_pages=256"], 2),  # 256 sequences of 4 pages each no longer fit one call
+        (["--tpu_type=v5p-8", "--engine.auto_size=true"], 1),  # the planner's sizes, from the checkpoint's shape
+    ],
+)
 def test_the_sampler_and_the_planner_resolve_a_config_the_same_way(overrides, batches, tmp_path, monkeypatch):
     """One resolution path: an override that changes capacity changes the sampler's plan and the planner's alike."""
-    from levanter_multihost import sampling
+    from levanter_multihost import host_work
     from levanter_multihost.config import parse_command_line
     from levanter_multihost.plan_cli import plan_config
     from levanter_multihost.resolution import resolve
 
     monkeypatch.chdir(REPO)
-    config = parse_command_line(["--config_path", "config/sampler/tiny_local.yaml", f"--output_dir={tmp_path}",
-                                 *overrides])  # fmt: skip
+    config = parse_command_line(
+        ["--config_path", "config/sampler/tiny_local.yaml", f"--output_dir={tmp_path}", *overrides]
+    )
     sampler = resolve(config, 0, 1, 4)
     planner = plan_config(config)
     assert sampler.engine.limits == planner.engine and sampler.engine.max_pages == planner.max_pages
-    items = sampling.work_items(sampler.prompts, list(range(len(sampler.prompts))), set())
-    assert len(sampling.batches(items, sampler.engine)) == planner.batches_per_host[0] == batches
+    items = host_work.work_items(sampler.prompts, list(range(len(sampler.prompts))), set())
+    assert len(host_work.batches(items, sampler.engine)) == planner.batches_per_host[0] == batches
 
 
-@pytest.mark.parametrize("argv", [
-    ["--max_new_tokens", "4096"],  # the longest prompt sets max_seq_len, not the first one that fails
-    ["--max_new_tokens", "4096", "--batch_size", "100", "--engine.max_pages", "1000"],  # fixes that interact
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max_new_tokens", "4096"],  # the longest prompt sets max_seq_len, not the first one that fails
+        ["--max_new_tokens", "4096", "--batch_size", "100", "--engine.max_pages", "1000"],  # fixes that interact
+    ],
+)
 def test_the_fixes_the_planner_prints_make_the_run_fit(argv, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     config = ["--config_path", "config/sampler/llama8b_v5p32_256x2048.yaml", *argv]

@@ -2,14 +2,14 @@
 
 import logging
 
-from levanter_multihost import sampling
-from levanter_multihost.sampling import Progress
+from levanter_multihost import host_work
+from levanter_multihost.host_work import Progress
 
 
 def test_rates_and_eta_count_decoding_only_and_the_last_batch_always_reports(monkeypatch, caplog):
     clock = {"wall": 0.0, "compiled": 0.0}
-    monkeypatch.setattr(sampling.time, "perf_counter", lambda: clock["wall"])
-    caplog.set_level(logging.INFO, logger=sampling.logger.name)
+    monkeypatch.setattr(host_work.time, "perf_counter", lambda: clock["wall"])
+    caplog.set_level(logging.INFO, logger=host_work.logger.name)
     progress = Progress(3, 2, 400, 1.0, lambda: clock["compiled"])
 
     def at(wall: float, compiled: float) -> None:

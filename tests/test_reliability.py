@@ -15,8 +15,13 @@ pytestmark = pytest.mark.multihost
 
 SILENT_S = 10
 BATCH = 8
-FLAGS = ("--trainer.model_axis_size=1", "--progress_interval_s=0.05", f"--silent_host_timeout_s={SILENT_S}",
-         f"--batch_size={BATCH}", "--overwrite=false")  # fmt: skip
+FLAGS = (
+    "--trainer.model_axis_size=1",
+    "--progress_interval_s=0.05",
+    f"--silent_host_timeout_s={SILENT_S}",
+    f"--batch_size={BATCH}",
+    "--overwrite=false",
+)
 
 
 def tokens(rows):
@@ -81,8 +86,14 @@ def test_leader_killed_the_others_end_within_the_timeout_keeping_whole_parts(tmp
     assert run.returncode != 0
     assert seconds_after_kill < SILENT_S + 40, run.tail()
     # JAX's store lives in the leader's process: its death ends the others, by JAX's own fatal error if not ours
-    assert any(m in run.output for m in ("The leader (host 0) went silent", "lost contact with the leader",
-                                         "JAX distributed service detected fatal errors")), run.tail()  # fmt: skip
+    assert any(
+        m in run.output
+        for m in (
+            "The leader (host 0) went silent",
+            "lost contact with the leader",
+            "JAX distributed service detected fatal errors",
+        )
+    ), run.tail()
     assert not (tmp_path / "merged.jsonl").exists()
     rows = run.part_rows(1)  # whatever host 1 finished is there, in whole batches
     assert [r["global_prompt_index"] for r in rows] == list(range(128, 128 + len(rows)))

@@ -17,13 +17,21 @@ from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
 
 pytestmark = pytest.mark.slow  # the real engine in this process
 
-PROMPTS = '["12+30=", "7+5=", "100+23=", "2269+795=", "9+9=", "4821+377=", "15+5=", "999+1=", "58+67=", "3+4=", ' \
-          '"1+1=", "20+22="]'  # fmt: skip
+PROMPTS = (
+    '["12+30=", "7+5=", "100+23=", "2269+795=", "9+9=", "4821+377=", "15+5=", "999+1=", "58+67=", "3+4=", '
+    '"1+1=", "20+22="]'
+)
 
 
 def config(out, *args: str) -> SampleLmMultihostConfig:
-    base = [f"--output_dir={out}", f"--prompts={PROMPTS}", "--batch_size=4", "--trainer.model_axis_size=1",
-            "--overwrite=false", *cache_flags()]  # fmt: skip
+    base = [
+        f"--output_dir={out}",
+        f"--prompts={PROMPTS}",
+        "--batch_size=4",
+        "--trainer.model_axis_size=1",
+        "--overwrite=false",
+        *cache_flags(),
+    ]
     return draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=[*base, *args])
 
 

@@ -51,8 +51,10 @@ def files(d: RunDir) -> list[str]:
 
 def write_parts(d: RunDir, attempt: str, *specs: tuple[int, int, int, int]) -> list[Part]:
     """Parts (first, last, host, batch) of ``attempt``, each holding the name's range as text."""
-    return [d.write_part(f"{first}-{last}\n".encode(), first, last, FP, attempt, host, batch)
-            for first, last, host, batch in specs]  # fmt: skip
+    return [
+        d.write_part(f"{first}-{last}\n".encode(), first, last, FP, attempt, host, batch)
+        for first, last, host, batch in specs
+    ]
 
 
 # -- files -------------------------------------------------------------------------------------------------------
@@ -80,8 +82,13 @@ def test_a_failed_write_leaves_no_file_and_no_temporary_one(run_dir):
 def test_list_parts_reads_the_names_and_ignores_temporary_and_foreign_files(run_dir):
     written = write_parts(run_dir, "0000000a", (40, 79, 1, 0), (0, 39, 0, 0), (80, 80, 0, 1))
     name = written[0].path.rsplit("/", 1)[1]
-    for foreign in (f"{name}.tmp-1a2b3c4d", f"old-{name}", "README.md", name.replace(".jsonl", ".json"),
-                    name.replace(FP, FP.upper())):  # fmt: skip
+    for foreign in (
+        f"{name}.tmp-1a2b3c4d",
+        f"old-{name}",
+        "README.md",
+        name.replace(".jsonl", ".json"),
+        name.replace(FP, FP.upper()),
+    ):
         with run_dir.fs.open(run_dir.path(f"parts/{foreign}"), "wb") as f:
             f.write(b"x")
     parts = run_dir.list_parts()
@@ -138,8 +145,11 @@ def test_resuming_the_same_run_accumulates_its_attempts(run_dir):
         assert decision == Decision(attempt, attempts, replaces=False)
         run_dir.record(FIELDS, decision)
         write_parts(run_dir, attempt, (len(attempts), len(attempts), 0, 0))
-    assert json.loads(run_dir.read_bytes(RUN_FILE)) == {"fingerprint": FP, "fields": FIELDS,
-                                                        "attempts": list(attempts)}  # fmt: skip
+    assert json.loads(run_dir.read_bytes(RUN_FILE)) == {
+        "fingerprint": FP,
+        "fields": FIELDS,
+        "attempts": list(attempts),
+    }
 
 
 def test_resuming_another_config_is_refused_naming_the_fields_that_differ(run_dir):
@@ -204,8 +214,20 @@ def holder(d: RunDir) -> dict:
 
 
 def plant_lock(d: RunDir, **fields) -> None:
-    d.write_atomic(LOCK, json.dumps({"attempt": "0ther000", "host": socket.gethostname(), "boot": processes.boot_id(),
-                                     "pid": os.getpid(), "beat": 0, "time": time.time(), **fields}).encode())  # fmt: skip
+    d.write_atomic(
+        LOCK,
+        json.dumps(
+            {
+                "attempt": "0ther000",
+                "host": socket.gethostname(),
+                "boot": processes.boot_id(),
+                "pid": os.getpid(),
+                "beat": 0,
+                "time": time.time(),
+                **fields,
+            }
+        ).encode(),
+    )
 
 
 def age_lock(d: RunDir, seconds: float) -> None:
@@ -231,8 +253,9 @@ class RemoteHolder:
         self.thread.start()
 
     def write(self) -> None:
-        plant_lock(self.d, host="another-machine", boot="another-boot", pid=1, beat=self.beat,
-                   time=time.time() + self.skew_s)  # fmt: skip
+        plant_lock(
+            self.d, host="another-machine", boot="another-boot", pid=1, beat=self.beat, time=time.time() + self.skew_s
+        )
 
     def run(self) -> None:
         while not self.stop.wait(self.refresh_s):
@@ -273,8 +296,9 @@ def test_a_lock_of_a_dead_process_on_this_machine_is_taken_over(run_dir, caplog)
     plant_lock(run_dir, pid=dead.pid)
     with caplog.at_level(logging.WARNING), run_dir.lock("00000001"):
         assert holder(run_dir)["attempt"] == "00000001"
-    assert (f"Taking over the stale lock of run 0ther000 in {run_dir.url}: its process {dead.pid} on this machine is "
-            "gone") in caplog.text  # fmt: skip
+    assert (
+        f"Taking over the stale lock of run 0ther000 in {run_dir.url}: its process {dead.pid} on this machine is gone"
+    ) in caplog.text
     assert not run_dir.exists(LOCK)
 
 
@@ -285,15 +309,18 @@ def test_a_reused_pid_is_not_taken_for_the_holder(run_dir):
 
 
 @pytest.mark.parametrize("skew_s", [-86400.0, 0.0, 86400.0])
-def test_two_runs_whatever_their_clocks_the_second_is_refused_while_the_first_lives_then_resumes(run_dir, skew_s,
-                                                                                                 monkeypatch):  # fmt: skip
+def test_two_runs_whatever_their_clocks_the_second_is_refused_while_the_first_lives_then_resumes(
+    run_dir, skew_s, monkeypatch
+):
     """The holder on another machine, its clock a day off ours (and ours a day off the storage's): refused while
     its beat moves, taken over once it has been still for LOCK_STALE_BEATS refresh periods."""
     monkeypatch.setattr(time, "time", lambda real=time.time: real() - skew_s)  # the reader's clock is off too
     first = RemoteHolder(run_dir, refresh_s=0.05, skew_s=skew_s)
     try:
         for _ in range(3):
-            refused = pytest.raises(RunDirError, match=r"in use by run 0ther000 \(pid 1 on another-machine, its beat is")
+            refused = pytest.raises(
+                RunDirError, match=r"in use by run 0ther000 \(pid 1 on another-machine, its beat is"
+            )
             with refused, run_dir.lock("00000002", refresh_s=1.0):
                 pass
             time.sleep(0.1)
@@ -323,7 +350,9 @@ def test_without_storage_times_the_beat_is_watched_on_this_machines_clock(run_di
 def test_a_lock_that_is_not_a_file_is_refused(run_dir):
     run_dir.fs.makedirs(run_dir.path(LOCK), exist_ok=True)
     run_dir.fs.touch(run_dir.path(f"{LOCK}/inside"))
-    refused = pytest.raises(RunDirError, match=r"\.lock is a directory, not a lock file: no run can hold it. Remove it")
+    refused = pytest.raises(
+        RunDirError, match=r"\.lock is a directory, not a lock file: no run can hold it. Remove it"
+    )
     with refused, run_dir.lock("00000001"):
         pass
     assert run_dir.fs.isdir(run_dir.path(LOCK))
@@ -374,7 +403,9 @@ def test_a_path_the_run_writes_taken_by_the_wrong_kind_of_thing_is_refused(tmp_p
     else:
         wrong.mkdir()
     kinds = ("file", "directory") if name == "parts" else ("directory", "file")
-    with pytest.raises(RunDirError, match=rf"/out/{re.escape(name)} is a {kinds[0]}, but this run writes a {kinds[1]}"):
+    with pytest.raises(
+        RunDirError, match=rf"/out/{re.escape(name)} is a {kinds[0]}, but this run writes a {kinds[1]}"
+    ):
         d.check_usable(host=0)
 
 
@@ -391,8 +422,11 @@ def test_a_run_directory_deleted_or_replaced_mid_run_is_a_failure(run_dir):
     run_dir.record(FIELDS, decision)
     run_dir.check_still_ours("aaaaaaaa")
     run_dir.record(FIELDS, Decision("bbbbbbbb", ("bbbbbbbb",), replaces=True))
-    with pytest.raises(RunDirError, match=r"was deleted or replaced while this run wrote it: its run.json no longer "
-                                          r"lists attempt aaaaaaaa"):  # fmt: skip
+    with pytest.raises(
+        RunDirError,
+        match=r"was deleted or replaced while this run wrote it: its run.json no longer "
+        r"lists attempt aaaaaaaa",
+    ):
         run_dir.check_still_ours("aaaaaaaa")
     run_dir.fs.rm(run_dir.root, recursive=True)
     with pytest.raises(RunDirError, match="was deleted or replaced"):

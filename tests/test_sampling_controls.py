@@ -32,9 +32,17 @@ from levanter_multihost.seams.sampler import ControlledSampler, controlled_tempe
 
 TINY = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-addition")
 TRAINER = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
-ENGINE = InferenceEngineConfig(max_seq_len=24, page_size=8, max_pages=3 * 256, max_seqs=256, max_seqs_in_prefill=256,
-                               max_prefill_size=256 * 8, max_queued_tokens=256, max_rounds=8,
-                               compute_dtype=jnp.float32)  # fmt: skip
+ENGINE = InferenceEngineConfig(
+    max_seq_len=24,
+    page_size=8,
+    max_pages=3 * 256,
+    max_seqs=256,
+    max_seqs_in_prefill=256,
+    max_prefill_size=256 * 8,
+    max_queued_tokens=256,
+    max_rounds=8,
+    compute_dtype=jnp.float32,
+)
 NO_STOP = Sampling(seed=0, stop=StopCondition(), logprobs=True)
 VOCAB = hax.Axis("vocab", 6)
 LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=np.float32))
@@ -79,8 +87,12 @@ def sample_alone(controls: tuple, n: int = 20000) -> np.ndarray:
     """``n`` tokens from ``ControlledSampler`` on LOGITS, one key each, under (temperature, top_k, top_p, min_p)."""
     coded, table = controlled_temperatures(np.array([controls], np.float32))
     keys = jax.random.split(jax.random.PRNGKey(1), n)
-    tokens, _ = draw(ControlledSampler(VOCAB, table), hax.named(jnp.asarray(LOGITS), VOCAB),
-                     hax.named(jnp.asarray(coded[0]), ()), keys)  # fmt: skip
+    tokens, _ = draw(
+        ControlledSampler(VOCAB, table),
+        hax.named(jnp.asarray(LOGITS), VOCAB),
+        hax.named(jnp.asarray(coded[0]), ()),
+        keys,
+    )
     return np.asarray(tokens)
 
 
@@ -125,8 +137,9 @@ def tiny():
     seams.checks_as_nan()
     tokenizer = load_tokenizer(TINY)
     with model_loading.on_local_mesh(TRAINER):
-        model = model_loading.load_model(ModelSource(RepoRef(os.path.abspath(TINY)), None, LlamaConfig(), TRAINER),
-                                         tokenizer)  # fmt: skip
+        model = model_loading.load_model(
+            ModelSource(RepoRef(os.path.abspath(TINY)), None, LlamaConfig(), TRAINER), tokenizer
+        )
         engine = build_engine(model, tokenizer, ENGINE, logprobs=True)
     return engine, tokenizer
 
@@ -140,8 +153,10 @@ def run(tiny, items, sampling=NO_STOP):
 
 def items_of(tiny, prompts, temperature, max_new=6, **controls):
     ids = tiny[1](prompts, add_special_tokens=False)["input_ids"]
-    return [WorkItem(i, p, list(t), (0, 1), 2, max_new, temperature, **controls)
-            for i, (p, t) in enumerate(zip(prompts, ids))]  # fmt: skip
+    return [
+        WorkItem(i, p, list(t), (0, 1), 2, max_new, temperature, **controls)
+        for i, (p, t) in enumerate(zip(prompts, ids))
+    ]
 
 
 @pytest.mark.slow
@@ -151,8 +166,9 @@ def test_top_k_1_or_a_tiny_top_p_at_a_hot_temperature_is_greedy(tiny):
     hot = run(tiny, items_of(tiny, prompts, 1.5))
     for controls in ({"top_k": 1}, {"top_p": 1e-9}):
         controlled = run(tiny, items_of(tiny, prompts, 1.5, **controls))
-        assert {k: r["generated_token_ids"] for k, r in controlled.items()} == \
-            {k: r["generated_token_ids"] for k, r in greedy.items()}, controls  # fmt: skip
+        assert {k: r["generated_token_ids"] for k, r in controlled.items()} == {
+            k: r["generated_token_ids"] for k, r in greedy.items()
+        }, controls
         assert all(r["generated_logprobs"] == [0.0] * len(r["generated_logprobs"]) for r in controlled.values())
     assert any(hot[k]["generated_token_ids"] != greedy[k]["generated_token_ids"] for k in greedy)  # 1.5 is hot
 
@@ -200,8 +216,10 @@ def test_first_tokens_follow_the_truncated_softmax_of_transformers_logits(tiny):
     ids = tiny[1](prompt, add_special_tokens=False)["input_ids"]
     reference = FlaxLlamaForCausalLM.from_pretrained(TINY, from_pt=True, dtype=jnp.float32)
     probs = np.asarray(jax.nn.softmax(reference(np.array([ids])).logits[0, -1] / TEMPERATURE), dtype=np.float64)
-    items = [WorkItem(s, prompt, ids, tuple(range(SAMPLES)), SAMPLES, 1, TEMPERATURE, **controls)
-             for s, controls in enumerate(SETTINGS)]  # fmt: skip
+    items = [
+        WorkItem(s, prompt, ids, tuple(range(SAMPLES)), SAMPLES, 1, TEMPERATURE, **controls)
+        for s, controls in enumerate(SETTINGS)
+    ]
     firsts = {s: [] for s in range(len(SETTINGS))}
     for start in range(0, SAMPLES, 64):  # 64 generations of each setting per batch: all four in every batch
         batch = [WorkItem(**{**vars(i), "generations": tuple(range(start, start + 64))}) for i in items]
@@ -211,16 +229,22 @@ def test_first_tokens_follow_the_truncated_softmax_of_transformers_logits(tiny):
         assert_follows(np.array(firsts[s]), truncated(probs, **controls))
 
 
-@pytest.mark.parametrize("flag,match", [
-    ("--top_p=0", r"top_p \(0.0\) must be a number in \(0, 1\]"), ("--top_p=1.5", r"top_p \(1.5\) must be"),
-    ("--top_k=-1", r"top_k \(-1\) must be an integer >= 0"), ("--min_p=2", r"min_p \(2.0\) must be a number in"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,match",
+    [
+        ("--top_p=0", r"top_p \(0.0\) must be a number in \(0, 1\]"),
+        ("--top_p=1.5", r"top_p \(1.5\) must be"),
+        ("--top_k=-1", r"top_k \(-1\) must be an integer >= 0"),
+        ("--min_p=2", r"min_p \(2.0\) must be a number in"),
+    ],
+)
 def test_a_bad_control_in_the_config_is_one_line_before_load(tmp_path, flag, match):
     fails(config(tmp_path, flag), match)
 
 
-@pytest.mark.parametrize("column,value", [("top_p", 0.0), ("top_k", 1.5), ("min_p", -0.1), ("seed", 2**63),
-                                          ("seed", -3), ("top_k", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "column,value", [("top_p", 0.0), ("top_k", 1.5), ("min_p", -0.1), ("seed", 2**63), ("seed", -3), ("top_k", True)]
+)
 def test_a_bad_control_in_a_row_names_the_line(tmp_path, column, value):
     path = jsonl(tmp_path, [{"prompt": "1+2="}, {"prompt": "3+4=", column: value}])
     fails(config(tmp_path, f"--prompts_file={path}"), rf"line 2: `{column}` is {value!r}; it must be")

@@ -21,14 +21,14 @@ from levanter.models.llama import LlamaConfig
 from levanter.trainer import TrainerConfig
 from multihost import REPO, TINY_CONFIG, cache_flags, launch, read_jsonl
 
-from levanter_multihost import model_loading, plan, plan_cli, sampling, scoring, tracking
+from levanter_multihost import capacity_inputs, host_work, model_loading, plan_cli, scoring, tracking
 from levanter_multihost.addition import expected_answer, make_prompts
 from levanter_multihost.capacity import PromptDemand
-from levanter_multihost.resolution import resolve
+from levanter_multihost.capacity_inputs import CapacityError
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem
 from levanter_multihost.outputs import SCORE_FIELDS, row_line
-from levanter_multihost.plan import CapacityError
+from levanter_multihost.resolution import resolve
 from levanter_multihost.runplan import EngineSettings, ModelSource
 from levanter_multihost.sample_lm_multihost import SampleLmMultihostConfig, main
 
@@ -56,14 +56,18 @@ def scored():
     rows = pairs(8, seed=11)
     prompt_ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
-    config = InferenceEngineConfig(max_seq_len=32, page_size=8, max_pages=64, max_seqs=12, max_prefill_size=256,
-                                   compute_dtype=jnp.float32)  # fmt: skip
-    engine = EngineSettings(config, plan.engine_limits(config), 64, None)
-    items = [WorkItem(i, r["prompt"], list(p), (0,), 1, 0, 0.0, None, completion_ids=tuple(c))
-             for i, (r, p, c) in enumerate(zip(rows, prompt_ids, completion_ids))]  # fmt: skip
+    config = InferenceEngineConfig(
+        max_seq_len=32, page_size=8, max_pages=64, max_seqs=12, max_prefill_size=256, compute_dtype=jnp.float32
+    )
+    engine = EngineSettings(config, capacity_inputs.engine_limits(config), 64, None)
+    items = [
+        WorkItem(i, r["prompt"], list(p), (0,), 1, 0, 0.0, None, completion_ids=tuple(c))
+        for i, (r, p, c) in enumerate(zip(rows, prompt_ids, completion_ids))
+    ]
     with model_loading.on_local_mesh(trainer):
-        model = model_loading.load_model(ModelSource(RepoRef(os.path.abspath(TINY)), None, LlamaConfig(), trainer),
-                                         tokenizer)  # fmt: skip
+        model = model_loading.load_model(
+            ModelSource(RepoRef(os.path.abspath(TINY)), None, LlamaConfig(), trainer), tokenizer
+        )
         batches = scoring.batches(items, engine)
         out = [row for b in batches for row, _ in scoring.score_batch(model, b, engine, True, 0, lambda: 0.0)[0]]
     return rows, out, batches
@@ -107,9 +111,18 @@ def test_scoring_rows_equal_transformers_log_softmax(scored):
 
 
 def test_a_scoring_row_is_written_in_its_own_field_order():
-    scored = {"global_prompt_index": 4, "generation_index": 0, "process_index": 1, "prompt": "1+2=",
-              "prompt_token_count": 4, "completion_token_ids": [5, 11], "completion_token_count": 2,
-              "completion_logprobs": [-0.5, -0.25], "completion_logprob": -0.75, "is_greedy": True}  # fmt: skip
+    scored = {
+        "global_prompt_index": 4,
+        "generation_index": 0,
+        "process_index": 1,
+        "prompt": "1+2=",
+        "prompt_token_count": 4,
+        "completion_token_ids": [5, 11],
+        "completion_token_count": 2,
+        "completion_logprobs": [-0.5, -0.25],
+        "completion_logprob": -0.75,
+        "is_greedy": True,
+    }
     line = row_line({**dict(reversed(scored.items())), "prompt_logprobs": [-1.0, -2.0, -3.0]}, b', "id": "q4"')
     assert line.startswith(b'{"global_prompt_index": 4, "generation_index": 0, "process_index": 1, "prompt": ')
     assert list(json.loads(line)) == [*SCORE_FIELDS, "prompt_logprobs", "id"]
@@ -136,7 +149,7 @@ def run_config(out, *args: str, config=TINY_CONFIG) -> SampleLmMultihostConfig:
         ({"prompt": "1+2=", "completion": "3."}, ("--task=addition",), r"task \('addition'\) checks generated text"),
         ({"prompt": "1+2=", "completion": "3.", "n_generations": 2}, (), r"Row 0 asks for 2 generations"),
     ],
-)  # fmt: skip
+)
 def test_bad_scoring_input_is_one_line_before_load(tmp_path, monkeypatch, row, args, message):
     def trap(*_, **__):
         raise AssertionError("the model was loaded before the bad input was caught")
@@ -156,8 +169,15 @@ def test_the_likelihood_eval_on_1_and_4_hosts_gives_identical_rows_and_resumes(t
     """docs/usage.md's likelihood eval: 128 held-out sums, each with its right answer and a wrong one."""
     flags = ("--prompt_logprobs=true", "--batch_size=16")
     tracker = "{type: wandb, mode: offline, project: levanter-multihost-test}"
-    four = launch(tmp_path / "four", *flags, "--trainer.tracker", tracker, hosts=4, config=LIKELIHOOD_CONFIG,
-                  env_extra={"WANDB_DIR": str(tmp_path)})  # fmt: skip
+    four = launch(
+        tmp_path / "four",
+        *flags,
+        "--trainer.tracker",
+        tracker,
+        hosts=4,
+        config=LIKELIHOOD_CONFIG,
+        env_extra={"WANDB_DIR": str(tmp_path)},
+    )
     one = launch(tmp_path / "one", *flags, hosts=1, config=LIKELIHOOD_CONFIG)
     rows4, rows1 = four.rows(), one.rows()
     assert len(rows4) == len(rows1) == 256
@@ -177,8 +197,9 @@ def test_the_likelihood_eval_on_1_and_4_hosts_gives_identical_rows_and_resumes(t
     (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/samples_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == list(tracking.SCORE_TABLE_FIELDS)
-    assert [dict(zip(table["columns"], r))["completion_logprob"] for r in table["data"]] == \
-        [r["completion_logprob"] for r in rows4]  # fmt: skip
+    assert [dict(zip(table["columns"], r))["completion_logprob"] for r in table["data"]] == [
+        r["completion_logprob"] for r in rows4
+    ]
 
     # resume: one part gone, the rest verified and kept; the merged output comes back the same
     resumed = tmp_path / "resumed"
@@ -198,7 +219,7 @@ def test_the_likelihood_eval_on_1_and_4_hosts_gives_identical_rows_and_resumes(t
     lines[0] = json.dumps(row).encode()
     part.write_bytes(b"\n".join(lines))
     refused = re.escape(f"{part.name} line 1: its completion_logprob is not the sum")
-    with pytest.raises(sampling.ResumeError, match=refused):
+    with pytest.raises(host_work.ResumeError, match=refused):
         main(run_config(tampered, *flags, "--resume=true", config=LIKELIHOOD_CONFIG))
 
 
@@ -211,7 +232,7 @@ def test_the_planner_counts_prompt_and_completion_and_no_new_tokens(tmp_path):
     expected = [PromptDemand(tokens.length(i) + completions.length(i), 0, 1) for i in range(8)]
     assert (
         list(
-            plan.run_spec(
+            capacity_inputs.run_spec(
                 resolved.prompts.tokens.lengths + resolved.prompts.completions.lengths,
                 resolved.prompts.max_new_tokens,
                 resolved.prompts.n_generations,

@@ -51,17 +51,26 @@ def test_a_resume_spreads_the_missing_work_over_every_host_by_the_same_balancing
     that, by the strategy a fresh run uses; with nothing kept, the share is the fresh run's."""
     import numpy as np
 
+    from levanter_multihost.host_work import host_share, sampling_share
     from levanter_multihost.runplan import PromptSet, TokenTable
-    from levanter_multihost.sampling import host_share, sampling_share
 
-    prompts = PromptSet(texts=["1+1="] * 16, tokens=TokenTable.of([[1, 2, 3]] * 16), max_new_tokens=np.full(16, 4),
-                        temperature=np.zeros(16), n_generations=np.full(16, 2), top_k=np.zeros(16),
-                        top_p=np.ones(16), min_p=np.zeros(16), seed=np.zeros(16))  # fmt: skip
+    prompts = PromptSet(
+        texts=["1+1="] * 16,
+        tokens=TokenTable.of([[1, 2, 3]] * 16),
+        max_new_tokens=np.full(16, 4),
+        temperature=np.zeros(16),
+        n_generations=np.full(16, 2),
+        top_k=np.zeros(16),
+        top_p=np.ones(16),
+        min_p=np.zeros(16),
+        seed=np.zeros(16),
+    )
     earlier = {(p, g) for p in range(16) for g in range(2) if not 4 <= p <= 7} - {(8, 1)}
     for strategy in ("contiguous", "balanced"):
         shares = [sampling_share(prompts, earlier, host, 4, strategy) for host in range(4)]
         assert sorted(p for s in shares for p in s) == [4, 5, 6, 7, 8]
         assert sorted(len(s) for s in shares) == [1, 1, 1, 2]
-        assert [sampling_share(prompts, set(), h, 4, strategy) for h in range(4)] == \
-            [host_share(prompts, h, 4, strategy) for h in range(4)]  # fmt: skip
+        assert [sampling_share(prompts, set(), h, 4, strategy) for h in range(4)] == [
+            host_share(prompts, h, 4, strategy) for h in range(4)
+        ]
     assert sampling_share(prompts, earlier, 0, 4, "contiguous") == [4, 5]

@@ -33,19 +33,26 @@ def check_limits(config: "SampleLmMultihostConfig") -> None:
     for name in ("max_new_tokens", "n_generations", "batch_size", "samples_table_rows"):
         value = getattr(config, name)
         if isinstance(value, int) and value > INT32_MAX:
-            raise ConfigError(f"{name} ({value}) is over {INT32_MAX} (2**31 - 1), the largest the engine's int32 "
-                              "counters hold.")  # fmt: skip
+            raise ConfigError(
+                f"{name} ({value}) is over {INT32_MAX} (2**31 - 1), the largest the engine's int32 counters hold."
+            )
     t = config.temperature
     if isinstance(t, (int, float)) and math.isfinite(t) and abs(t) > FLOAT32_MAX:
         raise ConfigError(f"temperature ({t}) overflows float32 (at most {FLOAT32_MAX:.3g}): it would sample as inf.")
     axis = config.trainer.model_axis_size
     if not isinstance(axis, int) or isinstance(axis, bool) or axis < 1:
-        raise ConfigError(f"trainer.model_axis_size ({axis}) must be an integer >= 1: the chips each model replica "
-                          "is sharded over.")  # fmt: skip
+        raise ConfigError(
+            f"trainer.model_axis_size ({axis}) must be an integer >= 1: the chips each model replica is sharded over."
+        )
     checkpoint = config.hf_checkpoint.model_name_or_path if config.hf_checkpoint is not None else None
-    for name, value in (("output_dir", config.output_dir), ("prompts_file", config.prompts_file),
-                        ("prompts_dataset", config.prompts_dataset), ("hf_checkpoint", checkpoint),
-                        ("checkpoint_path", config.checkpoint_path), ("tokenizer", config.tokenizer)):  # fmt: skip
+    for name, value in (
+        ("output_dir", config.output_dir),
+        ("prompts_file", config.prompts_file),
+        ("prompts_dataset", config.prompts_dataset),
+        ("hf_checkpoint", checkpoint),
+        ("checkpoint_path", config.checkpoint_path),
+        ("tokenizer", config.tokenizer),
+    ):
         check_scheme(name, value)
 
 
@@ -53,11 +60,15 @@ def timeouts(config: "SampleLmMultihostConfig") -> Timeouts:
     """The waits between hosts; checked first, since every host needs them to report any other failure."""
     t = config.silent_host_timeout_s
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= MIN_SILENT_HOST_S):
-        raise ConfigError(f"silent_host_timeout_s ({t}) must be a finite number of seconds >= {MIN_SILENT_HOST_S:g} "
-                          "(the v5p configs use 60).")  # fmt: skip
+        raise ConfigError(
+            f"silent_host_timeout_s ({t}) must be a finite number of seconds >= {MIN_SILENT_HOST_S:g} "
+            "(the v5p configs use 60)."
+        )
     if not (isinstance(config.gather_chunk_bytes, int) and config.gather_chunk_bytes >= MIN_GATHER_CHUNK_BYTES):
-        raise ConfigError(f"gather_chunk_bytes ({config.gather_chunk_bytes}) must be an integer >= "
-                          f"{MIN_GATHER_CHUNK_BYTES} (default {4 * 1024 * 1024}).")  # fmt: skip
+        raise ConfigError(
+            f"gather_chunk_bytes ({config.gather_chunk_bytes}) must be an integer >= "
+            f"{MIN_GATHER_CHUNK_BYTES} (default {4 * 1024 * 1024})."
+        )
     # several beats per timeout, so one late beat never reads as a dead host
     return Timeouts(heartbeat_interval_s=min(2.0, t / 4), silent_host_s=t)
 
@@ -70,11 +81,14 @@ def check_scheme(name: str, location: str | None) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
-        raise ConfigError(f"{name} ({location}): no filesystem serves the URL scheme {protocol}://. Use a local "
-                          "path or a URL such as gs://bucket/path.") from None  # fmt: skip
+        raise ConfigError(
+            f"{name} ({location}): no filesystem serves the URL scheme {protocol}://. Use a local "
+            "path or a URL such as gs://bucket/path."
+        ) from None
     except ImportError as e:
-        raise ConfigError(f"{name} ({location}): {protocol}:// needs a package this environment lacks "
-                          f"({first_line(e)}).") from None  # fmt: skip
+        raise ConfigError(
+            f"{name} ({location}): {protocol}:// needs a package this environment lacks ({first_line(e)})."
+        ) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -85,8 +99,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise ConfigError(f"The config repeats the key {key!r} (lines {seen[key]} and "
-                                  f"{key_node.start_mark.line + 1}); YAML would keep the last. Keep one.")  # fmt: skip
+                raise ConfigError(
+                    f"The config repeats the key {key!r} (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}); YAML would keep the last. Keep one."
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -117,8 +133,11 @@ def check_carried_columns(records: PromptRecords, output_format: str) -> None:
     ids = Counter(json.dumps(row["id"], sort_keys=True) for row in rows if "id" in row)
     repeated = [value for value, count in ids.items() if count > 1]
     if repeated:
-        logger.warning("%d `id` values repeat across prompts (e.g. %s); rows are told apart by global_prompt_index.",
-                       len(repeated), repeated[0][:40])  # fmt: skip
+        logger.warning(
+            "%d `id` values repeat across prompts (e.g. %s); rows are told apart by global_prompt_index.",
+            len(repeated),
+            repeated[0][:40],
+        )
     if output_format != "parquet":
         return
     kinds: dict[str, Any] = {}
@@ -128,9 +147,11 @@ def check_carried_columns(records: PromptRecords, output_format: str) -> None:
                 kinds[column] = _unify(kinds.get(column), value)
             except TypeError as e:
                 path, new, old = e.args
-                raise PromptError(f"Prompt {i}: carried column `{column}{path}` is a {new}, but a {old} in earlier "
-                                  "prompts: Parquet holds one type per column, and the merge would fail after all "
-                                  "the sampling. Make it one type, or set output_format: jsonl.") from None  # fmt: skip
+                raise PromptError(
+                    f"Prompt {i}: carried column `{column}{path}` is a {new}, but a {old} in earlier "
+                    "prompts: Parquet holds one type per column, and the merge would fail after all "
+                    "the sampling. Make it one type, or set output_format: jsonl."
+                ) from None
 
 
 def _kind(kind: Any) -> str:

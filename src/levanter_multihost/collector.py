@@ -66,13 +66,18 @@ class Collector:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
-        failed = {h: a.end.get("error", "unknown error") for h, a in self.arrivals.items()
-                  if a.end is not None and a.end.get("status") != "ok"}  # fmt: skip
+        failed = {
+            h: a.end.get("error", "unknown error")
+            for h, a in self.arrivals.items()
+            if a.end is not None and a.end.get("status") != "ok"
+        }
         if failed or self.silent:
             parts = [f"host {h} failed: {error}" for h, error in sorted(failed.items())]
             if self.silent:
-                parts.append(f"host(s) {sorted(self.silent)} went silent (no heartbeat for silent_host_s="
-                             f"{self.c.timeouts.silent_host_s:g}s: dead or hung)")  # fmt: skip
+                parts.append(
+                    f"host(s) {sorted(self.silent)} went silent (no heartbeat for silent_host_s="
+                    f"{self.c.timeouts.silent_host_s:g}s: dead or hung)"
+                )
             raise CoordinationError("Gather incomplete: " + "; ".join(parts) + ". No merged output was written.")
 
     def stop(self) -> None:

@@ -40,7 +40,8 @@ class EngineConfig(InferenceEngineConfig):
     auto_size: bool = False
     """Replace max_seqs, max_seqs_in_prefill, max_queued_tokens, max_tokens_per_round, max_pages, max_prefill_size
     (and max_seq_len if too short) by the planner's proposal for these prompts: the largest batch whose KV cache
-    fills `hbm_utilization` of the HBM the weights leave free (needs `tpu_type`; `levanter-multihost-plan` shows it)."""
+    fills `hbm_utilization` of the HBM the weights leave free (needs `tpu_type`; `levanter-multihost-plan` shows
+    it)."""
 
     def levanter(self, **sizes) -> InferenceEngineConfig:
         """As Levanter's own config, with ``sizes`` replaced."""
@@ -180,7 +181,9 @@ def parse_command_line(argv: list[str]) -> SampleLmMultihostConfig:
         if e.code == 0:
             raise
         lines = stderr.getvalue().strip().splitlines()
-        raise ConfigError(with_closest_keys(lines[-1].split("error: ", 1)[-1] if lines else str(e), keys(SampleLmMultihostConfig()))) from None
+        raise ConfigError(
+            with_closest_keys(lines[-1].split("error: ", 1)[-1] if lines else str(e), keys(SampleLmMultihostConfig()))
+        ) from None
     except OSError as e:
         raise ConfigError(f"The config cannot be read: {e}") from None
     except (ValueError, TypeError) as e:  # e.g. InferenceEngineConfig.__post_init__ on the values given
@@ -221,8 +224,10 @@ def with_tracker_settings(config: SampleLmMultihostConfig, settings: dict[str, s
     """``config`` with tracker keys set (values read as YAML); a new ``type`` starts from that tracker's defaults."""
     current = config.trainer.tracker
     if not isinstance(current, TrackerConfig):
-        raise ConfigError(f"trainer.tracker is a list of trackers; {TRACKER_FLAG}<key> sets one tracker's key. Give "
-                          "the list whole: --trainer.tracker '[{type: wandb, mode: offline}]'.")  # fmt: skip
+        raise ConfigError(
+            f"trainer.tracker is a list of trackers; {TRACKER_FLAG}<key> sets one tracker's key. Give "
+            "the list whole: --trainer.tracker '[{type: wandb, mode: offline}]'."
+        )
     values = {k: yaml.safe_load(v) for k, v in settings.items()}
     kind = values.pop("type", TrackerConfig.get_choice_name(type(current)))
     base = draccus.encode(current) if kind == TrackerConfig.get_choice_name(type(current)) else {}
@@ -236,5 +241,3 @@ def with_tracker_settings(config: SampleLmMultihostConfig, settings: dict[str, s
 
 def _parsed(config: SampleLmMultihostConfig) -> SampleLmMultihostConfig:
     return config
-
-

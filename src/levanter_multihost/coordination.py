@@ -116,10 +116,11 @@ class Coordinator:
                 raw = self._try_get(f"{PREFIX}/{name}")
                 silent = watch.silent_for() if raw is None else 0.0
             except Exception as e:  # the leader's process hosts the store: an error here means it is gone
-                raise CoordinationError(f"This host lost contact with the leader (host 0) while it waited for "
-                                        f"'{name}' ({type(e).__name__}): the leader died. This host's parts are "
-                                        f"durable in the run directory; rerun with resume: true.{self.frozen_note}"
-                                        ) from None  # fmt: skip
+                raise CoordinationError(
+                    f"This host lost contact with the leader (host 0) while it waited for "
+                    f"'{name}' ({type(e).__name__}): the leader died. This host's parts are "
+                    f"durable in the run directory; rerun with resume: true.{self.frozen_note}"
+                ) from None
             if raw is not None:
                 message = json.loads(raw)
                 if not message.get("ok"):
@@ -149,20 +150,27 @@ class Coordinator:
                 if raw is not None:
                     del waiting[h]
                     theirs = json.loads(raw)
-                    changed = [f"{k} ({_short(theirs.get(k))} vs the leader's {_short(mine.get(k))})"
-                               for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]  # fmt: skip
+                    changed = [
+                        f"{k} ({_short(theirs.get(k))} vs the leader's {_short(mine.get(k))})"
+                        for k in sorted(set(mine) | set(theirs))
+                        if mine.get(k) != theirs.get(k)
+                    ]
                     if changed:
                         differ.append(f"host {h} differs in {', '.join(changed)}")
                 elif (end := self.end_of(h)) is not None:  # it failed before it could say: its error says why
                     raise CoordinationError(f"host {h} failed: {end.get('error')}")
                 elif waiting[h].silent_for() > self.timeouts.silent_host_s:
-                    raise CoordinationError(f"host {h} went silent before it sent its run fingerprint (no heartbeat "
-                                            f"for silent_host_s={self.timeouts.silent_host_s:g}s: dead or hung).")  # fmt: skip
+                    raise CoordinationError(
+                        f"host {h} went silent before it sent its run fingerprint (no heartbeat "
+                        f"for silent_host_s={self.timeouts.silent_host_s:g}s: dead or hung)."
+                    )
             time.sleep(POLL_INTERVAL_S if waiting else 0)
         if differ:
-            raise HostsDisagree(f"The hosts resolved different runs: {'; '.join(differ)}. Give every host the same "
-                                "prompts, model and config (a stale local copy on one worker?). Nothing was sampled "
-                                "or merged.")  # fmt: skip
+            raise HostsDisagree(
+                f"The hosts resolved different runs: {'; '.join(differ)}. Give every host the same "
+                "prompts, model and config (a stale local copy on one worker?). Nothing was sampled "
+                "or merged."
+            )
 
     # -- liveness ----------------------------------------------------------------------------------------------
 
@@ -186,8 +194,13 @@ class Coordinator:
                     answered[0] = time.monotonic()
                     failed = None if self.is_leader else self._try_get(f"{PREFIX}/{FAILED}")
                     if failed is not None and on_leader_failure is not None:  # the leader's own log says why
-                        on_leader_failure(leader_failure(json.loads(failed), "Stopping: the leader (host 0) reported "
-                                                         "a failure.", self.frozen_note))  # fmt: skip
+                        on_leader_failure(
+                            leader_failure(
+                                json.loads(failed),
+                                "Stopping: the leader (host 0) reported a failure.",
+                                self.frozen_note,
+                            )
+                        )
                 asked = time.monotonic()  # after the store call, which a frozen leader holds up
                 stop.wait(self.timeouts.heartbeat_interval_s)
                 self._woke(time.monotonic() - asked - self.timeouts.heartbeat_interval_s)
@@ -201,11 +214,13 @@ class Coordinator:
                 asked = time.monotonic()
                 quiet = time.monotonic() - answered[0]
                 if quiet > self.timeouts.silent_host_s:
-                    on_leader_failure(CoordinationError(
-                        f"The leader (host 0) went silent: its key-value store has not answered for {quiet:.0f}s "
-                        f"(silent_host_s {self.timeouts.silent_host_s:g}s): it is frozen or hung. This host's parts "
-                        f"are durable in the run directory; rerun with resume: true.{self.frozen_note}"
-                    ))
+                    on_leader_failure(
+                        CoordinationError(
+                            f"The leader (host 0) went silent: its key-value store has not answered for {quiet:.0f}s "
+                            f"(silent_host_s {self.timeouts.silent_host_s:g}s): it is frozen or hung. This host's "
+                            f"parts are durable in the run directory; rerun with resume: true.{self.frozen_note}"
+                        )
+                    )
                     return
 
         threading.Thread(target=beat, name=f"heartbeat-{self.host}", daemon=True).start()
@@ -217,9 +232,11 @@ class Coordinator:
         """A background thread woke ``late_s`` later than it asked; True (and noted) if the process was frozen."""
         if late_s < FROZEN_AFTER_S:
             return False
-        self.frozen_note = (f" This host itself was frozen (stopped or starved) for {late_s:.0f}s, and "
-                            f"silent_host_s is {self.timeouts.silent_host_s:g}s: the other hosts may have given up "
-                            "on it first.")  # fmt: skip
+        self.frozen_note = (
+            f" This host itself was frozen (stopped or starved) for {late_s:.0f}s, and "
+            f"silent_host_s is {self.timeouts.silent_host_s:g}s: the other hosts may have given up "
+            "on it first."
+        )
         logger.warning("host %d: this process was frozen for %.0fs (stopped or starved).", self.host, late_s)
         return True
 

@@ -24,17 +24,20 @@ def load_checked(load, location: str):
     try:
         return load(location)
     except Exception as e:  # noqa: BLE001 - transformers raises many types (AttributeError for a bare directory)
-        raise ConfigError(f"tokenizer ({location}) does not load as a tokenizer ({type(e).__name__}: "
-                          f"{first_line(e)}). Point `tokenizer` (or hf_checkpoint) at a directory with tokenizer.json "
-                          "or tokenizer_config.json.") from None  # fmt: skip
+        raise ConfigError(
+            f"tokenizer ({location}) does not load as a tokenizer ({type(e).__name__}: "
+            f"{first_line(e)}). Point `tokenizer` (or hf_checkpoint) at a directory with tokenizer.json "
+            "or tokenizer_config.json."
+        ) from None
 
 
 def bos_wanted(tokenizer, add_bos: bool | None) -> bool:
     """Whether text prompts start with BOS: ``add_bos`` if set, else what the tokenizer itself does."""
     if add_bos is not None:
         if add_bos and tokenizer.bos_token_id is None:
-            raise ConfigError("add_bos is true but the tokenizer has no BOS token. Set add_bos: false or leave it "
-                              "unset.")  # fmt: skip
+            raise ConfigError(
+                "add_bos is true but the tokenizer has no BOS token. Set add_bos: false or leave it unset."
+            )
         return add_bos
     if tokenizer.bos_token_id is None:
         return False
@@ -58,8 +61,10 @@ def encode_prompts(
 ) -> PromptSet:
     """Render chats, tokenize every prompt and apply the per-row overrides on the config's defaults."""
     bos = bos_wanted(tokenizer, add_bos)
-    texts = [t if t is not None else _render(m, tokenizer, chat_template, i)
-             for i, (t, m) in enumerate(zip(records.texts, records.messages))]  # fmt: skip
+    texts = [
+        t if t is not None else _render(m, tokenizer, chat_template, i)
+        for i, (t, m) in enumerate(zip(records.texts, records.messages))
+    ]
     tables = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):  # a chunk's Python lists at a time, not every prompt's
         ids = _tokenize(texts[start : start + TOKENIZE_CHUNK], tokenizer, start)
@@ -112,9 +117,11 @@ def _refuse_unspelled(text: str, ids: list[int], tokenizer, index: int) -> None:
     unk = tokenizer.unk_token_id
     unspelled = sorted({c for c in text if unk in tokenizer(c, add_special_tokens=False)["input_ids"]})
     what = "only" if all(t in (unk, tokenizer.bos_token_id) for t in ids) else "partly"
-    raise PromptError(f"Prompt {index} becomes {what} the unknown token {tokenizer.unk_token!r}: the tokenizer cannot "
-                      f"spell {', '.join(repr(c) for c in unspelled[:5]) or 'it'}. Fix the prompt, or set "
-                      "allow_unknown_tokens: true.")  # fmt: skip
+    raise PromptError(
+        f"Prompt {index} becomes {what} the unknown token {tokenizer.unk_token!r}: the tokenizer cannot "
+        f"spell {', '.join(repr(c) for c in unspelled[:5]) or 'it'}. Fix the prompt, or set "
+        "allow_unknown_tokens: true."
+    )
 
 
 def _render(messages, tokenizer, chat_template: str | None, index: int) -> str:
@@ -128,7 +135,9 @@ def _render(messages, tokenizer, chat_template: str | None, index: int) -> str:
             messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
         )
     except Exception as e:  # Jinja errors come in many types
-        raise PromptError(f"Prompt {index}: the chat template fails on its messages ({type(e).__name__}: {e}).") from None
+        raise PromptError(
+            f"Prompt {index}: the chat template fails on its messages ({type(e).__name__}: {e})."
+        ) from None
 
 
 def _tokenize(texts: list[str], tokenizer, first: int) -> list[list[int]]:

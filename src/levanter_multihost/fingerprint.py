@@ -52,8 +52,10 @@ def checkpoint_digest(location: str | None) -> str | None:
         root = root.rstrip("/")
         files = {path: info for path, info in fs.find(root, detail=True).items() if not _ignored(path, root)}
     except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
-        raise ConfigError(f"The checkpoint {location} cannot be listed: {first_line(e)}. Check the path and, for a "
-                          "bucket, the credentials here.") from None  # fmt: skip
+        raise ConfigError(
+            f"The checkpoint {location} cannot be listed: {first_line(e)}. Check the path and, for a "
+            "bucket, the credentials here."
+        ) from None
     digest = hashlib.sha256()
     for path in sorted(files):
         digest.update(f"{path[len(root) + 1 :]}\0{files[path].get('size')}\n".encode())

@@ -23,7 +23,7 @@ from levanter.inference.jit_scheduler import SeqDecodingParams
 from levanter.inference.utils import INVALID
 
 from levanter_multihost.runplan import Sampling, StopCondition
-from levanter_multihost.seams import decode_step
+from levanter_multihost.seams import decode_step, engine_state
 from levanter_multihost.seams import sampler as sampler_seam
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ def build_engine(model, tokenizer, config: InferenceEngineConfig, logprobs: bool
     decode_step.install()  # before the engine exists: it builds the seam's DecodeState
     config = dataclasses.replace(config, enable_logprobs=logprobs)
     engine = InferenceEngine.from_model_with_config(model=model, tokenizer=tokenizer, config=config)
-    jax.block_until_ready(engine.gen_state)
+    engine_state.check(engine)  # what the progress lines and the after-batch check read of it
+    engine_state.wait_allocated(engine)
     return engine
 
 
@@ -117,8 +118,9 @@ def stop_array(stop: StopCondition):
     return hax.named(jnp.asarray(rows, dtype=jnp.int32), ("stop_seq", "position"))
 
 
-def build_requests(items: Sequence[WorkItem],
-                   sampling: Sampling) -> tuple[list[Request], list[tuple[int, int]], np.ndarray | None]:
+def build_requests(
+    items: Sequence[WorkItem], sampling: Sampling
+) -> tuple[list[Request], list[tuple[int, int]], np.ndarray | None]:
     """Engine requests for ``items``, in output order the (prompt, generation) of each sequence, and the table of
     sampling controls the engine's sampler needs (None when no sequence uses top-k, top-p or min-p)."""
     stop = stop_array(sampling.stop)
@@ -164,10 +166,10 @@ def generate_batch(
     def step(iteration: int) -> None:
         if iteration == 0:
             marks.append((time.perf_counter(), compile_clock()))
-            stats.waves = 1 + bool(engine.request_queue)
-            stats.pages_after_prefill = pages_in_use(engine)
+            stats.waves = 1 + bool(engine_state.requests_waiting(engine))
+            stats.pages_after_prefill = engine_state.pages_in_use(engine)
         stats.outer_rounds += 1
-        on_round(sum(len(r.token_list) for kids in engine.results.values() for r in kids.values()))
+        on_round(engine_state.tokens_so_far(engine))
 
     start, compiled = time.perf_counter(), compile_clock()
     result = engine.generate(requests, step_callback=step)
@@ -184,9 +186,14 @@ def generate_batch(
     for (index, generation), tokens, lps in zip(order, result.tokens, logprobs, strict=True):
         item = by_index[index]
         ids = [int(t) for t in tokens if t != INVALID]
-        row = {"global_prompt_index": index, "generation_index": generation, "process_index": host,
-               "prompt": item.prompt, "prompt_token_count": len(item.token_ids),
-               **finish(ids, tokenizer, sampling.stop, item.max_new_tokens)}  # fmt: skip
+        row = {
+            "global_prompt_index": index,
+            "generation_index": generation,
+            "process_index": host,
+            "prompt": item.prompt,
+            "prompt_token_count": len(item.token_ids),
+            **row_ending(ids, tokenizer, sampling.stop, item.max_new_tokens),
+        }
         if sampling.logprobs:
             row["generated_logprobs"] = [float(x) for x in lps[: row["generated_token_count"]]]
         rows.append((row, item.extra_json))
@@ -195,7 +202,7 @@ def generate_batch(
     return rows, stats
 
 
-def finish(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) -> dict:
+def row_ending(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) -> dict:
     """Token ids, text and finish reason of a sequence's tokens.
 
     The stop string that appears first in the text wins (the engine matches stop strings as tokens, and a string
@@ -217,8 +224,13 @@ def finish(ids: list[int], tokenizer, stop: StopCondition, max_new_tokens: int) 
         reason, stop_reason = "stop", tokenizer.convert_ids_to_tokens(ids[-1])
     else:
         reason, stop_reason = ("length" if len(ids) >= max_new_tokens else "truncated"), None
-    return {"generated_token_ids": ids, "generated_text": text, "generated_token_count": len(ids),
-            "finish_reason": reason, "stop_reason": stop_reason}  # fmt: skip
+    return {
+        "generated_token_ids": ids,
+        "generated_text": text,
+        "generated_token_count": len(ids),
+        "finish_reason": reason,
+        "stop_reason": stop_reason,
+    }
 
 
 def _tokens_spelling(ids: list[int], tokenizer, end: int, stop: str) -> int:
@@ -234,35 +246,33 @@ def _tokens_spelling(ids: list[int], tokenizer, end: int, stop: str) -> int:
     return hi
 
 
-def pages_in_use(engine: InferenceEngine) -> int:
-    counts = np.asarray(jax.device_get(engine.gen_state.decode_state.page_table.page_ref_counts.array))
-    return int((counts != 0).sum())
-
-
-def check_engine_state(engine: InferenceEngine, rows: list[tuple[dict, bytes | None]], host: int, batch: int,
-                       vocab_size: int) -> None:  # fmt: skip
+def check_engine_state(
+    engine: InferenceEngine, rows: list[tuple[dict, bytes | None]], host: int, batch: int, vocab_size: int
+) -> None:
     """Fail if the engine's state or output shows a violated check (the NaN-poisoned kind, or a leak).
 
     After a batch every sequence is finished and released: no page is referenced, no slot is used, every page
     count is a count, and every token is in the vocabulary.
     """
-    state = engine.gen_state.decode_state
-    counts = np.asarray(jax.device_get(state.page_table.page_ref_counts.array))
-    used = np.asarray(jax.device_get(state.sequences.used_mask.array)).astype(bool)
+    held = engine_state.held_after_batch(engine)
     where = f"host {host}, batch {batch}"
-    if (counts < 0).any() or (counts > len(used)).any():
+    if held.poisoned:
         raise EngineStateError(
-            f"{where}: the engine's page table is poisoned (a page count of {int(counts.max())}): an engine check "
+            f"{where}: the engine's page table is poisoned (a page count of {held.largest_count}): an engine check "
             "failed during the batch, most likely 'Out of free pages'. No row of it is kept. Lower batch_size or "
             "raise engine.max_pages (levanter-multihost-plan shows what the batches need)."
         )
-    if counts.any() or used.any() or len(engine.free_slots) != len(used):
+    if held.pages or held.slots or not held.free_slot_list_complete:
         raise EngineStateError(
-            f"{where}: {int((counts != 0).sum())} pages and {int(used.sum())} sequence slots are still held after "
+            f"{where}: {held.pages} pages and {held.slots} sequence slots are still held after "
             "generate returned: some sequences never finished. Lower batch_size (levanter-multihost-plan shows the "
             "decode budget)."
         )
-    bad = [(r["global_prompt_index"], t) for r, _ in rows for t in r["generated_token_ids"] if not 0 <= t < vocab_size]
+    bad = [
+        (r["global_prompt_index"], t) for r, _ in rows for t in r["generated_token_ids"] if not 0 <= t < vocab_size
+    ]
     if bad:
-        raise EngineStateError(f"{where}: generated token ids outside the vocabulary of {vocab_size}, first "
-                               f"(prompt, id) {bad[:5]}: the engine's state is poisoned. No row of it is kept.")  # fmt: skip
+        raise EngineStateError(
+            f"{where}: generated token ids outside the vocabulary of {vocab_size}, first "
+            f"(prompt, id) {bad[:5]}: the engine's state is poisoned. No row of it is kept."
+        )

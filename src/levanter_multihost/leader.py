@@ -33,8 +33,9 @@ from levanter_multihost.summary import HostMetrics
 logger = logging.getLogger(__name__)
 
 
-def merge_and_report(plan: RunPlan, ctx: HostContext, collector: Collector, spool: "Spool", own: HostMetrics,
-                     decision: Decision) -> None:  # fmt: skip
+def merge_and_report(
+    plan: RunPlan, ctx: HostContext, collector: Collector, spool: "Spool", own: HostMetrics, decision: Decision
+) -> None:
     """Wait for every host's parts, merge, summarize, report; an earlier run's parts go only once the merge is in."""
     with ctx.phase("collect"):
         arrivals = collector.finish()
@@ -42,9 +43,12 @@ def merge_and_report(plan: RunPlan, ctx: HostContext, collector: Collector, spoo
     with ctx.phase("merge"):
         plan.run_dir.check_still_ours(decision.attempt)
         merged = write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format, plan.reporting)
-    result = summary.build_summary(host_metrics, num_prompts=len(plan.prompts),
-                                   wall_clock_s=time.time() - min(m.started_at for m in host_metrics),
-                                   leader_wait_s=ctx.seconds("collect"))  # fmt: skip
+    result = summary.build_summary(
+        host_metrics,
+        num_prompts=len(plan.prompts),
+        wall_clock_s=time.time() - min(m.started_at for m in host_metrics),
+        leader_wait_s=ctx.seconds("collect"),
+    )
     if plan.reporting.task is not None:
         result["sample/task_accuracy"] = merged.correct / max(merged.rows, 1)
     with ctx.phase("timeline"):
@@ -126,8 +130,9 @@ class MergeResult:
     samples: list[dict] = field(default_factory=list)
 
 
-def write_merged(spool: Spool, run_dir: RunDir, n_generations, output_format: str,
-                 reporting: Reporting) -> MergeResult:  # fmt: skip
+def write_merged(
+    spool: Spool, run_dir: RunDir, n_generations, output_format: str, reporting: Reporting
+) -> MergeResult:
     """Merge the spool into the run directory's merged output; score and sample rows on the way.
 
     Parsed as JSON only where needed: every row for a task's accuracy, the first ``samples_table_rows`` for the
@@ -174,19 +179,33 @@ def task_score(task: str, row: dict) -> bool:
     raise ValueError(f"task ({task!r}) is not a known task.")
 
 
-def write_summary(run_dir: RunDir, reporting: Reporting, host_metrics: list[HostMetrics], result: dict,
-                  leader_phases: dict, started_at: float) -> None:  # fmt: skip
+def write_summary(
+    run_dir: RunDir,
+    reporting: Reporting,
+    host_metrics: list[HostMetrics],
+    result: dict,
+    leader_phases: dict,
+    started_at: float,
+) -> None:
     """``summary.json``: the run's name, id, fingerprint, git commit and versions, the totals, every host's metrics,
     and the leader's own phases."""
-    run = {"name": reporting.run_name, "id": reporting.run_id, **{k: v for k, v in reporting.config.items()
-                                                                 if k != "config"}}  # fmt: skip
-    data = {"run": run, "summary": result, "hosts": [m.to_json() for m in host_metrics],
-            "leader": {"started_at": started_at, "phases": {k: list(v) for k, v in leader_phases.items()}}}  # fmt: skip
+    run = {
+        "name": reporting.run_name,
+        "id": reporting.run_id,
+        **{k: v for k, v in reporting.config.items() if k != "config"},
+    }
+    data = {
+        "run": run,
+        "summary": result,
+        "hosts": [m.to_json() for m in host_metrics],
+        "leader": {"started_at": started_at, "phases": {k: list(v) for k, v in leader_phases.items()}},
+    }
     run_dir.write_atomic(rundir.SUMMARY, json.dumps(data, indent=2).encode("utf-8"))
 
 
-def log_results(reporting: Reporting, host_metrics: list[HostMetrics], result: dict[str, Any],
-                merged_url: str) -> None:  # fmt: skip
+def log_results(
+    reporting: Reporting, host_metrics: list[HostMetrics], result: dict[str, Any], merged_url: str
+) -> None:
     logger.info("Per-host results:\n%s", summary.format_summary(host_metrics, result))
     if reporting.task is not None:
         logger.info("Task %s: %.1f%% exact answers", reporting.task, 100 * result["sample/task_accuracy"])

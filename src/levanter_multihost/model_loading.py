@@ -64,8 +64,10 @@ def resolve_location(name: str, field: str) -> str:
         return name
     parent = os.path.dirname(name.rstrip("/"))
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (parent and os.path.isdir(parent)):
-        raise ConfigError(f"{field} ({name}) is not a directory here. Give the path of a local checkpoint, an fsspec "
-                          "URL, or a Hugging Face hub id (org/name).")  # fmt: skip
+        raise ConfigError(
+            f"{field} ({name}) is not a directory here. Give the path of a local checkpoint, an fsspec "
+            "URL, or a Hugging Face hub id (org/name)."
+        )
     return name
 
 
@@ -78,8 +80,9 @@ def model_vocab_size(hf_checkpoint: str | None) -> int | None:
         with open(path) as f:
             return int(json.load(f)["vocab_size"])
     except (ValueError, KeyError, TypeError) as e:  # not JSON, no vocab_size, or not a number
-        raise ConfigError(f"{path} has no readable vocab_size ({type(e).__name__}: {e}). Fix the checkpoint's "
-                          "config.json.") from None  # fmt: skip
+        raise ConfigError(
+            f"{path} has no readable vocab_size ({type(e).__name__}: {e}). Fix the checkpoint's config.json."
+        ) from None
 
 
 ARCHITECTURES: dict[str, type[LmConfig]] = {"llama": LlamaConfig, "qwen3": Qwen3Config}
@@ -96,13 +99,17 @@ def architecture(hf_config: dict | None, given: LmConfig, where: str) -> LmConfi
     model_type = hf_config.get("model_type", "llama")  # the planner's known shapes are Llama's and name none
     if model_type not in ARCHITECTURES:
         named = f"{model_type!r} ({', '.join(hf_config.get('architectures') or [])})".replace(" ()", "")
-        raise ConfigError(f"{where} is a {named} model; this sampler runs {' and '.join(ARCHITECTURES)} "
-                          "checkpoints (what the pinned Levanter's inference engine decodes). Use one of those.")  # fmt: skip
+        raise ConfigError(
+            f"{where} is a {named} model; this sampler runs {' and '.join(ARCHITECTURES)} "
+            "checkpoints (what the pinned Levanter's inference engine decodes). Use one of those."
+        )
     cls = ARCHITECTURES[model_type]
     if type(given) not in (LlamaConfig, cls):  # Llama is the default, so only another explicit type contradicts
         given_name = LmConfig.get_choice_name(type(given))
-        raise ConfigError(f"model is {given_name!r} but {where} is a {model_type!r} model. Leave `model` unset with "
-                          "hf_checkpoint: its architecture comes from the checkpoint's config.json.")  # fmt: skip
+        raise ConfigError(
+            f"model is {given_name!r} but {where} is a {model_type!r} model. Leave `model` unset with "
+            "hf_checkpoint: its architecture comes from the checkpoint's config.json."
+        )
     import transformers
 
     settings = {k: v for k, v in hf_config.items() if k != "model_type"}

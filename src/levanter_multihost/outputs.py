@@ -55,8 +55,9 @@ class MergeError(RuntimeError):
 def row_line(row: dict[str, Any], extra_json: bytes | None = None) -> bytes:
     """One JSON line: ``ROW_FIELDS`` (``SCORE_FIELDS`` for a scoring row) in order, then its optional fields
     present, then ``extra_json`` (carried input columns, already encoded as object members)."""
-    required, optional = (SCORE_FIELDS, SCORE_OPTIONAL_FIELDS) if "completion_token_ids" in row \
-        else (ROW_FIELDS, OPTIONAL_FIELDS)  # fmt: skip
+    required, optional = (
+        (SCORE_FIELDS, SCORE_OPTIONAL_FIELDS) if "completion_token_ids" in row else (ROW_FIELDS, OPTIONAL_FIELDS)
+    )
     fields = required + optional
     missing = [k for k in required if k not in row]
     unknown = sorted(set(row) - set(fields))
@@ -184,6 +185,9 @@ class Completeness:
             self._note("missing", self.next)
             self.next = next(self.expected, None)
         if any(self.counts.values()):
-            parts = [f"{self.counts[kind]} {kind} (prompt, generation) pairs, first {getattr(self, kind)}"
-                     for kind in ("missing", "duplicated", "unexpected") if self.counts[kind]]  # fmt: skip
+            parts = [
+                f"{self.counts[kind]} {kind} (prompt, generation) pairs, first {getattr(self, kind)}"
+                for kind in ("missing", "duplicated", "unexpected")
+                if self.counts[kind]
+            ]
             raise MergeError("Cannot merge: " + "; ".join(parts) + ".")

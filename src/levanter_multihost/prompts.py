@@ -88,8 +88,10 @@ def read_prompts(
     """
     fields = (prompt_field, messages_field)
     if prompts is None and file is not None and dataset is not None:
-        raise PromptError(f"Both `prompts_file` ({file}) and `prompts_dataset` ({dataset}) are set. Set one, e.g. "
-                          "--prompts_file null to read the dataset.")  # fmt: skip
+        raise PromptError(
+            f"Both `prompts_file` ({file}) and `prompts_dataset` ({dataset}) are set. Set one, e.g. "
+            "--prompts_file null to read the dataset."
+        )
     if prompts is not None:
         if isinstance(prompts, str):
             raise PromptError("`prompts` must be a list of strings, not a single string. Wrap it in a list.")
@@ -99,10 +101,14 @@ def read_prompts(
         rows, where = _file_rows(file)
         records = _records(rows, fields, f"`prompts_file` {file}", where)
     elif dataset is not None:
-        records = _records(_dataset_rows(dataset, split), fields, f"`prompts_dataset` {dataset}", lambda i: f" row {i}")
+        records = _records(
+            _dataset_rows(dataset, split), fields, f"`prompts_dataset` {dataset}", lambda i: f" row {i}"
+        )
     else:
-        raise PromptError("No prompts: set `prompts` (a list), `prompts_file` (.txt, .jsonl, .parquet) or "
-                          "`prompts_dataset` (a Hugging Face dataset).")  # fmt: skip
+        raise PromptError(
+            "No prompts: set `prompts` (a list), `prompts_file` (.txt, .jsonl, .parquet) or "
+            "`prompts_dataset` (a Hugging Face dataset)."
+        )
     if not len(records):
         raise PromptError("No prompts: the prompt source is empty.")
     return records
@@ -140,15 +146,21 @@ def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str,
         carried = {k: v for k, v in row.items() if k not in consumed}
         for k, v in carried.items():
             if isinstance(v, (bytes, bytearray)):
-                raise PromptError(f"{at}: column `{k}` holds bytes, which the outputs would carry as \"b'...'\". "
-                                  "Decode it to text in the input, or drop the column.")  # fmt: skip
+                raise PromptError(
+                    f"{at}: column `{k}` holds bytes, which the outputs would carry as \"b'...'\". "
+                    "Decode it to text in the input, or drop the column."
+                )
             if k in OUTPUT_FIELDS:
-                raise PromptError(f"{at}: column `{k}` clashes with the output field of the same name. Rename it "
-                                  "in the input (every column but the prompt is carried into the outputs).")  # fmt: skip
+                raise PromptError(
+                    f"{at}: column `{k}` clashes with the output field of the same name. Rename it "
+                    "in the input (every column but the prompt is carried into the outputs)."
+                )
         for k in OVERRIDES:
             overrides[k].append(override_value(k, carried.get(k), at))
-        members = "".join(f", {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False, default=str)}"
-                          for k, v in carried.items())  # fmt: skip
+        members = "".join(
+            f", {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False, default=str)}"
+            for k, v in carried.items()
+        )
         any_extra = any_extra or bool(members)
         extras.append(members.encode("utf-8"))
     overrides = {k: v for k, v in overrides.items() if any(x is not None for x in v)}
@@ -181,7 +193,7 @@ def broken_rule(column: str, value: Any) -> str | None:
 
 def _check_messages(chat: Any, at: str) -> None:
     if not isinstance(chat, list) or not chat:
-        raise PromptError(f"{at} must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects.")
+        raise PromptError(f'{at} must be a non-empty list of {{"role": ..., "content": ...}} objects.')
     for j, m in enumerate(chat):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise PromptError(f"{at}[{j}] must be an object with string `role` and `content`; it is {m!r:.80}.")
@@ -193,16 +205,20 @@ def _check_encodable(text: str, at: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise PromptError(f"{at} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
-                          "which is not text. Fix the input.") from None  # fmt: skip
+        raise PromptError(
+            f"{at} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+            "which is not text. Fix the input."
+        ) from None
 
 
 def _file_rows(path: str):
     """Rows of a prompts file and how to name row ``i`` in errors."""
     kind = next((ext for ext in (".txt", ".jsonl", ".parquet") if path.endswith(ext)), None)
     if kind is None:
-        raise PromptError(f"`prompts_file` {path} must end in .txt (one prompt per line), .jsonl (one JSON object "
-                          "per line) or .parquet; for a Hugging Face dataset set `prompts_dataset`.")  # fmt: skip
+        raise PromptError(
+            f"`prompts_file` {path} must end in .txt (one prompt per line), .jsonl (one JSON object "
+            "per line) or .parquet; for a Hugging Face dataset set `prompts_dataset`."
+        )
     try:
         fs, fs_path = fsspec.core.url_to_fs(path)
         info = fs.info(fs_path)
@@ -213,8 +229,10 @@ def _file_rows(path: str):
     if info.get("type") != "file":
         raise PromptError(f"`prompts_file` cannot be read: {path} is a {info.get('type')}, not a file.")
     if (info.get("size") or 0) > MAX_PROMPTS_FILE_BYTES:
-        raise PromptError(f"`prompts_file` {path} is {info['size']:,} bytes, over the {MAX_PROMPTS_FILE_BYTES:,} "
-                          "read at once. Split it, or use Parquet or a dataset.")  # fmt: skip
+        raise PromptError(
+            f"`prompts_file` {path} is {info['size']:,} bytes, over the {MAX_PROMPTS_FILE_BYTES:,} "
+            "read at once. Split it, or use Parquet or a dataset."
+        )
     if kind == ".parquet":
         return _parquet_rows(path), lambda i: f" row {i}"
     try:
@@ -234,8 +252,10 @@ def _file_rows(path: str):
     lines = [line.removesuffix("\r") for line in lines]
     for number, line in enumerate(lines, start=1):
         if line.strip() == "":
-            raise PromptError(f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "
-                              "global_prompt_index is its line number - 1): remove the blank line.")  # fmt: skip
+            raise PromptError(
+                f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "
+                "global_prompt_index is its line number - 1): remove the blank line."
+            )
     if kind == ".txt":
         return ({"prompt": line} for line in lines), lambda i: f" line {i + 1}"
     return (_json_line(path, number, line) for number, line in enumerate(lines, start=1)), lambda i: f" line {i + 1}"
@@ -247,8 +267,10 @@ def _json_line(path: str, number: int, line: str) -> Any:
     except json.JSONDecodeError as e:
         raise PromptError(f"`prompts_file` {path} line {number}: malformed JSON ({e.msg}).") from None
     except KeyError as e:
-        raise PromptError(f"`prompts_file` {path} line {number}: the key {e.args[0]!r} appears twice; JSON would keep "
-                          "the last. Keep one.") from None  # fmt: skip
+        raise PromptError(
+            f"`prompts_file` {path} line {number}: the key {e.args[0]!r} appears twice; JSON would keep "
+            "the last. Keep one."
+        ) from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

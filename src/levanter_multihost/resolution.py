@@ -20,7 +20,7 @@ import jax
 from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
 from levanter.inference.engine import InferenceEngineConfig
 
-from levanter_multihost import addition, checks, encoding, model_loading, plan, scoring, seams
+from levanter_multihost import addition, capacity_inputs, checks, encoding, model_loading, scoring, seams
 from levanter_multihost.capacity import CapacityPlan, plan_capacity
 from levanter_multihost.config import TASKS, SampleLmMultihostConfig
 from levanter_multihost.errors import ConfigError
@@ -53,7 +53,7 @@ class ResolvedCapacity:
     engine: InferenceEngineConfig
     """Levanter's engine config, with the planner's sizes when ``engine.auto_size`` is on."""
     capacity: CapacityPlan
-    """The plan of that engine on the slice; not checked here (``plan.check_capacity`` raises)."""
+    """The plan of that engine on the slice; not checked here (``capacity_inputs.check_capacity`` raises)."""
     token_count: str
     """How the prompts' tokens were counted, for the planner's notes."""
 
@@ -117,13 +117,13 @@ def resolve_capacity(
         max_new = [0] * len(records)
     generations = encoding.per_prompt(records, "n_generations", config.n_generations)
     engine = config.engine.levanter()
-    limits = plan.engine_limits(engine)
-    slice_ = plan.topology(config.tpu_type, num_hosts, local_devices)
-    model = plan.model_shape(checkpoint, config.trainer, limits) if slice_.generation is not None else None
-    spec = plan.run_spec(lengths, max_new, generations, stop, config.shard_strategy, config.batch_size)
+    limits = capacity_inputs.engine_limits(engine)
+    slice_ = capacity_inputs.topology(config.tpu_type, num_hosts, local_devices)
+    model = capacity_inputs.model_shape(checkpoint, config.trainer, limits) if slice_.generation is not None else None
+    spec = capacity_inputs.run_spec(lengths, max_new, generations, stop, config.shard_strategy, config.batch_size)
     if config.engine.auto_size:
         engine = auto_sized(engine, limits, spec, slice_, model)
-        limits = plan.engine_limits(engine)
+        limits = capacity_inputs.engine_limits(engine)
     return ResolvedCapacity(prompts, stop, engine, plan_capacity(limits, spec, slice_, model), how)
 
 
@@ -167,9 +167,11 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         encoding.check_spelled(prompts, tokenizer)
     revision = config.hf_checkpoint.revision if checkpoint is not None else None
     architecture = model_loading.architecture(
-        plan.hf_config(checkpoint, revision)[0] if checkpoint else None, config.model, f"hf_checkpoint {checkpoint}"
+        capacity_inputs.hf_config(checkpoint, revision)[0] if checkpoint else None,
+        config.model,
+        f"hf_checkpoint {checkpoint}",
     )
-    capacity = plan.check_capacity(resolved.capacity, log=host == 0)
+    capacity = capacity_inputs.check_capacity(resolved.capacity, log=host == 0)
     run_dir = RunDir(config.output_dir)
     run_dir.check_usable(host)
     if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
@@ -213,10 +215,10 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
 
 def auto_sized(
     engine: InferenceEngineConfig,
-    limits: plan.EngineLimits,
-    spec: plan.RunSpec,
-    slice_: plan.Topology,
-    model: plan.ModelShape | None,
+    limits: capacity_inputs.EngineLimits,
+    spec: capacity_inputs.RunSpec,
+    slice_: capacity_inputs.Topology,
+    model: capacity_inputs.ModelShape | None,
 ) -> InferenceEngineConfig:
     """``engine`` with the planner's proposal applied (``engine.auto_size: true``)."""
     if slice_.generation is None or model is None:

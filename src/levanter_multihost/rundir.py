@@ -17,21 +17,16 @@ The fresh / resume / refuse decision (:func:`decide`) is made by the leader alon
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
 import re
-import socket
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
-from levanter_multihost import processes
 from levanter_multihost.errors import UserError, first_line
 
 MERGED_JSONL = "merged.jsonl"
@@ -141,18 +136,23 @@ class RunDir:
         """Before anything loads: the directory persists, is writable, and no path this run writes is taken by
         the wrong kind of thing (``merged.jsonl`` a directory, ``parts`` a file); raise :class:`RunDirError`."""
         if not self.url.strip():
-            raise RunDirError("output_dir is empty: the run would write into the working directory. Name a "
-                              "directory.")  # fmt: skip
+            raise RunDirError(
+                "output_dir is empty: the run would write into the working directory. Name a directory."
+            )
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
         if "memory" in protocols:
-            raise RunDirError(f"output_dir ({self.url}) is in this process's memory: nothing written there outlives "
-                              "it. Use a local path or a bucket URL.")  # fmt: skip
+            raise RunDirError(
+                f"output_dir ({self.url}) is in this process's memory: nothing written there outlives "
+                "it. Use a local path or a bucket URL."
+            )
         self.check_writable(host)
         expected = {**dict.fromkeys(FILES, "file"), PARTS: "directory"}
         for name, kind in expected.items():
             if self.fs.exists(self.path(name)) and (found := self.fs.info(self.path(name)).get("type")) != kind:
-                raise RunDirError(f"{self.url_of(name)} is a {found}, but this run writes a {kind} there. Move it "
-                                  "away, or choose another output_dir.")  # fmt: skip
+                raise RunDirError(
+                    f"{self.url_of(name)} is a {found}, but this run writes a {kind} there. Move it "
+                    "away, or choose another output_dir."
+                )
 
     def check_writable(self, host: int) -> None:
         """Write and delete a probe file; raise :class:`RunDirError` naming the directory if that fails."""
@@ -163,8 +163,10 @@ class RunDir:
                 f.write(b"")
             self.fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - a bucket without credentials raises its client's own types
-            raise RunDirError(f"output_dir ({self.url}) is not writable: {first_line(e)}. Choose another output_dir (a "
-                              "bucket needs credentials here: gcloud auth application-default login).") from None
+            raise RunDirError(
+                f"output_dir ({self.url}) is not writable: {first_line(e)}. Choose another output_dir (a "
+                "bucket needs credentials here: gcloud auth application-default login)."
+            ) from None
 
     # -- the run's identity ------------------------------------------------------------------------------------
 
@@ -225,9 +227,11 @@ class RunDir:
         except RunDirError:
             run = None
         if run is None or attempt not in run.get("attempts", ()):
-            raise RunDirError(f"output_dir ({self.url}) was deleted or replaced while this run wrote it: its "
-                              f"{RUN_FILE} no longer lists attempt {attempt}. Rerun (resume: true keeps what "
-                              "is still there), into a directory nothing else writes.")  # fmt: skip
+            raise RunDirError(
+                f"output_dir ({self.url}) was deleted or replaced while this run wrote it: its "
+                f"{RUN_FILE} no longer lists attempt {attempt}. Rerun (resume: true keeps what "
+                "is still there), into a directory nothing else writes."
+            )
 
     def record(self, fields: dict[str, Any], decision: Decision) -> None:
         """Leader: write ``run.json`` for this attempt."""
@@ -236,8 +240,9 @@ class RunDir:
 
     # -- parts -------------------------------------------------------------------------------------------------
 
-    def write_part(self, data: bytes, first: int, last: int, fingerprint: str, attempt: str, host: int,
-                   batch: int) -> Part:  # fmt: skip
+    def write_part(
+        self, data: bytes, first: int, last: int, fingerprint: str, attempt: str, host: int, batch: int
+    ) -> Part:
         name = f"{first:010d}-{last:010d}.{fingerprint}.{attempt}.h{host:04d}b{batch:06d}.jsonl"
         self.write_atomic(f"{PARTS}/{name}", data)
         return Part(first, last, fingerprint, attempt, host, batch, self.path(f"{PARTS}/{name}"))
@@ -252,8 +257,10 @@ class RunDir:
             path = entry["name"]
             m = PART_NAME.fullmatch(path.rsplit("/", 1)[-1])
             if m and entry.get("type") != "file":
-                raise RunDirError(f"{path} is named like a part but is a {entry.get('type')}. Move it away, or "
-                                  "choose another output_dir.")  # fmt: skip
+                raise RunDirError(
+                    f"{path} is named like a part but is a {entry.get('type')}. Move it away, or "
+                    "choose another output_dir."
+                )
             if m:
                 first, last, fp, attempt, host, batch = m.groups()
                 parts.append(Part(int(first), int(last), fp, attempt, int(host), int(batch), path))
@@ -272,112 +279,12 @@ class RunDir:
 
     # -- one run at a time -------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
     def lock(self, attempt: str, refresh_s: float = LOCK_REFRESH_S):
-        """Hold ``.lock`` (created atomically) while the block runs; refuse if another run holds it.
+        """Hold ``.lock`` while the block runs; refuse if another run holds it (:func:`.runlock.hold`)."""
+        from levanter_multihost import runlock
 
-        The lock holds the attempt, the machine (host name and boot id), the pid and its start time, and a beat
-        the holder bumps every ``refresh_s``. Whether the holder lives is judged by alive-ness first: on this
-        machine by its process; on another, by its beat, aged by the storage's own clock (the lock's modification
-        time against a probe's, so no two machines' clocks are compared) or, where the storage keeps no times,
-        watched on this machine's monotonic clock. Only a lock whose beat has been still for
-        ``LOCK_STALE_BEATS`` x ``refresh_s`` is taken over (with a warning). A block that ends after another run
-        took its lock over raises :class:`RunDirError`: two runs wrote this directory.
-        """
-        self.fs.makedirs(self.root, exist_ok=True)
-        beats = itertools.count()
-        try:
-            with self.fs.open(self.path(LOCK), "xb") as f:
-                f.write(_holder(attempt, next(beats)))
-        except FileExistsError:
-            other, why = self._stale_lock(refresh_s)
-            logger.warning("Taking over the stale lock of run %s in %s: %s.", other.get("attempt"), self.url, why)
-            self.write_atomic(LOCK, _holder(attempt, next(beats)))
-        stop, lost = threading.Event(), threading.Event()
-
-        def refresh():
-            while not stop.wait(refresh_s):
-                with contextlib.suppress(OSError):
-                    if self._lock_holder().get("attempt") != attempt:
-                        lost.set()
-                        logger.error("Another run took over the lock of %s from this run (%s).", self.url, attempt)
-                        return
-                    self.write_atomic(LOCK, _holder(attempt, next(beats)))
-
-        refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
-        refresher.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            refresher.join()  # a rewrite in flight would otherwise put the lock back after it is removed
-            with contextlib.suppress(OSError):
-                if self._lock_holder().get("attempt") == attempt:
-                    self.fs.rm(self.path(LOCK))
-        if lost.is_set():
-            raise RunDirError(f"Another run took over the lock of output_dir ({self.url}) while this run ({attempt}) "
-                              "held it, so both wrote there: check both runs' outputs, or rerun into another "
-                              "output_dir.")  # fmt: skip
-
-    def _stale_lock(self, refresh_s: float) -> tuple[dict[str, Any], str]:
-        """The holder of an existing lock and why it is stale; raise :class:`RunDirError` while it may live."""
-        path = self.path(LOCK)
-        if self.fs.info(path).get("type") != "file":
-            raise RunDirError(f"{self.url_of(LOCK)} is a {self.fs.info(path).get('type')}, not a lock file: no run "
-                              "can hold it. Remove it, or choose another output_dir.")  # fmt: skip
-        other = self._lock_holder()
-        if other.get("host") == socket.gethostname() and other.get("boot") == processes.boot_id():
-            if processes.alive(other.get("pid"), other.get("pid_start")):
-                raise self._in_use(other, "alive on this machine")
-            return other, f"its process {other.get('pid')} on this machine is gone"
-        stale_after = LOCK_STALE_BEATS * refresh_s
-        age = self._storage_age(LOCK)
-        if age is not None:  # the storage stamped both times: no clock of any machine is compared
-            if age <= stale_after:
-                raise self._in_use(other, f"its beat is {age:.0f}s old, stale after {stale_after:g}s")
-            return other, f"its beat is {age:.0f}s old (stale after {stale_after:g}s)"
-        watched = time.monotonic()
-        while time.monotonic() - watched <= stale_after:
-            time.sleep(min(1.0, refresh_s / 4))
-            now = self._lock_holder()
-            if now != other:
-                raise self._in_use(now, "its beat moved while this run watched")
-        return other, f"its beat did not move for {stale_after:g}s"
-
-    def _in_use(self, holder: dict[str, Any], why: str) -> RunDirError:
-        return RunDirError(
-            f"output_dir ({self.url}) is in use by run {holder.get('attempt')} (pid {holder.get('pid')} on "
-            f"{holder.get('host')}, {why}). Wait for it, choose another output_dir, or delete {self.url_of(LOCK)} "
-            "if that run is gone."
-        )
-
-    def _storage_age(self, name: str) -> float | None:
-        """Seconds since ``name`` was last written, by the storage's clock (a probe's time against its); None
-        where the storage keeps no modification times."""
-        probe = self.path(f".lock-probe-{uuid.uuid4().hex[:8]}")
-        try:
-            with self.fs.open(probe, "wb") as f:
-                f.write(b"")
-            try:
-                return max((self.fs.modified(probe) - self.fs.modified(self.path(name))).total_seconds(), 0.0)
-            finally:
-                self.fs.rm(probe)
-        except (NotImplementedError, OSError, TypeError, ValueError):
-            return None
-
-    def _lock_holder(self) -> dict[str, Any]:
-        try:
-            holder = json.loads(self.read_bytes(LOCK))
-        except (OSError, ValueError, UnicodeDecodeError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
+        return runlock.hold(self, attempt, refresh_s)
 
 
 def new_attempt() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def _holder(attempt: str, beat: int) -> bytes:
-    pid = os.getpid()
-    return json.dumps({"attempt": attempt, "host": socket.gethostname(), "boot": processes.boot_id(), "pid": pid,
-                       "pid_start": processes.start_ticks(pid), "beat": beat, "time": time.time()}).encode()  # fmt: skip

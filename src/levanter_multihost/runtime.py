@@ -73,8 +73,10 @@ class Stopped(BaseException):
     """This host was asked to stop (SIGTERM, SIGINT); what it finished is durable."""
 
     def __init__(self, signum: int):
-        super().__init__(f"Stopped by signal {signal.Signals(signum).name}: this host's finished batches are durable "
-                         "in the run directory; rerun with resume: true.")  # fmt: skip
+        super().__init__(
+            f"Stopped by signal {signal.Signals(signum).name}: this host's finished batches are durable "
+            "in the run directory; rerun with resume: true."
+        )
         self.signum = signum
 
 
@@ -147,9 +149,11 @@ def check_launched_here() -> None:
     if pid.isdigit() and processes.runs_under(int(pid), int(started) if started.isdigit() else None):
         return
     names = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_LAUNCHER) if n in os.environ]
-    raise ConfigError(f"{', '.join(names)} are set, but no running infra/launch.py started this process (launcher "
-                      f"{os.environ.get(ENV_LAUNCHER, 'not named')}): they are stale, left in the environment. Run "
-                      f"`unset {' '.join(names)}`, or start the job through infra/launch.py.")  # fmt: skip
+    raise ConfigError(
+        f"{', '.join(names)} are set, but no running infra/launch.py started this process (launcher "
+        f"{os.environ.get(ENV_LAUNCHER, 'not named')}): they are stale, left in the environment. Run "
+        f"`unset {' '.join(names)}`, or start the job through infra/launch.py."
+    )
 
 
 def emulate_cpu_devices(count: int) -> None:

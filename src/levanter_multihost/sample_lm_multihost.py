@@ -21,14 +21,15 @@ import jax
 
 from levanter_multihost import (
     coordination,
+    host_work,
     leader,
     model_loading,
     runtime,
-    sampling,
     scoring,
     seams,
     summary,
 )
+from levanter_multihost.checks import timeouts
 from levanter_multihost.collector import Collector
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
@@ -36,7 +37,6 @@ from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.outputs import row_line
-from levanter_multihost.checks import timeouts
 from levanter_multihost.resolution import resolve
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
@@ -50,10 +50,13 @@ logger = logging.getLogger(__name__)
 
 
 def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
+    """Run the job's stages on this host; every host of the job calls it with the same config."""
+    seams.install()  # here, not in cli(): a caller of main() runs the same engine
     ctx = runtime.start(config.trainer, handle_signals, config.engine_log)
     seams.apply_ragged_attention(config.ragged_attention, announce=ctx.is_leader)
-    link = coordination.connect(seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes,
-                                timeouts(config))  # fmt: skip
+    link = coordination.connect(
+        seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes, timeouts(config)
+    )
     stop_heartbeat = link.start_heartbeat(on_leader_failure=leader_failed)
     try:
         with link.failures_reported():
@@ -78,39 +81,64 @@ def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> tuple[Dec
     if not link.is_leader:
         message = link.wait_for(READY)
         decision = Decision(message["attempt"], tuple(message["attempts"]), message["replaces"])
-        earlier = sampling.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
+        earlier = host_work.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
         if len(earlier) != message["earlier_rows"]:  # the missing work is split by what every host reads here
-            raise UserError(f"host {link.host} reads {len(earlier)} rows of earlier attempts in output_dir "
-                            f"({plan.run_dir.url}), the leader {message['earlier_rows']}: a resume needs one run "
-                            "directory every host reads (a bucket URL), not a local path on each host.")  # fmt: skip
+            raise UserError(
+                f"host {link.host} reads {len(earlier)} rows of earlier attempts in output_dir "
+                f"({plan.run_dir.url}), the leader {message['earlier_rows']}: a resume needs one run "
+                "directory every host reads (a bucket URL), not a local path on each host."
+            )
         return decision, earlier
     decision = plan.run_dir.decide(plan.fingerprint, plan.resume, plan.overwrite, attempt)
     plan.run_dir.record(plan.fingerprint, decision)
-    earlier = sampling.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
-    link.announce(READY, {"attempt": decision.attempt, "attempts": list(decision.attempts),
-                          "replaces": decision.replaces, "earlier_rows": len(earlier)})  # fmt: skip
+    earlier = host_work.earlier_rows(plan.run_dir, decision.attempts, fingerprint)
+    link.announce(
+        READY,
+        {
+            "attempt": decision.attempt,
+            "attempts": list(decision.attempts),
+            "replaces": decision.replaces,
+            "earlier_rows": len(earlier),
+        },
+    )
     return decision, earlier
 
 
-def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision,
-              earlier: set[tuple[int, int]]) -> None:  # fmt: skip
+def run_share(
+    plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision, earlier: set[tuple[int, int]]
+) -> None:
     """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
     spool = leader.Spool() if ctx.is_leader else None
     collector = Collector(link, spool.add).start() if ctx.is_leader else None
     try:
         deliver = (lambda header, data: spool.add(ctx.host, header, data)) if ctx.is_leader else link.send_part
         fingerprint = fingerprint_hash(plan.fingerprint)
-        share = sampling.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
-        kept, tokens_kept = sampling.keep_earlier_rows(plan.run_dir, decision.attempts, fingerprint, share,
-                                                       plan.prompts, plan.sampling.stop, plan.tokenizer,
-                                                       deliver)  # fmt: skip
-        to_sample = sampling.sampling_share(plan.prompts, earlier, ctx.host, ctx.num_hosts, plan.shard_strategy)
-        items = sampling.work_items(plan.prompts, to_sample, earlier)
-        batches = sampling.batches(items, plan.engine)
-        logger.info("host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches", ctx.host, len(share),
-                    len(kept), len(items), len(batches))  # fmt: skip
+        share = host_work.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
+        kept, tokens_kept = host_work.keep_earlier_rows(
+            plan.run_dir,
+            decision.attempts,
+            fingerprint,
+            share,
+            plan.prompts,
+            plan.sampling.stop,
+            plan.tokenizer,
+            deliver,
+        )
+        to_sample = host_work.sampling_share(plan.prompts, earlier, ctx.host, ctx.num_hosts, plan.shard_strategy)
+        items = host_work.work_items(plan.prompts, to_sample, earlier)
+        batches = host_work.batches(items, plan.engine)
+        logger.info(
+            "host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches",
+            ctx.host,
+            len(share),
+            len(kept),
+            len(items),
+            len(batches),
+        )
         stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver, collector) if batches else []
-        metrics = summary.host_metrics(ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept)
+        metrics = summary.host_metrics(
+            ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept
+        )
         if not ctx.is_leader:
             link.send_end(metrics.to_json())
             return
@@ -123,59 +151,85 @@ def run_share(plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Deci
             spool.close()
 
 
-def sample(plan: RunPlan, ctx: HostContext, batches: list[list[WorkItem]], attempt: str, fingerprint: str,
-           deliver: sampling.Deliver, collector: Collector | None) -> list[BatchRecord]:  # fmt: skip
+def sample(
+    plan: RunPlan,
+    ctx: HostContext,
+    batches: list[list[WorkItem]],
+    attempt: str,
+    fingerprint: str,
+    deliver: host_work.Deliver,
+    collector: Collector | None,
+) -> list[BatchRecord]:
     """Load the model onto this host's chips and sample every batch; no cross-host communication."""
     with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
             model = model_loading.load_model(plan.model, plan.tokenizer)
         scoring_rows = plan.prompts.completions is not None  # one forward pass a batch, no engine
         with ctx.phase("engine_build"):
-            engine = None if scoring_rows else build_engine(model, plan.tokenizer, plan.engine.config,
-                                                            plan.sampling.logprobs)  # fmt: skip
+            engine = (
+                None
+                if scoring_rows
+                else build_engine(model, plan.tokenizer, plan.engine.config, plan.sampling.logprobs)
+            )
         expected = sum(len(i.generations) * i.max_new_tokens for b in batches for i in b)
-        progress = sampling.Progress(ctx.host, len(batches), expected, plan.reporting.progress_interval_s,
-                                     CompileClock.seconds)  # fmt: skip
+        progress = host_work.Progress(
+            ctx.host, len(batches), expected, plan.reporting.progress_interval_s, CompileClock.seconds
+        )
         stats = []
         for b, items in enumerate(batches):
             start = ctx.now()
             progress.batch_started(b)
             if scoring_rows:
-                rows, batch = scoring.score_batch(model, items, plan.engine, plan.sampling.prompt_logprobs, ctx.host,
-                                                  CompileClock.seconds)  # fmt: skip
+                rows, batch = scoring.score_batch(
+                    model, items, plan.engine, plan.sampling.prompt_logprobs, ctx.host, CompileClock.seconds
+                )
             else:
-                rows, batch = generate_batch(engine, plan.tokenizer, items, plan.sampling, ctx.host,
-                                             progress.on_round, CompileClock.seconds)  # fmt: skip
+                rows, batch = generate_batch(
+                    engine, plan.tokenizer, items, plan.sampling, ctx.host, progress.on_round, CompileClock.seconds
+                )
                 check_engine_state(engine, rows, ctx.host, b, model.Vocab.size)
             # the clock's spans: compile, prefill, compile (the first decode round's), decode
-            for name, seconds in (("compile", batch.compile_prefill_s), ("prefill", batch.prefill_s),
-                                  ("compile", batch.compile_decode_s), ("decode", batch.decode_s)):  # fmt: skip
+            for name, seconds in (
+                ("compile", batch.compile_prefill_s),
+                ("prefill", batch.prefill_s),
+                ("compile", batch.compile_decode_s),
+                ("decode", batch.decode_s),
+            ):
                 ctx.add(name, start, start + seconds)
                 start += seconds
             with ctx.phase("write"):
                 if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
                     plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
                 data = b"".join(row_line(row, extra) for row, extra in rows)
-                plan.run_dir.write_part(data, items[0].global_index, items[-1].global_index, fingerprint, attempt,
-                                        ctx.host, b)  # fmt: skip
+                plan.run_dir.write_part(
+                    data, items[0].global_index, items[-1].global_index, fingerprint, attempt, ctx.host, b
+                )
             with ctx.phase("send"):
                 deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
             progress.batch_done(batch.tokens, batch.decode_s)
             if collector is not None:
                 collector.check()  # a host failed or went silent: stop now rather than after this host's share
             written = ctx.phases["write"][-1]
-            stats.append(BatchRecord(batch=b, sequences=batch.sequences, tokens=batch.tokens,
-                                     compile_s=batch.compile_prefill_s + batch.compile_decode_s,
-                                     prefill_s=batch.prefill_s, decode_s=batch.decode_s, write_s=written[1] - written[0],
-                                     pages_after_prefill=batch.pages_after_prefill, outer_rounds=batch.outer_rounds,
-                                     waves=batch.waves))  # fmt: skip
+            stats.append(
+                BatchRecord(
+                    batch=b,
+                    sequences=batch.sequences,
+                    tokens=batch.tokens,
+                    compile_s=batch.compile_prefill_s + batch.compile_decode_s,
+                    prefill_s=batch.prefill_s,
+                    decode_s=batch.decode_s,
+                    write_s=written[1] - written[0],
+                    pages_after_prefill=batch.pages_after_prefill,
+                    outer_rounds=batch.outer_rounds,
+                    waves=batch.waves,
+                )
+            )
     return stats
 
 
 def cli() -> None:
-    """Entry point: seams, the config, :func:`main`. A failure is said once, the other hosts are let go, and the
+    """Entry point: the config, then :func:`main`. A failure is said once, the other hosts are let go, and the
     process exits without JAX's shutdown barrier: 2 for a user's mistake, 128 + n for signal n, else 1."""
-    seams.install()
     try:
         main(parse_command_line(sys.argv[1:]), handle_signals=True)
     except SystemExit as e:

@@ -31,32 +31,42 @@ MIN_BUCKET = 16
 Rows = list[tuple[dict, bytes | None]]
 
 
-def with_completions(prompts: PromptSet, completions: Sequence[str | None] | None, tokenizer, prompt_logprobs: bool,
-                     task: str | None) -> PromptSet:  # fmt: skip
+def with_completions(
+    prompts: PromptSet, completions: Sequence[str | None] | None, tokenizer, prompt_logprobs: bool, task: str | None
+) -> PromptSet:
     """``prompts`` with their completions' token ids when rows have a ``completion`` column (every row must then
     have one), planned as prompt + completion tokens with no new tokens; unchanged when none has one."""
     if completions is None:
         if prompt_logprobs:
-            raise ConfigError("prompt_logprobs is true, but no row has a `completion` column to score. Add one (a "
-                              "string per row) or set prompt_logprobs: false.")  # fmt: skip
+            raise ConfigError(
+                "prompt_logprobs is true, but no row has a `completion` column to score. Add one (a "
+                "string per row) or set prompt_logprobs: false."
+            )
         return prompts
     missing = next((i for i, c in enumerate(completions) if c is None), None)
     if missing is not None:
-        raise PromptError(f"Row {missing} has no `completion`, but other rows do: a run scores every row or none. "
-                          "Give every row a completion, or split the input.")  # fmt: skip
+        raise PromptError(
+            f"Row {missing} has no `completion`, but other rows do: a run scores every row or none. "
+            "Give every row a completion, or split the input."
+        )
     if task is not None:
-        raise ConfigError(f"task ({task!r}) checks generated text, but rows with a `completion` are scored, not "
-                          "generated. Set --task null and compare completion_logprob instead.")  # fmt: skip
+        raise ConfigError(
+            f"task ({task!r}) checks generated text, but rows with a `completion` are scored, not "
+            "generated. Set --task null and compare completion_logprob instead."
+        )
     several = np.flatnonzero(prompts.n_generations != 1)
     if len(several):
-        raise PromptError(f"Row {several[0]} asks for {prompts.n_generations[several[0]]} generations, but a scoring "
-                          "row (with a `completion`) has exactly one. Set n_generations to 1.")  # fmt: skip
+        raise PromptError(
+            f"Row {several[0]} asks for {prompts.n_generations[several[0]]} generations, but a scoring "
+            "row (with a `completion`) has exactly one. Set n_generations to 1."
+        )
     ids = [list(t) for t in tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
     empty = next((i for i, t in enumerate(ids) if not t), None)
     if empty is not None:
         raise PromptError(f"Row {empty}: its `completion` tokenizes to nothing. Remove the row or give it text.")
-    return dataclasses.replace(prompts, completions=TokenTable.of(ids),
-                               max_new_tokens=np.zeros(len(prompts), dtype=np.int32))  # fmt: skip
+    return dataclasses.replace(
+        prompts, completions=TokenTable.of(ids), max_new_tokens=np.zeros(len(prompts), dtype=np.int32)
+    )
 
 
 def bucket(length: int) -> int:
@@ -101,8 +111,14 @@ def _token_scores(model, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Arr
     return chosen, jnp.argmax(logits, axis=-1) == targets
 
 
-def score_batch(model, items: Sequence[WorkItem], engine: EngineSettings, prompt_logprobs: bool, host: int,
-                compile_clock: Callable[[], float]) -> tuple[Rows, BatchStats]:  # fmt: skip
+def score_batch(
+    model,
+    items: Sequence[WorkItem],
+    engine: EngineSettings,
+    prompt_logprobs: bool,
+    host: int,
+    compile_clock: Callable[[], float],
+) -> tuple[Rows, BatchStats]:
     """Score every item's completion in one forward pass; (row, carried columns) pairs in prompt order, and the
     batch's timings (the pass counts as prefill; compiling is split off)."""
     longest = max(len(i.token_ids) + len(i.completion_ids) for i in items)
@@ -121,11 +137,18 @@ def score_batch(model, items: Sequence[WorkItem], engine: EngineSettings, prompt
     for r, item in enumerate(items):
         first, end = len(item.token_ids) - 1, len(item.token_ids) - 1 + len(item.completion_ids)
         logprobs = [float(x) for x in chosen[r, first:end]]
-        row = {"global_prompt_index": item.global_index, "generation_index": 0, "process_index": host,
-               "prompt": item.prompt, "prompt_token_count": len(item.token_ids),
-               "completion_token_ids": list(item.completion_ids), "completion_token_count": len(item.completion_ids),
-               "completion_logprobs": logprobs, "completion_logprob": sum(logprobs),
-               "is_greedy": bool(greedy[r, first:end].all())}  # fmt: skip
+        row = {
+            "global_prompt_index": item.global_index,
+            "generation_index": 0,
+            "process_index": host,
+            "prompt": item.prompt,
+            "prompt_token_count": len(item.token_ids),
+            "completion_token_ids": list(item.completion_ids),
+            "completion_token_count": len(item.completion_ids),
+            "completion_logprobs": logprobs,
+            "completion_logprob": sum(logprobs),
+            "is_greedy": bool(greedy[r, first:end].all()),
+        }
         if prompt_logprobs:
             row["prompt_logprobs"] = [float(x) for x in chosen[r, :first]]
         rows.append((row, item.extra_json))

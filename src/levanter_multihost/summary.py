@@ -113,8 +113,15 @@ class HostMetrics:
         return cls(**{**data, "batch_stats": [BatchRecord(**b) for b in data["batch_stats"]]})
 
 
-def host_metrics(host: int, started_at: float, phases: dict[str, list[list[float]]], prompts: int,
-                 batches: Sequence[BatchRecord], rows_kept: int, tokens_kept: int) -> HostMetrics:  # fmt: skip
+def host_metrics(
+    host: int,
+    started_at: float,
+    phases: dict[str, list[list[float]]],
+    prompts: int,
+    batches: Sequence[BatchRecord],
+    rows_kept: int,
+    tokens_kept: int,
+) -> HostMetrics:
     """A host's metrics from its phases and its batches (``gather_bytes`` is filled in by the leader)."""
     sampled = sum(b.sequences for b in batches)
     tokens = sum(b.tokens for b in batches)
@@ -146,8 +153,9 @@ def host_metrics(host: int, started_at: float, phases: dict[str, list[list[float
     )
 
 
-def build_summary(host_metrics: Sequence[HostMetrics], *, num_prompts: int, wall_clock_s: float,
-                  leader_wait_s: float) -> dict[str, Any]:  # fmt: skip
+def build_summary(
+    host_metrics: Sequence[HostMetrics], *, num_prompts: int, wall_clock_s: float, leader_wait_s: float
+) -> dict[str, Any]:
     """Flat summary: ``sample/*`` totals and ``host/<i>/<metric>`` for every host, idle hosts included."""
     times = [m.generate_s for m in host_metrics]
     mean = sum(times) / len(times) if times else 0.0

@@ -4,8 +4,9 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]],
-                 totals: dict[str, Any] | None = None) -> str:  # fmt: skip
+def format_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]], totals: dict[str, Any] | None = None
+) -> str:
     """Right-aligned columns under a rule; ``columns`` are (key, title, format), a missing value prints ``-``;
     ``totals``, if given, is a last row under a second rule."""
     header = [title for _, title, _ in columns]

@@ -20,11 +20,20 @@ from levanter_multihost.summary import HostMetrics
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("startup", "prepare", "model_load", "engine_build", "compile", "prefill", "decode", "write", "wait",
-          "send")  # fmt: skip
+PHASES = ("startup", "prepare", "model_load", "engine_build", "compile", "prefill", "decode", "write", "wait", "send")
 """Timeline segments, in the order they are drawn and listed."""
-PHASE_COLORS = ("#deddda", "#c0bfbc", "#77767b", "#e5a50a", "#f66151", "#3584e4", "#26a269", "#9141ac", "#f6f5f4",
-                "#c01c28")  # fmt: skip
+PHASE_COLORS = (
+    "#deddda",
+    "#c0bfbc",
+    "#77767b",
+    "#e5a50a",
+    "#f66151",
+    "#3584e4",
+    "#26a269",
+    "#9141ac",
+    "#f6f5f4",
+    "#c01c28",
+)
 TABLE_FIELDS = (
     "global_prompt_index",
     "generation_index",
@@ -34,8 +43,14 @@ TABLE_FIELDS = (
     "generated_token_count",
     "finish_reason",
 )
-SCORE_TABLE_FIELDS = ("global_prompt_index", "process_index", "prompt", "completion", "completion_logprob",
-                      "is_greedy")  # fmt: skip
+SCORE_TABLE_FIELDS = (
+    "global_prompt_index",
+    "process_index",
+    "prompt",
+    "completion",
+    "completion_logprob",
+    "is_greedy",
+)
 """The samples table of a scoring run (``completion`` is the input's column)."""
 
 
@@ -60,7 +75,9 @@ def open_tracker(tracker_config: TrackerConfig | Sequence[TrackerConfig], report
     return tracker_config.init(reporting.run_id)
 
 
-def report(reporting: Reporting, summary: dict[str, Any], samples: Sequence[dict], timeline_png: bytes | None) -> None:
+def report(
+    reporting: Reporting, summary: dict[str, Any], samples: Sequence[dict], timeline_png: bytes | None
+) -> None:
     """Log the config, the summary, the samples table and the timeline once, then finish the tracker."""
     tracker = open_tracker(reporting.tracker, reporting)
     try:

@@ -38,13 +38,21 @@ class Proposal:
 
     def engine_fields(self) -> dict[str, int]:
         """The ``engine.*`` values the proposal sets, as a config would write them."""
-        names = ("max_seqs", "max_seqs_in_prefill", "max_queued_tokens", "max_tokens_per_round", "max_pages",
-                 "max_prefill_size", "max_seq_len")  # fmt: skip
+        names = (
+            "max_seqs",
+            "max_seqs_in_prefill",
+            "max_queued_tokens",
+            "max_tokens_per_round",
+            "max_pages",
+            "max_prefill_size",
+            "max_seq_len",
+        )
         return {name: getattr(self.limits, name) for name in names}
 
 
-def propose(engine: EngineLimits, worst: PromptDemand, share_sequences: int, topology: Topology,
-            model: ModelShape) -> Proposal | None:  # fmt: skip
+def propose(
+    engine: EngineLimits, worst: PromptDemand, share_sequences: int, topology: Topology, model: ModelShape
+) -> Proposal | None:
     """The proposal for prompts no longer than ``worst`` and a largest host share of ``share_sequences``; None when
     the slice's HBM is unknown or the weights leave no room."""
     gen = topology.generation

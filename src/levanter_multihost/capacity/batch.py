@@ -269,7 +269,9 @@ def forecast(engine: EngineLimits, demands: Sequence[PromptDemand]) -> BatchFore
     longest_new = max((d.max_new_tokens for d in demands), default=1)
     turns = ceil_div(sequences, engine.tokens_per_round)  # the most iterations a queued token waits
     iterations = (longest_new - 1) * turns
-    kv_read = sum(d.generations * sum(range(d.prompt_tokens, d.prompt_tokens + d.max_new_tokens - 1)) for d in demands)
+    kv_read = sum(
+        d.generations * sum(range(d.prompt_tokens, d.prompt_tokens + d.max_new_tokens - 1)) for d in demands
+    )
     return BatchForecast(
         sequences=sequences,
         waves=1,

@@ -1,7 +1,7 @@
 """HBM per chip: what the weights and the KV cache take, whether they fit, and the decode roofline.
 
 Pure Python over per-chip byte counts. Where the counts come from (the model's partition specs on a host's mesh,
-or an estimate from ``config.json``) is the adapter's business (:mod:`levanter_multihost.plan`).
+or an estimate from ``config.json``) is the adapter's business (:mod:`levanter_multihost.capacity_inputs`).
 """
 
 from dataclasses import dataclass

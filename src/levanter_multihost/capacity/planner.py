@@ -127,8 +127,9 @@ class CapacityPlan:
         """Per host, the HBM-bound decode time of all its batches (prefill and compilation left out)."""
         if self.model is None or self.topology.generation is None:
             return None
-        return [decode_seconds_bound(self.model, self.topology, h.decode_iterations, h.kv_tokens_read)
-                for h in self.hosts]  # fmt: skip
+        return [
+            decode_seconds_bound(self.model, self.topology, h.decode_iterations, h.kv_tokens_read) for h in self.hosts
+        ]
 
     @property
     def largest_batch(self) -> int:
@@ -188,15 +189,20 @@ def plan_capacity(
         hosts = _host_plans(engine, max_pages, run, topology.num_hosts)
     problems += hbm_problems
     if model is not None and max_pages is not None and topology.generation is not None and hosts:
-        notes.append(f"HBM per chip: {gib(hbm_bytes_per_chip(engine, model, max_pages))} of "
-                     f"{gib(topology.generation.hbm_bytes_per_chip)} ({model.source}).")  # fmt: skip
+        notes.append(
+            f"HBM per chip: {gib(hbm_bytes_per_chip(engine, model, max_pages))} of "
+            f"{gib(topology.generation.hbm_bytes_per_chip)} ({model.source})."
+        )
     proposal = None
     if model is not None and run.demands:
-        share = max((h.sequences for h in hosts), default=ceil_div(sum(d.generations for d in run.demands),
-                                                                   topology.num_hosts))  # fmt: skip
+        share = max(
+            (h.sequences for h in hosts),
+            default=ceil_div(sum(d.generations for d in run.demands), topology.num_hosts),
+        )
         proposal = propose(engine, worst, share, topology, model)
-    return CapacityPlan(engine, run, topology, model, max_pages, limit, hosts, proposal, tuple(problems),
-                        tuple(notes))  # fmt: skip
+    return CapacityPlan(
+        engine, run, topology, model, max_pages, limit, hosts, proposal, tuple(problems), tuple(notes)
+    )
 
 
 def _single_prompt_problems(engine: EngineLimits, max_pages: int | None, run: RunSpec) -> list[Problem]:
@@ -226,7 +232,9 @@ def verified_fixes(plan: CapacityPlan, rounds: int = 6) -> dict[str, int] | None
         if current.ok:
             return fixes
         for p in current.problems:
-            if p.suggested is None or not (p.field == "batch_size" or p.field.removeprefix("engine.") in ENGINE_FIELDS):
+            if p.suggested is None or not (
+                p.field == "batch_size" or p.field.removeprefix("engine.") in ENGINE_FIELDS
+            ):
                 return None
             fixes[p.field] = p.suggested
         sizes = {f.removeprefix("engine."): v for f, v in fixes.items() if f != "batch_size"}

@@ -22,47 +22,90 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
         out.append((param, _fmt(value), needed, "FAIL" if field in failed else "ok"))
 
     need = worst.prompt_tokens + worst.max_new_tokens
-    add("max_seq_len", e.max_seq_len, f"{need:,} (longest prompt {worst.prompt_tokens} + {worst.max_new_tokens} new)",
-        "engine.max_seq_len")  # fmt: skip
-    bounds = ", ".join(f"{k.split('.')[-1]} {v:,}" for k, v in sorted(plan.batch.bounds.items(), key=lambda kv: kv[1]))
+    add(
+        "max_seq_len",
+        e.max_seq_len,
+        f"{need:,} (longest prompt {worst.prompt_tokens} + {worst.max_new_tokens} new)",
+        "engine.max_seq_len",
+    )
+    bounds = ", ".join(
+        f"{k.split('.')[-1]} {v:,}" for k, v in sorted(plan.batch.bounds.items(), key=lambda kv: kv[1])
+    )
     largest = max((max(h.batch_sequences, default=0) for h in plan.hosts), default=0)
-    add("sequences per batch", largest, f"at most {plan.batch.sequences:,} of the longest prompt, set by "
-        f"{plan.batch.limited_by} ({bounds})", "batch_size")  # fmt: skip
+    add(
+        "sequences per batch",
+        largest,
+        f"at most {plan.batch.sequences:,} of the longest prompt, set by {plan.batch.limited_by} ({bounds})",
+        "batch_size",
+    )
     if plan.hosts:
-        add("batches per host", _range(plan.batches_per_host), f"for {_range(plan.prompts_per_host)} prompts per host")
+        add(
+            "batches per host", _range(plan.batches_per_host), f"for {_range(plan.prompts_per_host)} prompts per host"
+        )
     if plan.max_pages is None:
         add("max_pages", "unset", f"{plan.pages_required:,} for the largest batch at full length")
     else:
-        add("max_pages", plan.max_pages,
+        add(
+            "max_pages",
+            plan.max_pages,
             f"{plan.pages_required:,} for the largest batch ({plan.pages_per_seq} per sequence at full length, "
-            f"{e.pages_per_seq_max} at max_seq_len)", "engine.max_pages")  # fmt: skip
+            f"{e.pages_per_seq_max} at max_seq_len)",
+            "engine.max_pages",
+        )
     add("max_prefill_size", e.prefill_size, f">= longest prompt {worst.prompt_tokens}", "engine.max_prefill_size")
-    add("max_queued_tokens", e.max_queued_tokens, f">= {max(e.max_seqs, e.tokens_per_round, e.max_seqs_in_prefill)} "
-        "(max_seqs, max_tokens_per_round, max_seqs_in_prefill)", "engine.max_queued_tokens")  # fmt: skip
-    add("decode budget", e.decode_iterations, f"iterations per call ({e.outer_rounds} outer rounds x max_rounds "
-        f"{e.max_rounds}); a batch needs at most {max(worst.max_new_tokens - 1, 0)} per turn")  # fmt: skip
+    add(
+        "max_queued_tokens",
+        e.max_queued_tokens,
+        f">= {max(e.max_seqs, e.tokens_per_round, e.max_seqs_in_prefill)} "
+        "(max_seqs, max_tokens_per_round, max_seqs_in_prefill)",
+        "engine.max_queued_tokens",
+    )
+    add(
+        "decode budget",
+        e.decode_iterations,
+        f"iterations per call ({e.outer_rounds} outer rounds x max_rounds "
+        f"{e.max_rounds}); a batch needs at most {max(worst.max_new_tokens - 1, 0)} per turn",
+    )
     if run.stop_sequences:
         add("max_stop_seqs", e.max_stop_seqs, f">= {run.stop_sequences} stop sequences", "engine.max_stop_seqs")
         add("max_stop_tokens", e.max_stop_tokens, f">= {run.longest_stop_tokens} tokens", "engine.max_stop_tokens")
     gen = plan.topology.generation
     if plan.hbm_per_chip is not None and gen is not None:
-        out.append((f"HBM per chip ({gen.name})", gib(gen.hbm_bytes_per_chip),
-                    f"{gib(plan.hbm_per_chip)} (weights + KV cache)",
-                    "FAIL" if plan.hbm_per_chip > gen.hbm_bytes_per_chip else "ok"))  # fmt: skip
+        out.append(
+            (
+                f"HBM per chip ({gen.name})",
+                gib(gen.hbm_bytes_per_chip),
+                f"{gib(plan.hbm_per_chip)} (weights + KV cache)",
+                "FAIL" if plan.hbm_per_chip > gen.hbm_bytes_per_chip else "ok",
+            )
+        )
     step = plan.step_bound_s
     if step is not None and gen is not None:
         tokens_per_s = plan.largest_batch / step
-        out.append(("decode step (HBM-bound)", f"{step * 1e3:.2f} ms",
-                    f"{plan.largest_batch} sequences mid-decode: {tokens_per_s:,.0f} tok/s per host at the bound",
-                    "info"))  # fmt: skip
+        out.append(
+            (
+                "decode step (HBM-bound)",
+                f"{step * 1e3:.2f} ms",
+                f"{plan.largest_batch} sequences mid-decode: {tokens_per_s:,.0f} tok/s per host at the bound",
+                "info",
+            )
+        )
     proposal = plan.proposal
     if proposal is not None:
         sizes = ", ".join(f"{k} {v:,}" for k, v in proposal.engine_fields().items())
-        bound = "" if proposal.step_s is None else (f"; step {proposal.step_s * 1e3:.2f} ms, "
-                                                    f"{proposal.tokens_per_s:,.0f} tok/s per host at the bound")
-        out.append(("auto-size proposal", f"{proposal.sequences:,} seqs",
-                    f"limited by {proposal.limited_by}: {sizes}{bound} (engine.auto_size: true applies it)",
-                    "info"))  # fmt: skip
+        bound = (
+            ""
+            if proposal.step_s is None
+            else (f"; step {proposal.step_s * 1e3:.2f} ms, {proposal.tokens_per_s:,.0f} tok/s per host at the bound")
+        )
+        out.append(
+            (
+                "auto-size proposal",
+                f"{proposal.sequences:,} seqs",
+                f"limited by {proposal.limited_by}: {sizes}{bound} (engine.auto_size: true applies it)",
+                "info",
+            )
+        )
     return out
 
 
@@ -99,8 +142,7 @@ def text(plan: CapacityPlan) -> str:
 def fix_line(fixes: dict[str, int] | None) -> str:
     """What planning again with the suggested values showed."""
     if fixes is None:
-        return ("Planning again with these values did not make the run fit: change one field at a time and plan "
-                "again.")  # fmt: skip
+        return "Planning again with these values did not make the run fit: change one field at a time and plan again."
     return f"Planned again with {as_flags(fixes)}: it fits."
 
 
@@ -116,15 +158,20 @@ def to_dict(plan: CapacityPlan) -> dict:
         "prompts": len(plan.run.demands),
         "prompts_per_host": plan.prompts_per_host,
         "batches_per_host": plan.batches_per_host,
-        "batch": {"sequences": plan.batch.sequences, "limited_by": plan.batch.limited_by,
-                  "bounds": plan.batch.bounds},  # fmt: skip
+        "batch": {
+            "sequences": plan.batch.sequences,
+            "limited_by": plan.batch.limited_by,
+            "bounds": plan.batch.bounds,
+        },
         "pages_per_seq_max": plan.engine.pages_per_seq_max,
         "pages_per_seq": plan.pages_per_seq,
         "pages_required": plan.pages_required,
         "max_pages": plan.max_pages,
         "decode_budget": {"outer_rounds": plan.engine.outer_rounds, "iterations": plan.engine.decode_iterations},
         "hosts": [asdict(h) for h in plan.hosts],
-        "hbm": None if plan.hbm_per_chip is None or gen is None else {
+        "hbm": None
+        if plan.hbm_per_chip is None or gen is None
+        else {
             "bytes_per_chip_needed": plan.hbm_per_chip,
             "bytes_per_chip": gen.hbm_bytes_per_chip,
             "weight_bytes": plan.model.weight_bytes,
@@ -132,19 +179,23 @@ def to_dict(plan: CapacityPlan) -> dict:
             "kv_bytes_per_token": plan.model.kv_bytes_per_token,
             "kv_bytes_per_token_per_chip": plan.model.kv_bytes_per_token_per_chip,
             "source": plan.model.source,
-        },  # fmt: skip
-        "roofline": None if decode is None else {
+        },
+        "roofline": None
+        if decode is None
+        else {
             "step_s": plan.step_bound_s,
             "tokens_per_s_per_host": plan.largest_batch / plan.step_bound_s if plan.step_bound_s else None,
             "decode_s_per_host": decode,
-        },  # fmt: skip
-        "proposal": None if plan.proposal is None else {
+        },
+        "proposal": None
+        if plan.proposal is None
+        else {
             "sequences": plan.proposal.sequences,
             "limited_by": plan.proposal.limited_by,
             "engine": plan.proposal.engine_fields(),
             "step_s": plan.proposal.step_s,
             "tokens_per_s_per_host": plan.proposal.tokens_per_s,
-        },  # fmt: skip
+        },
         "problems": [asdict(p) for p in plan.problems],
         "fixes": verified_fixes(plan) if plan.problems else {},
         "notes": list(plan.notes),

@@ -1,7 +1,8 @@
 """Every place this project reaches into a dependency's private internals, each behind a guard.
 
-:func:`install` runs once from the command-line entry (``sample_lm_multihost.cli``), before the config is read;
-nothing here acts at import time. Each seam says what upstream lacks, the version it was checked against and when
+:func:`install` runs at the start of ``sample_lm_multihost.main`` (so the command line and a direct call of
+``main`` run the same engine), and again, idempotently, wherever an engine is built; nothing here acts at import
+time. Each seam says what upstream lacks, the version it was checked against and when
 it can go; each guard raises :class:`SeamError` naming the symbol and the installed versions when the internals it
 relies on have moved, instead of silently doing nothing. Checked against levanter 1.2.dev1644, jax 0.10.2,
 equinox 0.13.8 (``PINNED``).
@@ -23,6 +24,8 @@ equinox 0.13.8 (``PINNED``).
 - :func:`apply_ragged_attention`: Levanter passes the TPU ragged paged-attention kernel only ``sm_scale`` and
   ``soft_cap``, so block sizes and VMEM stay at defaults that run out of VMEM at page_size 128 (docs/tpu.md). Can
   go when Levanter takes the kernel's block sizes in its config.
+- :mod:`levanter_multihost.seams.engine_state`: every read of a built engine's private state (progress during
+  ``generate``, pages and slots held after it), its attributes checked on every engine the sampler builds.
 - :mod:`levanter_multihost.seams.sampler`: top-k, top-p and min-p per sequence inside the engine's sampling step.
 """
 
@@ -45,7 +48,7 @@ class SeamError(RuntimeError):
 
 
 def install() -> None:
-    """Install the seams that need no config; called once by the command-line entry."""
+    """Install the seams that need no config (idempotent); ``sample_lm_multihost.main`` calls it first."""
     from levanter_multihost.seams import decode_step, sampler
 
     checks_as_nan()
@@ -189,8 +192,11 @@ def apply_ragged_attention(config: RaggedAttentionConfig, announce: bool = True)
         if backend == "tpu":
             say("Ragged paged attention: Pallas kernel with %s.", config.kernel_kwargs() or "its defaults")
         else:
-            say("Backend is %s, not TPU: Levanter's reference ragged paged attention runs; the ragged_attention "
-                "knobs apply on TPU only.", backend)
+            say(
+                "Backend is %s, not TPU: Levanter's reference ragged paged attention runs; the ragged_attention "
+                "knobs apply on TPU only.",
+                backend,
+            )
     setattr(attention, KERNEL_GLOBAL, kernel)
     return kernel
 

@@ -55,7 +55,10 @@ SOURCES = {
         "f29c8bd46a6f2b3fb0c54140967e825a93c02d8ae26efbab290ca925cbb212cf"
     ),
     (SCHEDULER, "SequenceTable.allocate_for_seq"): "f98bbce7dbee32b677ffc6b2970c55929ecb23ed433bde430c5974ba04c0c7cc",
-    (SCHEDULER, "SequenceTable._create_batch_info"): "151759de311300fb4a90d900cbacec6b4f29a206905150ed99f3857abff6c813",
+    (
+        SCHEDULER,
+        "SequenceTable._create_batch_info",
+    ): "151759de311300fb4a90d900cbacec6b4f29a206905150ed99f3857abff6c813",
     (SCHEDULER, "SequenceTable.free_pages_for_finished"): (
         "94fb95c03ef0646ef85f43061752dbc7e46b1aed7738b6af97bc8c3b729a99cd"
     ),
@@ -329,8 +332,8 @@ def install() -> None:
     check()
     for (module, qualname), replacement in _replacements().items():
         owner, name = _lookup(module, qualname)
-        _originals[(module, qualname)] = inspect.getattr_static(owner, name) if isinstance(owner, type) else (
-            getattr(owner, name)
+        _originals[(module, qualname)] = (
+            inspect.getattr_static(owner, name) if isinstance(owner, type) else (getattr(owner, name))
         )
         setattr(owner, name, replacement)
     jax.clear_caches()  # jit caches traces by argument shapes, not by the functions they called

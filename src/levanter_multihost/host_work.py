@@ -2,10 +2,11 @@
 
 Covers which prompts a host samples (:mod:`levanter_multihost.sharding`), reading and verifying the rows earlier
 attempts left in the run directory (a resume samples only what is missing, whatever the old host count and batch
-size were, spread over every host by the same balancing as a fresh run's), packing what is left into batches the engine completes in one call
-(:class:`~levanter_multihost.capacity.BatchPacker`), and, after every batch, making its rows durable as a part
-and handing the part on (``deliver``). Progress lines cover the whole share: batches, tokens, tokens/s and an ETA
-measured from the first decode round, so compiling does not skew them. No cross-host communication here.
+size were, spread over every host by the same balancing as a fresh run's), packing what is left into batches the
+engine completes in one call (:class:`~levanter_multihost.capacity.BatchPacker`), and, after every batch, making
+its rows durable as a part and handing the part on (``deliver``). Progress lines cover the whole share: batches,
+tokens, tokens/s and an ETA measured from the first decode round, so compiling does not skew them. No cross-host
+communication here.
 """
 
 import collections
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from levanter_multihost import scoring
 from levanter_multihost.capacity import BatchPacker, PromptDemand
 from levanter_multihost.errors import UserError
-from levanter_multihost.generation import WorkItem, finish
+from levanter_multihost.generation import WorkItem, row_ending
 from levanter_multihost.outputs import MergeError, keyed_lines
 from levanter_multihost.rundir import Part, RunDir
 from levanter_multihost.runplan import EngineSettings, PromptSet, StopCondition
@@ -36,8 +37,10 @@ class ResumeError(UserError):
 def host_share(prompts: PromptSet, host: int, num_hosts: int, strategy: str) -> list[int]:
     """Global indices of the prompts ``host`` answers for: it verifies and delivers their rows kept from earlier
     attempts (:func:`keep_earlier_rows`)."""
-    costs = [prompt_cost(prompts.tokens.length(i), int(prompts.max_new_tokens[i]), int(prompts.n_generations[i]))
-             for i in range(len(prompts))]  # fmt: skip
+    costs = [
+        prompt_cost(prompts.tokens.length(i), int(prompts.max_new_tokens[i]), int(prompts.n_generations[i]))
+        for i in range(len(prompts))
+    ]
     return shard_for_host(strategy, num_hosts, host, costs)
 
 
@@ -58,8 +61,9 @@ def earlier_rows(run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str) -
     return keys
 
 
-def sampling_share(prompts: PromptSet, earlier: set[tuple[int, int]], host: int, num_hosts: int,
-                   strategy: str) -> list[int]:  # fmt: skip
+def sampling_share(
+    prompts: PromptSet, earlier: set[tuple[int, int]], host: int, num_hosts: int, strategy: str
+) -> list[int]:
     """Global indices of the prompts with generations still to sample that ``host`` samples.
 
     The missing work is spread over every host by the same strategy as a fresh run's (then it is the fresh run's
@@ -67,15 +71,23 @@ def sampling_share(prompts: PromptSet, earlier: set[tuple[int, int]], host: int,
     """
     kept = collections.Counter(p for p, _ in earlier)
     todo = [p for p in range(len(prompts)) if kept[p] < prompts.n_generations[p]]
-    costs = [prompt_cost(prompts.tokens.length(p), int(prompts.max_new_tokens[p]),
-                         int(prompts.n_generations[p]) - kept[p]) for p in todo]  # fmt: skip
+    costs = [
+        prompt_cost(prompts.tokens.length(p), int(prompts.max_new_tokens[p]), int(prompts.n_generations[p]) - kept[p])
+        for p in todo
+    ]
     return [todo[i] for i in shard_for_host(strategy, num_hosts, host, costs)]
 
 
 def keep_earlier_rows(
-    run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str, share: list[int], prompts: PromptSet,
-    stop: StopCondition, tokenizer, deliver: Deliver,
-) -> tuple[set[tuple[int, int]], int]:  # fmt: skip
+    run_dir: RunDir,
+    attempts: tuple[str, ...],
+    fingerprint: str,
+    share: list[int],
+    prompts: PromptSet,
+    stop: StopCondition,
+    tokenizer,
+    deliver: Deliver,
+) -> tuple[set[tuple[int, int]], int]:
     """Verify and deliver the rows of earlier attempts that fall in ``share``; return their (prompt, generation)
     and their tokens.
 
@@ -101,8 +113,10 @@ def keep_earlier_rows(
             if key[0] not in wanted:
                 continue
             if key in kept:
-                raise ResumeError(f"{part.path} line {number}: (prompt, generation) {key} is also in {kept[key]}. "
-                                  "One of them was not written by this run: remove it or use overwrite: true.")  # fmt: skip
+                raise ResumeError(
+                    f"{part.path} line {number}: (prompt, generation) {key} is also in {kept[key]}. "
+                    "One of them was not written by this run: remove it or use overwrite: true."
+                )
             kept[key] = part.path
             tokens += row.get("generated_token_count", 0)  # a scoring row generates none
             lines.append(line)
@@ -111,8 +125,9 @@ def keep_earlier_rows(
     return set(kept), tokens
 
 
-def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts: PromptSet, stop: StopCondition,
-            tokenizer) -> dict:  # fmt: skip
+def _verify(
+    line: bytes, key: tuple[int, int], part: Part, number: int, prompts: PromptSet, stop: StopCondition, tokenizer
+) -> dict:
     """A row read back must be one this run writes for its prompt: its text, count and finish reason are derived
     again from its token ids. Return it parsed."""
     where = f"{part.path} line {number}"
@@ -136,15 +151,16 @@ def _verify(line: bytes, key: tuple[int, int], part: Part, number: int, prompts:
     elif len(ids) > prompts.max_new_tokens[prompt]:
         problem = f"it has {len(ids)} tokens, more than max_new_tokens ({prompts.max_new_tokens[prompt]})"
     else:
-        derived = finish(ids, tokenizer, stop, int(prompts.max_new_tokens[prompt]))
+        derived = row_ending(ids, tokenizer, stop, int(prompts.max_new_tokens[prompt]))
         wrong = [k for k, v in derived.items() if row.get(k) != v]
         if wrong:
             problem = f"its {', '.join(wrong)} do not follow from its token ids"
         elif "generated_logprobs" in row and len(row["generated_logprobs"]) != len(ids):
             problem = "it has a log-probability count different from its token count"
     if problem:
-        raise ResumeError(f"{where}: {problem}. The row was not written by this run: remove the file or use "
-                          "overwrite: true.")  # fmt: skip
+        raise ResumeError(
+            f"{where}: {problem}. The row was not written by this run: remove the file or use overwrite: true."
+        )
     return row
 
 
@@ -157,10 +173,23 @@ def work_items(prompts: PromptSet, share: list[int], kept: set[tuple[int, int]])
         if missing:
             extra = prompts.extra_json[p] if prompts.extra_json is not None else None
             completion = tuple(prompts.completions[p]) if prompts.completions is not None else None
-            items.append(WorkItem(p, prompts.texts[p], prompts.tokens[p], missing, n, int(prompts.max_new_tokens[p]),
-                                  float(prompts.temperature[p]), extra, top_k=int(prompts.top_k[p]),
-                                  top_p=float(prompts.top_p[p]), min_p=float(prompts.min_p[p]),
-                                  seed=int(prompts.seed[p]), completion_ids=completion))  # fmt: skip
+            items.append(
+                WorkItem(
+                    p,
+                    prompts.texts[p],
+                    prompts.tokens[p],
+                    missing,
+                    n,
+                    int(prompts.max_new_tokens[p]),
+                    float(prompts.temperature[p]),
+                    extra,
+                    top_k=int(prompts.top_k[p]),
+                    top_p=float(prompts.top_p[p]),
+                    min_p=float(prompts.min_p[p]),
+                    seed=int(prompts.seed[p]),
+                    completion_ids=completion,
+                )
+            )
     return items
 
 
@@ -182,9 +211,15 @@ class Progress:
     end is logged too, and the share's last batch always, so a host with one short batch still says how it went.
     """
 
-    def __init__(self, host: int, total_batches: int, total_tokens: int, interval_s: float,
-                 compile_clock: Callable[[], float]):  # fmt: skip
-        self.host, self.total_batches, self.total_tokens, self.interval_s = host, total_batches, total_tokens, interval_s
+    def __init__(
+        self, host: int, total_batches: int, total_tokens: int, interval_s: float, compile_clock: Callable[[], float]
+    ):
+        self.host, self.total_batches, self.total_tokens, self.interval_s = (
+            host,
+            total_batches,
+            total_tokens,
+            interval_s,
+        )
         self.compile_clock = compile_clock
         self.batches_done = 0
         self.tokens_done = 0
@@ -196,8 +231,11 @@ class Progress:
 
     def batch_started(self, batch: int) -> None:
         if batch == 0 and self.interval_s > 0:
-            logger.info("host %d: batch 1/%d: compiling the engine's programs and prefilling; decode rates follow",
-                        self.host, self.total_batches)  # fmt: skip
+            logger.info(
+                "host %d: batch 1/%d: compiling the engine's programs and prefilling; decode rates follow",
+                self.host,
+                self.total_batches,
+            )
 
     def on_round(self, tokens_in_batch: int) -> None:
         now = time.perf_counter()
@@ -230,5 +268,6 @@ class Progress:
             return
         rate = done / decode_s
         left = self.total_tokens - done
-        logger.info("host %d: %s, %s, %.1f tok/s decoding, ETA %.0fs", self.host, where, share, rate,
-                    max(left, 0) / rate)  # fmt: skip
+        logger.info(
+            "host %d: %s, %s, %.1f tok/s decoding, ETA %.0fs", self.host, where, share, rate, max(left, 0) / rate
+        )

@@ -2,8 +2,9 @@
 
 Turns the engine config, the encoded prompts and stop condition, the slice and the model into the planner's
 plain values (:mod:`levanter_multihost.capacity`), and :func:`check_capacity` raises :class:`CapacityError`
-with every problem and its fix. :func:`levanter_multihost.resolution.resolve_capacity` puts them together. The model's bytes per chip come from its real partition specs on a host's mesh
-(:mod:`levanter_multihost.footprint`, abstract shapes only); its architecture from the checkpoint's
+with every problem and its fix. :func:`levanter_multihost.resolution.resolve_capacity` puts them together. The
+model's bytes per chip come from its real partition specs on a host's mesh (:mod:`levanter_multihost.footprint`,
+abstract shapes only); its architecture from the checkpoint's
 ``config.json`` when it is a local directory or in the Hugging Face cache, else from a table of Llama names.
 Never touches the network or an accelerator.
 """
@@ -34,13 +35,40 @@ from levanter_multihost.runplan import StopCondition
 logger = logging.getLogger(__name__)
 
 KNOWN_MODELS: list[tuple[str, dict]] = [
-    (r"llama-?3(\.\d)?-8b", {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                             "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256}),
-    (r"llama-?3(\.\d)?-70b", {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-                              "hidden_size": 8192, "intermediate_size": 28672, "vocab_size": 128256}),
-    (r"llama-?2-7b", {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                      "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000}),
-]  # fmt: skip
+    (
+        r"llama-?3(\.\d)?-8b",
+        {
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "vocab_size": 128256,
+        },
+    ),
+    (
+        r"llama-?3(\.\d)?-70b",
+        {
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "vocab_size": 128256,
+        },
+    ),
+    (
+        r"llama-?2-7b",
+        {
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "vocab_size": 32000,
+        },
+    ),
+]
 """HF-style shapes of Llama checkpoints matched by name (lower case), used when no config.json is at hand."""
 
 
@@ -50,8 +78,12 @@ class CapacityError(UserError):
     def __init__(self, plan: CapacityPlan):
         self.plan = plan
         lines = [f"- {p.message}" for p in plan.problems]
-        super().__init__("The config does not fit the run (levanter-multihost-plan shows the full table):\n"
-                         + "\n".join(lines) + "\n" + report.fix_line(verified_fixes(plan)))  # fmt: skip
+        super().__init__(
+            "The config does not fit the run (levanter-multihost-plan shows the full table):\n"
+            + "\n".join(lines)
+            + "\n"
+            + report.fix_line(verified_fixes(plan))
+        )
 
 
 def engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
@@ -81,8 +113,9 @@ def _engine_limits(engine: InferenceEngineConfig) -> EngineLimits:
     )
 
 
-def run_spec(lengths, max_new_tokens, n_generations, stop: StopCondition, shard_strategy: str,
-                batch_size: int | None) -> RunSpec:  # fmt: skip
+def run_spec(
+    lengths, max_new_tokens, n_generations, stop: StopCondition, shard_strategy: str, batch_size: int | None
+) -> RunSpec:
     """The planner's view of the prompts: per prompt its tokens, new tokens and generations (sequences of ints)."""
     demands = tuple(PromptDemand(int(p), int(m), int(n)) for p, m, n in zip(lengths, max_new_tokens, n_generations))
     longest_stop = max((len(s) for s in stop.sequences), default=0)
@@ -98,8 +131,9 @@ def topology(tpu_type: str | None, num_hosts: int, chips_per_host: int) -> Topol
     except ValueError as e:
         raise UserError(str(e)) from None
     if parsed.num_hosts != num_hosts:
-        logger.warning("tpu_type %s has %d host(s); planning for the %d of this job.", tpu_type, parsed.num_hosts,
-                       num_hosts)  # fmt: skip
+        logger.warning(
+            "tpu_type %s has %d host(s); planning for the %d of this job.", tpu_type, parsed.num_hosts, num_hosts
+        )
     return Topology(num_hosts, parsed.chips_per_host, parsed.generation, parsed.name)
 
 
@@ -157,11 +191,23 @@ def model_footprint(config: dict, trainer: TrainerConfig, limits: EngineLimits):
 
     model = architecture(config, LlamaConfig(), "the checkpoint")
     kv_bytes = limits.kv_dtype_bytes
-    footprint.check_head_tiling(model.num_heads, model.num_kv_heads, trainer.model_axis_size,
-                                trainer.tensor_parallel_axes, kv_dtype_bytes=kv_bytes)  # fmt: skip
+    footprint.check_head_tiling(
+        model.num_heads,
+        model.num_kv_heads,
+        trainer.model_axis_size,
+        trainer.tensor_parallel_axes,
+        kv_dtype_bytes=kv_bytes,
+    )
     dtype = {1: np.int8, 2: "bfloat16", 4: np.float32}[kv_bytes]
-    return footprint.model_footprint(model, config["vocab_size"], trainer.compute_axis_mapping, trainer.model_axis_size,
-                                     trainer.mp.compute_dtype, limits.page_size, dtype)  # fmt: skip
+    return footprint.model_footprint(
+        model,
+        config["vocab_size"],
+        trainer.compute_axis_mapping,
+        trainer.model_axis_size,
+        trainer.mp.compute_dtype,
+        limits.page_size,
+        dtype,
+    )
 
 
 def check_capacity(plan: CapacityPlan, log: bool = True) -> CapacityPlan:
@@ -173,6 +219,10 @@ def check_capacity(plan: CapacityPlan, log: bool = True) -> CapacityPlan:
         return plan
     for note in plan.notes:
         logger.info("capacity: %s", note)
-    logger.info("capacity: ok; %s sequences per batch (set by %s), batches per host %s", plan.batch.sequences,
-                plan.batch.limited_by, plan.batches_per_host)  # fmt: skip
+    logger.info(
+        "capacity: ok; %s sequences per batch (set by %s), batches per host %s",
+        plan.batch.sequences,
+        plan.batch.limited_by,
+        plan.batches_per_host,
+    )
     return plan
