@@ -11,34 +11,21 @@ batches truncate. The engine's clones of prompts of a page or more, which it get
 
 import dataclasses
 import random
-from contextlib import contextmanager
-from pathlib import Path
 
-import haliax as hax
-import jax
 import jax.numpy as jnp
-import jmp
-import numpy as np
 import pytest
-from haliax.partitioning import ResourceAxis
-from jax.sharding import Mesh
-from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
 from levanter.inference.engine import InferenceEngineConfig
-from levanter.models.llama import LlamaConfig
-from levanter.trainer import TrainerConfig
+from tiny_engine import load_tiny, one_device
 
 from levanter_multihost import seams
 from levanter_multihost.addition import make_prompts
 from levanter_multihost.capacity import BatchPacker, PromptDemand, batch_limit, forecast
 from levanter_multihost.capacity_inputs import engine_limits
 from levanter_multihost.generation import EngineStateError, WorkItem, build_engine, check_engine_state, generate_batch
-from levanter_multihost.model_loading import load_model
-from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
+from levanter_multihost.runplan import Sampling, StopCondition
 
 pytestmark = pytest.mark.slow  # the real engine in this process
 
-TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny-addition"
-TRAINER = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
 # 4 pages of 8 tokens per sequence at most; 15 pages, 8 slots, 6 prompts or 48 prompt tokens per prefill; a decode
 # budget of 8 outer rounds x 4 iterations = 32
 ENGINE = InferenceEngineConfig(
@@ -66,16 +53,6 @@ def prompts_of(tokens: int, n: int) -> list[str]:
     return found
 
 
-@contextmanager
-def one_device():
-    mesh = Mesh(
-        np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
-        (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL),
-    )
-    with hax.partitioning.set_mesh(mesh), hax.axis_mapping(TRAINER.compute_axis_mapping):
-        yield
-
-
 @pytest.fixture(scope="module", autouse=True)
 def checks_as_nan():
     """Equinox's engine checks as NaN poisoning, as the sampler's cli sets them before any engine program is
@@ -92,10 +69,7 @@ def checks_as_nan():
 @pytest.fixture(scope="module")
 def tiny(checks_as_nan):
     """The tiny addition model (float32) and its character tokenizer, loaded as the sampler loads them."""
-    tokenizer = load_tokenizer(str(TINY))
-    with one_device():
-        model = load_model(ModelSource(RepoRef(str(TINY)), None, LlamaConfig(), TRAINER), tokenizer)
-    return model, tokenizer
+    return load_tiny()
 
 
 @pytest.fixture(scope="module")

@@ -11,30 +11,19 @@ And the compiled decode program: no loop whose trip count grows with the batch.
 
 import dataclasses
 import re
-from contextlib import contextmanager
-from pathlib import Path
 
-import haliax as hax
 import jax
 import jax.numpy as jnp
-import jmp
 import numpy as np
 import pytest
-from haliax.partitioning import ResourceAxis
-from jax.sharding import Mesh
-from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
 from levanter.inference.engine import InferenceEngineConfig
-from levanter.models.llama import LlamaConfig
-from levanter.trainer import TrainerConfig
+from tiny_engine import load_tiny, one_device
 
 from levanter_multihost import seams
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch, row_ending
-from levanter_multihost.model_loading import load_model
-from levanter_multihost.runplan import ModelSource, Sampling, StopCondition
+from levanter_multihost.runplan import Sampling, StopCondition
 from levanter_multihost.seams import SeamError, decode_step
 
-TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny-addition"
-TRAINER = TrainerConfig(mp=jmp.get_policy("f32"), model_axis_size=1)
 # 8-token pages, 4 decode iterations a round: sequences of 4-9 prompt and 3-22 new tokens cross page boundaries
 # and finish in the middle of rounds
 ENGINE = InferenceEngineConfig(
@@ -53,16 +42,6 @@ ENGINE = InferenceEngineConfig(
 PROMPTS = ["12+30=", "7+5=", "100+23=", "2269+795=", "9+9=", "4821+377=", "58+67=", "3+4="]
 
 
-@contextmanager
-def one_device():
-    mesh = Mesh(
-        np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
-        (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL),
-    )
-    with hax.partitioning.set_mesh(mesh), hax.axis_mapping(TRAINER.compute_axis_mapping):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from equinox import _errors
@@ -71,10 +50,7 @@ def tiny():
         patch.setattr(_errors, "EQX_ON_ERROR", _errors.EQX_ON_ERROR)
         patch.delenv("EQX_ON_ERROR", raising=False)
         seams.checks_as_nan()
-        tokenizer = load_tokenizer(str(TINY))
-        with one_device():
-            model = load_model(ModelSource(RepoRef(str(TINY)), None, LlamaConfig(), TRAINER), tokenizer)
-        yield model, tokenizer
+        yield load_tiny()
     jax.clear_caches()
 
 
