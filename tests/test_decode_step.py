@@ -84,6 +84,10 @@ def scenarios(tokenizer) -> dict[str, tuple[list[WorkItem], Sampling]]:
         "sampled, n=3": (items(tokenizer, 0.9, 3), Sampling(seed=5, stop=StopCondition(), logprobs=True)),
         "stops and EOS": (items(tokenizer, 0.0), Sampling(seed=0, stop=stops, logprobs=True)),
         "sampled with stops": (items(tokenizer, 1.2, 2), Sampling(seed=9, stop=stops, logprobs=True)),
+        "prompt boundary": (
+            [WorkItem(0, "12+30=", tokenizer("12+30=", add_special_tokens=False)["input_ids"], (0,), 1, 6, 0.0)],
+            Sampling(seed=0, stop=stop_condition(tokenizer, ["=4"]), logprobs=True),
+        ),
     }
 
 
@@ -114,17 +118,11 @@ def test_seam_gives_levanters_tokens(both, name):
 
 
 @pytest.mark.slow
-def test_a_stop_across_the_prompt_boundary_does_not_end_the_sequence(tiny):
+def test_a_stop_across_the_prompt_boundary_does_not_end_the_sequence(both):
     """ "12+30=" ends in "=" and the answer starts with "4": the stop string "=4" is spelled by the prompt's last
     token and the first generated one. Levanter's step stops there (a row the text cannot explain: truncated);
     the seam's keeps generating, and stops at a "=4" within the generation only."""
-    tokenizer = tiny[1]
-    ids = tokenizer("12+30=", add_special_tokens=False)["input_ids"]
-    work = [WorkItem(0, "12+30=", ids, (0,), 1, 6, 0.0)]
-    sampling = Sampling(seed=0, stop=stop_condition(tokenizer, ["=4"]))
-    with decode_step.levanter_own_step():
-        (old,) = sample(tiny, work, sampling)
-    (new,) = sample(tiny, work, sampling)
+    (old,), (new,) = both[0]["prompt boundary"], both[1]["prompt boundary"]
     assert (old["generated_text"], old["finish_reason"]) == ("4", "truncated")
     assert new["generated_text"].startswith("42.") and new["finish_reason"] == "length"
 

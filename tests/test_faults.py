@@ -105,7 +105,9 @@ def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_pa
     assert (tmp_path / "merged.jsonl").exists() and not (tmp_path / ".lock").exists()
     merged = (tmp_path / "merged.jsonl").read_bytes()
     # the lock is free again: a resume of the finished run keeps every row
-    resumed = Background(tmp_path, *FLAGS, "--resume=true", "--overwrite=false", hosts=1).wait(timeout=180)
+    resumed = Background(
+        tmp_path, *FLAGS, "--resume=true", "--overwrite=false", f"--prompts_file={PROMPTS_256}", hosts=1
+    ).wait(timeout=180)
     assert resumed.returncode == 0, resumed.tail()
     assert (tmp_path / "merged.jsonl").read_bytes() == merged and not (tmp_path / ".lock").exists()
 
