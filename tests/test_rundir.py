@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from levanter_multihost import processes
+from levanter_multihost import processes, runlock
 from levanter_multihost.rundir import (
     LOCK,
     LOCK_STALE_BEATS,
@@ -334,7 +334,7 @@ def test_two_runs_whatever_their_clocks_the_second_is_refused_while_the_first_li
 
 
 def test_without_storage_times_the_beat_is_watched_on_this_machines_clock(run_dir, monkeypatch, caplog):
-    monkeypatch.setattr(RunDir, "_storage_age", lambda self, name: None)
+    monkeypatch.setattr(runlock, "_storage_age", lambda run_dir, name: None)
     first = RemoteHolder(run_dir, refresh_s=0.02, skew_s=-86400.0)
     try:
         refused = pytest.raises(RunDirError, match="its beat moved while this run watched")
