@@ -19,14 +19,15 @@ whole-array operations (gather, scatter, cumsum, segment sums), so no loop's tri
 
 Every replacement computes what the loop computes, bit for bit, on everything the engine hands it: each sequence
 appears at most once among a round's sampled tokens, and a valid token never shares a KV destination with another
-(tests/test_decode_step.py compares states and tokens against Levanter's own step). They differ only where
+(tests/test_decode_step.py compares the tokens, finish reasons and log-probabilities of ``generate`` with
+Levanter's own step, and the KV write alone on engine-like inputs). They differ only where
 Levanter's state is already poisoned: a token whose page could not be allocated is written nowhere rather than
 onto the last page's last slot.
 
 Guards (:func:`check`): each replaced function's source is pinned by SHA-256 (decorators included), and the call
 sites that must read the replaced names still do; anything else raises :class:`~levanter_multihost.seams.SeamError`
-naming what moved. Can go when Levanter's scheduler is vectorized upstream (its loops carry TODOs to that effect)
-and stops match within the generation only.
+naming what moved. Can go when Levanter's scheduler is vectorized upstream and its stops match within the
+generation only.
 """
 
 import contextlib
