@@ -67,7 +67,8 @@ SOURCES = {
     (SCHEDULER, "DecodeState.init"): "276cfc13c74e2543a41e6c7dab956135ef4658f1676473027a3c17f49a18bfaa",
     (SCHEDULER, "DecodeState.assign_seq"): "07cb1b3032259df0d1fb05498f02fc07e23a8ae8be9179a5dd6844783b3edeb1",
 }
-"""SHA-256 of ``inspect.getsource`` of every function replaced or wrapped, as levanter 1.2.dev1644 has them."""
+"""SHA-256 of ``inspect.getsource`` of every function replaced, wrapped or reproduced (``_create_batch_info``,
+inside :func:`allocate_for_seq`), as levanter 1.2.dev1644 has them."""
 
 
 CALLERS = [
@@ -76,7 +77,6 @@ CALLERS = [
     ("levanter.inference.engine", "InferenceEngine.from_model_with_config", "DecodeState"),
     (SCHEDULER, "DecodeState.allocate_for_seq", "allocate_for_seq"),
     (SCHEDULER, "DecodeState.free_pages_for_finished", "free_pages_for_finished"),
-    (SCHEDULER, "SequenceTable.allocate_for_seq", "_create_batch_info"),
 ]
 
 
@@ -205,15 +205,6 @@ def _batch_info(self, updated, valid, rows, page_indices, cu_q_lens, seq_lens, s
     )
 
 
-def create_batch_info(self, updated_seqs, page_indices, cu_new_counts, new_lens, token_slot_ids, token_pos_ids):
-    """``SequenceTable._create_batch_info`` with Levanter's arguments (for callers other than the one above)."""
-    updated = updated_seqs.array
-    valid = is_valid(updated) & (updated < self.max_seqs)
-    rows = jnp.where(valid, updated, 0)
-    slots = token_slot_ids.array
-    return _batch_info(self, updated, valid, rows, page_indices, cu_new_counts.array, new_lens, slots, token_pos_ids)
-
-
 @eqx.filter_jit(donate="all")
 def free_pages_for_finished(self: SequenceTable, page_table, finished_mask):
     """Levanter's ``SequenceTable.free_pages_for_finished`` without its loops."""
@@ -315,7 +306,6 @@ def _replacements():
     return {
         ("levanter.layers.kv_cache", "kv_update_unified_prefix"): kv_update_scatter,
         (SCHEDULER, "SequenceTable.allocate_for_seq"): allocate_for_seq,
-        (SCHEDULER, "SequenceTable._create_batch_info"): create_batch_info,
         (SCHEDULER, "SequenceTable.free_pages_for_finished"): free_pages_for_finished,
         ("levanter.inference.engine", "DecodeState"): PromptLengthDecodeState,
     }
