@@ -46,11 +46,33 @@ FEATURE_FLAGS = (
 """Sampled, several generations, two stop strings (plus EOS), log-probabilities, tiny store chunks."""
 
 
+SHARED_RUNS = {"greedy_4x4", "greedy_2x4", "greedy_1x4", "features_3", "features_1"}
+"""The session's runs below: the tests that assert on them share one xdist worker, so each runs once."""
+
+
 def pytest_collection_modifyitems(items):
-    """Every multi-host test is slow: the fast lane (``-m "not slow"``) leaves them all out."""
+    """Every multi-host test is slow: the fast lane (``-m "not slow"``) leaves them all out.
+
+    Under xdist (``-n 2 --dist loadgroup``, pyproject.toml) a test goes to a worker with its whole group: the tests
+    of a module together (its module-scoped runs happen once), the users of a session run together; the groups
+    with the longest work go first, so the two workers finish close together.
+    """
     for item in items:
         if item.get_closest_marker("multihost") is not None:
             item.add_marker(pytest.mark.slow)
+    slow_modules = {i.module.__name__ for i in items if i.get_closest_marker("slow") is not None}
+    multihost_modules = {i.module.__name__ for i in items if i.get_closest_marker("multihost") is not None}
+
+    def group(item) -> str:
+        return "shared_runs" if SHARED_RUNS & set(item.fixturenames) else item.module.__name__
+
+    def weight(item) -> int:
+        name = group(item)
+        return 0 if name == "shared_runs" else 1 if name in multihost_modules else 2 if name in slow_modules else 3
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=weight)  # stable: a module keeps its order
 
 
 @pytest.fixture(scope="session", autouse=True)
