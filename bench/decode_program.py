@@ -12,8 +12,8 @@ decode-step seam (``levanter_multihost.seams.decode_step``), for several batch s
 
     # --time: measured, not predicted, on the default backend (decode_timing.py): random weights on ONE device
     uv run python bench/decode_program.py --shape tiny --time --batch 4,16 --seams off,on   # CPU, ~1-2 min
-    uv sync --extra gpu && uv run --extra gpu python bench/decode_program.py --shape llama8b --time \
-        --batch 64,16 --seams off,on --new_tokens 16 --deadline_s 300     # one GPU (8B bf16: 16 GB)
+    uv sync --extra gpu && uv run --extra gpu python bench/decode_program.py --shape llama8b --time \\
+        --batch 64,16 --seams off,on --new_tokens 16 --repeats 1 --deadline_s 280   # one GPU (8B bf16: 16 GB)
 
 For each variant and B: an engine of B slots (``max_seqs`` = ``max_tokens_per_round`` = B, pages for B sequences of
 ``--context`` tokens), Levanter's decode program (``_run_generation_loop``) traced, lowered and compiled. Per decode
@@ -31,17 +31,18 @@ iteration (one trip of its outer loop):
   ``--trip_us`` (13.9 µs by default: the seed's measured step, 36 ms at B = 64, less its 2.28 ms bound, over
   the 2,432 trips this report counts for Levanter's own step there).
 
-``--time`` builds the shape's model with random weights (its compute dtype) on the first device and, per B and
-variant, an engine of B slots: a first ``generate`` compiles (``compile_s``), then B random prompts of each
-``--context`` (default 32,288 for llama8b, 8,24 for tiny; the later ones at the smallest B only) decode exactly
-``--new_tokens`` each (no stop tokens, no EOS). ``step_ms`` is the decode phase (from ``generate``'s first decode
-round to its return, prefill excluded) over its iterations, ``tok_s`` = B / step; with the loop trips per
-iteration as above (``serial_loop_trips``: the bookkeeping the seam removes; ``attention_loop_trips``: off TPU,
-Levanter's reference attention loops per sequence, query token and 2-page KV block). ``seam_savings``: per B,
-off minus on, and that per loop trip removed; ``attention_estimate`` (off TPU): one more KV block's trips
-between two contexts priced, the attention loops' share of each step estimated. The JSON report goes to stdout,
-and after every engine to ``--out`` or ``$OUT/decode_time_<shape>.json``; ``--deadline_s`` starts no engine
-(context) that the last one's time says would end past it.
+``--time`` builds the shape's model with random weights (its compute dtype) on the first device and, per variant,
+one engine with slots for the largest B (as the sampler sizes one engine for all its batches): a first ``generate``
+compiles (``engines[*].compile_s``), then for each B, B random prompts of each ``--context`` (default 32,288 for
+llama8b, 8,24 for tiny; the later ones at the smallest B only) decode exactly ``--new_tokens`` each (no stop tokens,
+no EOS), ``--repeats`` times (the fastest kept). ``step_ms`` is the decode phase (from ``generate``'s first decode
+round to its return, prefill excluded) over its iterations, ``tok_s`` = B / step; with the loop trips per iteration
+as above (``serial_loop_trips``: the bookkeeping the seam removes; ``attention_loop_trips``: off TPU, Levanter's
+reference attention loops per sequence, query token and 2-page KV block). ``seam_savings``: per B, off minus on, and
+that per loop trip removed; ``attention_estimate`` (off TPU): one more KV block's trips between two contexts priced,
+the attention loops' share of each step estimated. The JSON report goes to stdout, and after every B to ``--out`` or
+``$OUT/decode_time_<shape>.json``; ``--deadline_s`` starts no engine (run) that the last one's time says would end
+past it.
 """
 
 import os
@@ -55,7 +56,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import re
 import sys
 import time
@@ -64,6 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_loops import classify_hlo_while, jaxpr_loops, loop_table, steady_trips
+from decode_model import engine_for
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -88,8 +89,8 @@ def parse_args(argv=None):
         "--context", default=None, help="Context tokens per sequence (default per shape); --time: a comma list."
     )
     parser.add_argument("--time", action="store_true", help="Measure the decode step on this backend instead.")
-    parser.add_argument("--new_tokens", type=int, default=32, help="--time: tokens each sequence decodes.")
-    parser.add_argument("--repeats", type=int, default=1, help="--time: timed runs per context (the fastest kept).")
+    parser.add_argument("--new_tokens", type=int, default=64, help="--time: tokens each sequence decodes.")
+    parser.add_argument("--repeats", type=int, default=3, help="--time: timed runs per context (the fastest kept).")
     parser.add_argument(
         "--deadline_s", type=float, default=None, help="--time: start no engine or context after this many seconds."
     )
@@ -106,22 +107,6 @@ def parse_args(argv=None):
     if args.time and (args.new_tokens < 2 or args.repeats < 1):
         parser.error(f"--new_tokens {args.new_tokens} --repeats {args.repeats}: --time needs >= 2 and >= 1")
     return args
-
-
-def engine_for(config, B: int, context: int):
-    """The engine of B slots that decodes B sequences of ``context`` tokens per iteration."""
-    c = config.engine
-    pages = B * math.ceil((context + 1) / c.page_size) + 1
-    max_seq_len = max(c.max_seq_len, context + 1)
-    return dataclasses.replace(
-        c,
-        max_seqs=B,
-        max_tokens_per_round=B,
-        max_queued_tokens=max(B, 1),
-        max_seqs_in_prefill=B,
-        max_pages=pages,
-        max_seq_len=max_seq_len,
-    )
 
 
 def hlo_computations(text: str) -> tuple[dict[str, list[str]], str | None]:

@@ -1,12 +1,12 @@
 """Measured decode-step time on the default backend: ``bench/decode_program.py --time`` (which see for how to run).
 
-One device (model axis 1), the shape's model with random weights in its compute dtype (bf16 for Llama-3-8B:
-16 GB), and per (B, seams) an engine of B slots built with the decode-step seam installed or not. A first
-``generate`` of 1-token prompts compiles prefill and decode; then, per context, B prompts of that many random
-token ids, each decoding exactly ``--new_tokens`` tokens (no stop tokens; the engine ends a sequence only at
-its ``max_num_tokens``, never at EOS). The engine samples the first new token in prefill; the clock of the
-decode phase starts at ``generate``'s first decode round (its step callback, after prefill has been read back)
-and ends when ``generate`` returns, over ``new_tokens - 1`` decode iterations of all B sequences.
+One device (model axis 1), the shape's model with random weights in its compute dtype (bf16 for Llama-3-8B: 16 GB),
+and per variant one engine, built with the decode-step seam installed or not, its slots for the largest B. A first
+``generate`` of 1-token prompts compiles prefill and decode; then, per B and context, B prompts of random token ids,
+each decoding exactly ``--new_tokens`` tokens (no stop tokens; the engine ends a sequence only at its
+``max_num_tokens``, never at EOS). The engine samples the first new token in prefill; the clock of the decode phase
+starts at ``generate``'s first decode round (its step callback, after prefill has been read back) and ends when
+``generate`` returns, over ``new_tokens - 1`` decode iterations of all B sequences.
 
 Attention off TPU: Levanter's ``default_ragged_paged_attention`` (its Pallas kernel is TPU only), three nested
 ``fori_loop``s per layer — per sequence, per query token, per 2-page KV block — so on a GPU it adds serial loop
@@ -88,8 +88,9 @@ def prefill_attention_trips(layers: int, B: int, context: int, page_size: int) -
     return layers * B * (1 + context * (1 + math.ceil(context / (2 * page_size))))
 
 
-def measure(setup, engine_config, seam: bool, B: int, contexts: list[int], args, deadline) -> dict:
-    """One engine of B slots, Levanter's decode step or the seam's: its compile call, then the timed contexts."""
+def measure(setup, engine_config, seam: bool, runs: list[tuple[int, int]], args, deadline, publish) -> dict:
+    """One engine, Levanter's decode step or the seam's: its compiling call, then every (B, context) run, a row per
+    B handed to ``publish`` as it completes. Returns the engine's compile record."""
     from decode_loops import jaxpr_loops, loop_table, steady_trips
     from levanter.inference.engine import InferenceEngine
     from levanter.inference.engine import _run_generation_loop as decode_program
@@ -98,53 +99,57 @@ def measure(setup, engine_config, seam: bool, B: int, contexts: list[int], args,
     from levanter_multihost.seams import decode_step
 
     (decode_step.install if seam else decode_step.uninstall)()
-    engine = InferenceEngine.from_model_with_config(model=setup.model, tokenizer=None, config=engine_config)
     c = engine_config
-    cfg = {"page_size": c.page_size, "max_seqs": c.max_seqs, "T": B}
-    loops = jaxpr_loops(decode_program.trace(engine.gen_state, setup.model, setup.sampler, B, 1).jaxpr)
-    vocab = setup.model.Vocab.size
-    first = timed_generate(engine, requests_for(B, WARMUP_PROMPT, WARMUP_NEW, vocab, 0), CompileClock.seconds)
-    row = {
-        "seams": "on" if seam else "off",
-        "B": B,
-        "first_call_s": round(first["total_s"], 2),
-        "compile_s": round(first["compile_s"], 2),
-        "contexts": [],
-    }
-    layers = setup.model.config.num_layers
-    need_s = 0.0
-    for context in contexts:
+    engine = InferenceEngine.from_model_with_config(model=setup.model, tokenizer=None, config=c)
+    T = c.imputed_max_tokens_per_round
+    cfg = {"page_size": c.page_size, "max_seqs": c.max_seqs, "T": T}
+    loops = jaxpr_loops(decode_program.trace(engine.gen_state, setup.model, setup.sampler, T, 1).jaxpr)
+    vocab, layers = setup.model.Vocab.size, setup.model.config.num_layers
+    first = timed_generate(
+        engine, requests_for(c.max_seqs, WARMUP_PROMPT, WARMUP_NEW, vocab, 0), CompileClock.seconds
+    )
+    record = {"seams": "on" if seam else "off", "first_call_s": round(first["total_s"], 2)}
+    record["compile_s"] = round(first["compile_s"], 2)
+    row, last = None, None
+    for B, context in runs:
         prefill_trips = prefill_attention_trips(layers, B, context, c.page_size)
-        if row["contexts"]:  # the last run, its prefill scaled by the loop trips
-            last = row["contexts"][-1]
+        need_s = 0.0
+        if last is not None:  # the last run, its decode scaled by B and its prefill by the loop trips
             prefill_s = last["prefill_s"] * prefill_trips / last["prefill_attention_loop_trips"]
-            need_s = args.repeats * (last["decode_s"] * 2 + prefill_s)
+            need_s = args.repeats * (last["decode_s"] * max(1.0, B / row["B"]) + prefill_s)
         if deadline(need_s):
-            row["skipped_contexts_for_deadline"] = [x for x in contexts if x >= context]
-            break
+            record.setdefault("skipped_for_deadline", []).append({"B": B, "context": context})
+            continue
+        if row is None or row["B"] != B:
+            if row is not None:
+                publish(row)
+            row = {"seams": record["seams"], "B": B, "contexts": []}
         # steady state: every loop as at B sequences of this context (attention at the decode's mean length)
         trips = steady_trips(loop_table(loops, B, context + args.new_tokens // 2, cfg))
         requests = requests_for(B, context, args.new_tokens, vocab, 1)
-        runs = [timed_generate(engine, requests, CompileClock.seconds) for _ in range(args.repeats)]
-        run = min(runs, key=lambda r: r["decode_s"])
+        run = min(
+            (timed_generate(engine, requests, CompileClock.seconds) for _ in range(args.repeats)),
+            key=lambda r: r["decode_s"],
+        )
         iterations = run["tokens_per_sequence"][1] - 1  # the first new token comes from prefill
         step_s = run["decode_s"] / iterations
-        row["contexts"].append(
-            {
-                "context": context,
-                "step_ms": round(step_s * 1e3, 3),
-                "tok_s": round(B / step_s, 1),
-                "decode_iterations": iterations,
-                "decode_s": round(run["decode_s"], 3),
-                "prefill_s": round(run["prefill_s"], 3),
-                "compile_s_during_timed_call": round(run["compile_s"], 3),  # 0 unless a shape recompiled
-                "tokens_per_sequence": run["tokens_per_sequence"],
-                "serial_loop_trips": trips["serial_loop_trips"],
-                "attention_loop_trips": trips["attention_loop_trips"],
-                "prefill_attention_loop_trips": prefill_trips,
-            }
-        )
-    return row
+        last = {
+            "context": context,
+            "step_ms": round(step_s * 1e3, 3),
+            "tok_s": round(B / step_s, 1),
+            "decode_iterations": iterations,
+            "decode_s": round(run["decode_s"], 3),
+            "prefill_s": round(run["prefill_s"], 3),
+            "compile_s_during_timed_call": round(run["compile_s"], 3),  # 0 unless a shape recompiled
+            "tokens_per_sequence": run["tokens_per_sequence"],
+            "serial_loop_trips": trips["serial_loop_trips"],
+            "attention_loop_trips": trips["attention_loop_trips"],
+            "prefill_attention_loop_trips": prefill_trips,
+        }
+        row["contexts"].append(last)
+    if row is not None:
+        publish(row)
+    return record
 
 
 def attention_estimates(rows: list[dict]) -> dict:
@@ -198,8 +203,9 @@ def bookkeeping_deltas(rows: list[dict]) -> list[dict]:
 
 
 def timing_report(setup_cls, config, args, contexts: list[int]) -> dict:
-    """Build the model once, measure every (B, seams) row in order, and write the report after each row."""
+    """Build the model once, measure every variant's runs in order, and write the report after each B's row."""
     import jax
+    from decode_model import engine_for
 
     from levanter_multihost.runtime import CompileClock
 
@@ -211,7 +217,12 @@ def timing_report(setup_cls, config, args, contexts: list[int]) -> dict:
 
     CompileClock.install()
     trainer = dataclasses.replace(config.trainer, model_axis_size=1)
-    tokens = max(contexts) + args.new_tokens
+    # the later contexts at the smallest B only: the reference attention's prefill grows as B x context^2
+    runs = [(B, x) for B in args.batch for x in (contexts if B == min(args.batch) else contexts[:1])]
+    # one engine per variant, its slots for the largest B (as the sampler sizes one engine for all its batches),
+    # every run's prompts in one prefill so that decoding starts with all B sequences
+    c = engine_for(config, max(args.batch), max(contexts) + args.new_tokens)
+    c = dataclasses.replace(c, max_prefill_size=max(c.max_prefill_size or 0, *(B * x for B, x in runs)))
     device = jax.local_devices()[0]
     report = {
         "mode": "time",
@@ -224,6 +235,10 @@ def timing_report(setup_cls, config, args, contexts: list[int]) -> dict:
             if jax.default_backend() == "tpu"
             else "Levanter's reference ragged paged attention: fori_loops per sequence, query token, KV block"
         ),
+        "engine": {
+            k: getattr(c, k) for k in ("max_seqs", "max_pages", "page_size", "max_rounds", "max_prefill_size")
+        },
+        "engines": [],
         "rows": [],
     }
     out = Path(args.out) if args.out else None
@@ -234,35 +249,26 @@ def timing_report(setup_cls, config, args, contexts: list[int]) -> dict:
         setup = setup_cls(dataclasses.replace(config, trainer=trainer), args)
         report["model"] = setup.source
         report["model_build_s"] = round(time.perf_counter() - t0, 1)
-        row_s = 0.0
-        for B in args.batch:
-            for seam in args.seams:
-                if deadline(row_s):  # as long as the last engine took
-                    report.setdefault("skipped_for_deadline", []).append({"B": B, "seams": seam})
-                    continue
-                row_started = time.monotonic()
-                base = config.engine
-                c = dataclasses.replace(
-                    base,
-                    max_seqs=B,
-                    max_tokens_per_round=B,
-                    max_queued_tokens=B,
-                    max_seqs_in_prefill=B,
-                    # every prompt in one prefill, so decoding starts with all B sequences
-                    max_prefill_size=max(base.max_prefill_size or 0, B * max(contexts)),
-                    max_pages=B * math.ceil((tokens + 1) / base.page_size) + 1,
-                    max_seq_len=max(base.max_seq_len, tokens + 1),
-                )
-                # the later contexts at the smallest B only: the reference attention's prefill grows as B x ctx^2
-                mine = contexts if B == min(args.batch) else contexts[:1]
-                report["rows"].append(measure(setup, c, seam == "on", B, mine, args, deadline))
-                row_s = time.monotonic() - row_started
-                print(json.dumps(report["rows"][-1]), file=sys.stderr, flush=True)
-                report["seam_savings"] = bookkeeping_deltas(report["rows"])
-                if report["backend"] != "tpu":
-                    report["attention_estimate"] = attention_estimates(report["rows"])
-                report["elapsed_s"] = round(time.monotonic() - started, 1)
-                if out is not None:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(report, indent=1) + "\n")
+
+        def publish(row=None) -> None:
+            if row is not None:
+                report["rows"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+            report["seam_savings"] = bookkeeping_deltas(report["rows"])
+            if report["backend"] != "tpu":
+                report["attention_estimate"] = attention_estimates(report["rows"])
+            report["elapsed_s"] = round(time.monotonic() - started, 1)
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=1) + "\n")
+
+        engine_s = 0.0
+        for seam in args.seams:
+            if deadline(engine_s):  # as long as the last engine took
+                report["engines"].append({"seams": seam, "skipped_for_deadline": True})
+                continue
+            engine_started = time.monotonic()
+            report["engines"].append(measure(setup, c, seam == "on", runs, args, deadline, publish))
+            engine_s = time.monotonic() - engine_started
+            publish()
     return report
