@@ -266,6 +266,7 @@ def timing_report(setup_cls, config, args, contexts: list[int]) -> dict:
         for seam in args.seams:
             if deadline(engine_s):  # as long as the last engine took
                 report["engines"].append({"seams": seam, "skipped_for_deadline": True})
+                publish()
                 continue
             engine_started = time.monotonic()
             report["engines"].append(measure(setup, c, seam == "on", runs, args, deadline, publish))
