@@ -169,6 +169,8 @@ def attention_estimates(rows: list[dict]) -> dict:
         out[seam] = {"B": row["B"], "contexts": [a["context"], b["context"]], "us_per_attention_trip": round(us, 2)}
         for r in rows:
             for x in r["contexts"] if r["seams"] == seam else []:
+                if x["attention_loop_trips"] is None:  # a loop decode_loops does not know
+                    continue
                 attention_ms = x["attention_loop_trips"] * us / 1e3
                 x["attention_loops_ms_est"] = round(attention_ms, 3)
                 x["step_ms_less_attention_est"] = round(x["step_ms"] - attention_ms, 3)
