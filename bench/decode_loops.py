@@ -203,6 +203,18 @@ def loop_table(loops: list[dict], B: int, ctx: int, c: dict) -> list[dict]:
     return rows
 
 
+def steady_trips(table: list[dict]) -> dict:
+    """Loop-body runs per decode iteration from :func:`loop_table`: the bookkeeping loops (also on TPU) and the
+    reference attention's (a Pallas kernel on TPU); both None when a loop is not in ``KNOWN_LOOPS``."""
+    inner = [r for r in table if not r.get("total") and r["depth"] > 0]
+    unknown = [r["source"] for r in inner if not r["known"]]
+
+    def total(on_tpu: bool):
+        return None if unknown else sum(r["body_runs_per_step"] for r in inner if (r["on_tpu"] == "yes") == on_tpu)
+
+    return {"serial_loop_trips": total(True), "attention_loop_trips": total(False), "unknown_loops": unknown}
+
+
 def classify_hlo_while(op_name: str) -> str:
     if op_name == OUTER_OP_NAME:
         return "decode round (outer while_loop)"

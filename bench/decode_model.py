@@ -4,6 +4,8 @@ Abstract weights (shapes only, nothing allocated) let the loops of the 8B TPU co
 compiled on this CPU, partitioned as on a v5p host.
 """
 
+import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -19,6 +21,22 @@ KNOWN_SHAPES = {
         "vocab": 128256,
     },
 }
+
+
+def engine_for(config, B: int, context: int):
+    """The engine of B slots that decodes B sequences of ``context`` tokens per iteration."""
+    c = config.engine
+    pages = B * math.ceil((context + 1) / c.page_size) + 1
+    max_seq_len = max(c.max_seq_len, context + 1)
+    return dataclasses.replace(
+        c,
+        max_seqs=B,
+        max_tokens_per_round=B,
+        max_queued_tokens=max(B, 1),
+        max_seqs_in_prefill=B,
+        max_pages=pages,
+        max_seq_len=max_seq_len,
+    )
 
 
 class Setup:

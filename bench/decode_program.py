@@ -10,6 +10,11 @@ decode-step seam (``levanter_multihost.seams.decode_step``), for several batch s
     # the tiny model, its real weights
     uv run python bench/decode_program.py --shape tiny --batch 1,64,256 --seams off,on
 
+    # --time: measured, not predicted, on the default backend (decode_timing.py): random weights on ONE device
+    uv run python bench/decode_program.py --shape tiny --time --batch 4,16 --seams off,on   # CPU, ~1-2 min
+    uv sync --extra gpu && uv run --extra gpu python bench/decode_program.py --shape llama8b --time \\
+        --batch 64,16 --seams off,on --new_tokens 16 --repeats 1 --deadline_s 280   # one GPU (8B bf16: 16 GB)
+
 For each variant and B: an engine of B slots (``max_seqs`` = ``max_tokens_per_round`` = B, pages for B sequences of
 ``--context`` tokens), Levanter's decode program (``_run_generation_loop``) traced, lowered and compiled. Per decode
 iteration (one trip of its outer loop):
@@ -25,6 +30,19 @@ iteration (one trip of its outer loop):
 - ``predicted_tpu_step_ms``: the HBM-bound step of the v5p host (``capacity.hbm``) plus serial_loop_trips ×
   ``--trip_us`` (13.9 µs by default: the seed's measured step, 36 ms at B = 64, less its 2.28 ms bound, over
   the 2,432 trips this report counts for Levanter's own step there).
+
+``--time`` builds the shape's model with random weights (its compute dtype) on the first device and, per variant,
+one engine with slots for the largest B (as the sampler sizes one engine for all its batches): a first ``generate``
+compiles (``engines[*].compile_s``), then for each B, B random prompts of each ``--context`` (default 32,288 for
+llama8b, 8,24 for tiny; the later ones at the smallest B only) decode exactly ``--new_tokens`` each (no stop tokens,
+no EOS), ``--repeats`` times (the fastest kept). ``step_ms`` is the decode phase (from ``generate``'s first decode
+round to its return, prefill excluded) over its iterations, ``tok_s`` = B / step; with the loop trips per iteration
+as above (``serial_loop_trips``: the bookkeeping the seam removes; ``attention_loop_trips``: off TPU, Levanter's
+reference attention loops per sequence, query token and 2-page KV block). ``seam_savings``: per B, off minus on, and
+that per loop trip removed; ``attention_estimate`` (off TPU): one more KV block's trips between two contexts priced,
+the attention loops' share of each step estimated. The JSON report goes to stdout, and after every B to ``--out`` or
+``$OUT/decode_time_<shape>.json``; ``--deadline_s`` starts no engine (run) that the last one's time says would end
+past it.
 """
 
 import os
@@ -38,7 +56,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import re
 import sys
 import time
@@ -46,7 +63,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_loops import classify_hlo_while, jaxpr_loops, loop_table
+from decode_loops import classify_hlo_while, jaxpr_loops, loop_table, steady_trips
+from decode_model import engine_for
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -54,6 +72,9 @@ SHAPES = {
     "tiny": (REPO / "config/sampler/tiny_local.yaml", 24, ["--trainer.model_axis_size=1"]),
 }
 """Shape -> (sampler config, default context tokens, overrides). 1,088: the seed job's mean context."""
+TIME_CONTEXTS = {"llama8b": [32, 288], "tiny": [8, 24]}
+"""--time's default contexts: off TPU the reference attention loops per prompt token in prefill, so 1,088 would
+take minutes; 1 and 2 KV blocks of the reference attention (2 pages each) in decode."""
 FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy-start", "copy-done"}
 ANCHOR_TRIPS = 2432
 SEED_STEP_MS, SEED_BOUND_MS = 36.0, 2.28
@@ -64,7 +85,15 @@ def parse_args(argv=None):
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--batch", default="1,64,256,1024", help="Comma-separated sequences per decode iteration.")
     parser.add_argument("--seams", default="on", help="on (the sampler's step), off (Levanter's own), or off,on.")
-    parser.add_argument("--context", type=int, default=None, help="Context tokens per sequence (default per shape).")
+    parser.add_argument(
+        "--context", default=None, help="Context tokens per sequence (default per shape); --time: a comma list."
+    )
+    parser.add_argument("--time", action="store_true", help="Measure the decode step on this backend instead.")
+    parser.add_argument("--new_tokens", type=int, default=64, help="--time: tokens each sequence decodes.")
+    parser.add_argument("--repeats", type=int, default=3, help="--time: timed runs per context (the fastest kept).")
+    parser.add_argument(
+        "--deadline_s", type=float, default=None, help="--time: start no engine or context after this many seconds."
+    )
     parser.add_argument("--trip_us", type=float, default=(SEED_STEP_MS - SEED_BOUND_MS) * 1e3 / ANCHOR_TRIPS)
     parser.add_argument("--no_compile", action="store_true", help="Loops only: no executed_ops.")
     parser.add_argument("--json", action="store_true", help="Print the JSON report on stdout.")
@@ -72,23 +101,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.batch = [int(b) for b in args.batch.split(",") if b]
     args.seams = [s for s in args.seams.split(",") if s]
+    args.context = [int(x) for x in args.context.split(",") if x] if args.context else []
+    if len(args.context) > 1 and not args.time:
+        parser.error(f"--context {','.join(map(str, args.context))}: one context without --time; give one value")
+    if args.time and (args.new_tokens < 2 or args.repeats < 1):
+        parser.error(f"--new_tokens {args.new_tokens} --repeats {args.repeats}: --time needs >= 2 and >= 1")
     return args
-
-
-def engine_for(config, B: int, context: int):
-    """The engine of B slots that decodes B sequences of ``context`` tokens per iteration."""
-    c = config.engine
-    pages = B * math.ceil((context + 1) / c.page_size) + 1
-    max_seq_len = max(c.max_seq_len, context + 1)
-    return dataclasses.replace(
-        c,
-        max_seqs=B,
-        max_tokens_per_round=B,
-        max_queued_tokens=max(B, 1),
-        max_seqs_in_prefill=B,
-        max_pages=pages,
-        max_seq_len=max_seq_len,
-    )
 
 
 def hlo_computations(text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -175,15 +193,15 @@ def one(setup_cls, config, args, seam: bool, B: int, context: int) -> dict:
     cfg = {"page_size": c.page_size, "max_seqs": c.max_seqs, "T": B}
     table = loop_table(loops, B, context, cfg)
     inner = [r for r in table if not r.get("total") and r["depth"] > 0]
-    unknown = [r["source"] for r in inner if not r["known"]]
-    trips = None if unknown else sum(r["body_runs_per_step"] for r in inner if r["on_tpu"] == "yes")
+    steady = steady_trips(table)
+    trips = steady["serial_loop_trips"]
     row = {
         "seams": "on" if seam else "off",
         "B": B,
         "context": context,
         "serial_loop_trips": trips,
         "loops": {r["loop"].strip(): r["body_runs_per_step"] for r in inner},
-        "unknown_loops": unknown,
+        "unknown_loops": steady["unknown_loops"],
     }
     if not args.no_compile:
 
@@ -218,8 +236,16 @@ def main(argv=None) -> dict:
     from levanter_multihost.config import SampleLmMultihostConfig
 
     path, default_context, overrides = SHAPES[args.shape]
-    context = args.context or default_context
     config = draccus.parse(SampleLmMultihostConfig, config_path=str(path), args=overrides)
+    if args.time:
+        from decode_timing import timing_report
+
+        args.loops_only, args.random_weights = False, True  # what decode_model.Setup reads: random weights
+        report = timing_report(Setup, config, args, args.context or TIME_CONTEXTS[args.shape])
+        report.update(shape=args.shape, config=str(path.relative_to(REPO)))
+        print(json.dumps(report, indent=1))
+        return report
+    context = args.context[0] if args.context else default_context
     args.loops_only, args.random_weights = True, False  # what decode_model.Setup reads: abstract 8B weights
     rows = []
     with model_loading.on_local_mesh(config.trainer):
