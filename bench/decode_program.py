@@ -12,8 +12,9 @@ decode-step seam (``levanter_multihost.seams.decode_step``), for several batch s
 
     # --time: measured, not predicted, on the default backend (decode_timing.py): random weights on ONE device
     uv run python bench/decode_program.py --shape tiny --time --batch 4,16 --seams off,on   # CPU, ~1-2 min
-    uv sync --extra gpu && uv run --extra gpu python bench/decode_program.py --shape llama8b --time \\
-        --batch 64,16 --seams off,on --new_tokens 16 --repeats 1 --deadline_s 280   # one GPU (8B bf16: 16 GB)
+    # one GPU (8B bf16: 16 GB), with a Python whose jax has CUDA and this project's other dependencies
+    PYTHONPATH=src python bench/decode_program.py --shape llama8b --time \\
+        --batch 64,16 --seams off,on --new_tokens 16 --repeats 1 --deadline_s 280
 
 For each variant and B: an engine of B slots (``max_seqs`` = ``max_tokens_per_round`` = B, pages for B sequences of
 ``--context`` tokens), Levanter's decode program (``_run_generation_loop``) traced, lowered and compiled. Per decode
