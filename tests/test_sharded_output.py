@@ -14,6 +14,8 @@ import os
 import datasets
 import draccus
 import pandas as pd
+import pyarrow as pa
+import pyarrow.json as paj
 import pytest
 from multihost import TINY_CONFIG, parse_jsonl
 from test_leader import N_GENERATIONS, expected, parts, reporting
@@ -79,7 +81,7 @@ def test_coverage_counts_rows_and_names_missing_and_duplicated_pairs_with_their_
 
 
 def test_a_manifest_is_the_part_without_its_rows():
-    host, header, data = parts()[0]
+    _, header, data = parts()[0]
     manifest = part_manifest("parts/x.jsonl", data, KeySpace(N_GENERATIONS), score=lambda row: True)
     rows = parse_jsonl(data)
     assert manifest["rows"] == manifest["correct"] == len(rows)
@@ -112,15 +114,22 @@ def test_the_indexed_run_directory_loads_as_the_merged_rows(tmp_path):
     # a column null in some parts and text in others loads as text: the card types it
     stop_reasons = [{r["stop_reason"] for r in parse_jsonl(out.read_bytes(f["part"]))} for f in record["files"]]
     assert {None} in stop_reasons and any("." in s for s in stop_reasons)
-    frame = pd.concat([pd.read_json(tmp_path / "out" / f["part"], lines=True) for f in record["files"]])
+    # as docs/usage.md loads it with pandas and pyarrow, through datasets and without
+    loaded = datasets.load_dataset(out.url, split="train", cache_dir=str(tmp_path / "hf_cache"))
+    assert sorted(loaded.to_pandas()["generated_text"]) == sorted(r["generated_text"] for r in rows)
+    assert by_key(loaded.with_format("arrow")[:].to_pylist()) == rows
+    files = [f"{out.url}/{f['part']}" for f in record["files"]]
+    frame = pd.concat([pd.read_json(f, lines=True, dtype=False) for f in files], ignore_index=True)
     assert sorted(frame["generated_text"]) == sorted(r["generated_text"] for r in rows)
+    table = pa.concat_tables([paj.read_json(f) for f in files], promote_options="permissive")
+    assert by_key(table.to_pylist()) == rows
 
 
 def test_stray_and_replaced_parts_are_not_in_the_dataset(tmp_path):
     """A row written twice appears once: only the listed attempts' parts of this fingerprint are indexed, by name."""
     out = RunDir(str(tmp_path / "out"))
     index = write_parts(out, earlier=3)
-    host, header, data = parts()[0]
+    host, _, data = parts()[0]
     out.write_part(data, 0, 13, FINGERPRINT, REPLACED, host, 0)  # a replaced run's part, not yet removed
     out.write_part(data, 0, 13, "fedcba9876543210", EARLIER, host, 0)  # another run's
     (tmp_path / "out" / "parts" / "0000000000-0000000013.x.jsonl.tmp-1a2b3c4d").write_bytes(data)
