@@ -97,13 +97,14 @@ def test_a_manifest_is_the_part_without_its_rows():
         leader.PartIndex().add(0, header, data)
 
 
-def test_the_indexed_run_directory_loads_as_the_merged_rows(tmp_path):
+@pytest.mark.parametrize("samples", [3, 1000])
+def test_the_indexed_run_directory_loads_as_the_merged_rows(tmp_path, samples):
     out = RunDir(str(tmp_path / "out"))
     index = write_parts(out, earlier=2, task="addition")
-    result = leader.write_index(index, out, N_GENERATIONS, DECISION, FINGERPRINT, reporting(3, "addition"))
+    result = leader.write_index(index, out, N_GENERATIONS, DECISION, FINGERPRINT, reporting(samples, "addition"))
     rows = parse_jsonl(expected())
     assert load(tmp_path / "out") == rows
-    assert result.rows == len(rows) and result.samples == rows[:3]
+    assert result.rows == len(rows) and result.samples == rows[:samples]
     assert result.correct == round(accuracy(rows) * len(rows))
     record = json.loads(out.read_bytes(INDEX))
     assert record["rows"] == len(rows) and record["attempts"] == [EARLIER, NOW]

@@ -16,7 +16,6 @@ for the samples table and from earlier attempts' parts. Leaves out the transport
 
 import base64
 import functools
-import itertools
 import json
 import logging
 import os
@@ -156,10 +155,11 @@ def _read_keyed(path: str, where: str) -> Iterator[tuple[tuple[int, int], bytes]
 
 class PartIndex:
     """``merge: false``: this attempt's parts as their manifests arrive (:func:`~.outputs.part_manifest`), without
-    their rows; thread-safe."""
+    their rows, and the distinct Arrow schemas among them (most parts share one); thread-safe."""
 
     def __init__(self):
         self.manifests: list[dict] = []
+        self.schemas: set[str] = set()
         self.lock = threading.Lock()
 
     def add(self, host: int, header: dict, data: bytes) -> None:
@@ -167,8 +167,11 @@ class PartIndex:
             raise MergeError(
                 f"{part_name(host, header)} came as rows, not as a manifest: set `merge` alike everywhere."
             )
+        schema = header.pop("schema")
         with self.lock:
             self.manifests.append({**header, "host": host})
+            if schema is not None:
+                self.schemas.add(schema)
 
     def close(self) -> None:
         """Nothing to clean up: the parts stay, they are the output."""
@@ -253,34 +256,33 @@ def write_index(
     manifests = sorted(earlier + index.manifests, key=lambda m: (m["first"] is None, m["first"] or ()))
     rows = space.check_coverage((m["part"], m["ranges"]) for m in manifests)
     files = [{k: m[k] for k in ("part", "rows", "bytes", "sha256", "first", "last")} for m in manifests if m["rows"]]
-    features = dataset_features(m["schema"] for m in manifests if m["rows"])
+    features = dataset_features(index.schemas | {m["schema"] for m in earlier if m["rows"]})
     record = {"fingerprint": fingerprint, "attempts": list(decision.attempts), "rows": rows, "files": files}
     run_dir.write_atomic(rundir.INDEX, json.dumps(record, indent=1).encode("utf-8"))
     run_dir.write_atomic(rundir.CARD, dataset_card([f["part"] for f in files], features).encode("utf-8"))
     result = MergeResult(rows=rows, correct=sum(m.get("correct", 0) for m in manifests))
-    firsts = [
-        SortedRun(tuple(f["first"]), functools.partial(_read_part, run_dir, f["part"]), f["part"]) for f in files
-    ]
-    for _, line in itertools.islice(merge_sorted(firsts), reporting.samples_table_rows):
-        result.samples.append(json.loads(line))
+    # the pairs are complete, so the first n in key order are the ordinals below n: read only the parts holding them
+    n = reporting.samples_table_rows
+    for m in manifests:
+        if m["ranges"] and m["ranges"][0][0] < n:
+            for key, line in keyed_lines(run_dir.read_bytes(m["part"]), m["part"]):
+                if space.ordinal(key, m["part"]) < n:
+                    result.samples.append(json.loads(line))
+    result.samples.sort(key=lambda row: (row["global_prompt_index"], row["generation_index"]))
     return result
 
 
-def _read_part(run_dir: RunDir, name: str) -> Iterator[tuple[tuple[int, int], bytes]]:
-    with run_dir.fs.open(run_dir.path(name), "rb") as f:
-        yield from read_keyed(f, name)
-
-
-def dataset_features(schemas) -> dict:
+def dataset_features(schemas: set[str]) -> dict:
     """The ``dataset_info`` of the card: the parts' Arrow schemas unified (a column null in one part and text in
     another is text), as ``datasets`` writes them, so every part loads with the same types."""
     import datasets
     import pyarrow as pa
     from datasets.info import DatasetInfosDict
 
-    unique = {s: pa.ipc.read_schema(pa.py_buffer(base64.b64decode(s))) for s in schemas}
     try:
-        schema = pa.unify_schemas(list(unique.values()), promote_options="permissive")
+        schema = pa.unify_schemas(
+            [pa.ipc.read_schema(pa.py_buffer(base64.b64decode(s))) for s in schemas], promote_options="permissive"
+        )
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
         raise MergeError(f"The parts' columns have types that do not unify ({e}): set merge: true.") from None
     card: dict = {}
