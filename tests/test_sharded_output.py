@@ -43,20 +43,24 @@ def load(run_dir) -> list[dict]:
     return by_key(datasets.load_dataset(str(run_dir), split="train", cache_dir=cache).to_list())
 
 
+def write_part(out: RunDir, host: int, header: dict, data: bytes, attempt: str):
+    keys = [key for key, _ in keyed_lines(data, "a part")]
+    return out.write_part(data, keys[0][0], keys[-1][0], FINGERPRINT, attempt, host, header["batch"])
+
+
 def write_parts(out: RunDir, earlier: int = 0, task: str | None = None) -> leader.PartIndex:
     """Every part into ``parts/``: the first ``earlier`` as an earlier attempt's (on disk only, as a resume finds
     them), the rest as this attempt's, each announced to the index by its host's manifest (scored for ``task``)."""
     score = functools.partial(leader.task_score, task) if task is not None else None
-    index = leader.PartIndex()
+    written = [p for p in parts() if p[2]]
+    for host, header, data in written[:earlier]:
+        write_part(out, host, header, data, EARLIER)
+    index = leader.PartIndex(out.list_parts())  # this attempt begins
     space = KeySpace(N_GENERATIONS)
-    for i, (host, header, data) in enumerate(p for p in parts() if p[2]):
-        keys = [key for key, _ in keyed_lines(data, "a part")]
-        first, last = keys[0][0], keys[-1][0]
-        attempt = EARLIER if i < earlier else NOW
-        part = out.write_part(data, first, last, FINGERPRINT, attempt, host, header["batch"])
-        if attempt == NOW:
-            send = manifests_only(lambda h, d, host=host: index.add(host, h, d), space, score)
-            send({**header, "rows": data.count(b"\n"), "part": part.name}, data)
+    for host, header, data in written[earlier:]:
+        part = write_part(out, host, header, data, NOW)
+        send = manifests_only(functools.partial(index.add, host), space, score)
+        send({**header, "rows": data.count(b"\n"), "part": part.name}, data)
     return index
 
 
@@ -94,7 +98,7 @@ def test_a_manifest_is_the_part_without_its_rows():
     ((sent, payload),) = delivered
     assert payload == b"" and sent["ranges"] == manifest["ranges"] and sent["batch"] == header["batch"]
     with pytest.raises(MergeError, match=r"host 0's batch 0 came as rows, not as a manifest"):
-        leader.PartIndex().add(0, header, data)
+        leader.PartIndex([]).add(0, header, data)
 
 
 @pytest.mark.parametrize("samples", [3, 1000])
@@ -127,13 +131,15 @@ def test_the_indexed_run_directory_loads_as_the_merged_rows(tmp_path, samples):
 
 
 def test_stray_and_replaced_parts_are_not_in_the_dataset(tmp_path):
-    """A row written twice appears once: only the listed attempts' parts of this fingerprint are indexed, by name."""
+    """A row written twice appears once: only the parts of this attempt and of the earlier ones it read as it began
+    (this fingerprint's) are indexed, by name."""
     out = RunDir(str(tmp_path / "out"))
     index = write_parts(out, earlier=3)
     host, _, data = parts()[0]
     out.write_part(data, 0, 13, FINGERPRINT, REPLACED, host, 0)  # a replaced run's part, not yet removed
     out.write_part(data, 0, 13, "fedcba9876543210", EARLIER, host, 0)  # another run's
     (tmp_path / "out" / "parts" / "0000000000-0000000013.x.jsonl.tmp-1a2b3c4d").write_bytes(data)
+    out.write_part(data, 0, 13, FINGERPRINT, EARLIER, host, 77)  # a failed attempt's straggler, written since
     leader.write_index(index, out, N_GENERATIONS, DECISION, FINGERPRINT, reporting())
     assert load(tmp_path / "out") == parse_jsonl(expected())
 
@@ -142,9 +148,8 @@ def test_a_row_in_two_indexed_parts_writes_no_index(tmp_path):
     out = RunDir(str(tmp_path / "out"))
     index = write_parts(out, earlier=2)
     host, header, data = parts()[0]  # sampled again by this attempt, though an earlier part holds it
-    keys = [key for key, _ in keyed_lines(data, "a part")]
-    part = out.write_part(data, keys[0][0], keys[-1][0], FINGERPRINT, NOW, host, 99)
-    manifests_only(lambda h, d: index.add(host, h, d), KeySpace(N_GENERATIONS), None)(
+    part = write_part(out, host, {**header, "batch": 99}, data, NOW)
+    manifests_only(functools.partial(index.add, host), KeySpace(N_GENERATIONS), None)(
         {**header, "part": part.name}, data
     )
     with pytest.raises(MergeError, match=rf"duplicated .*\(both in parts/\S+{EARLIER}\S+ and {part.name}\)"):

@@ -155,9 +155,15 @@ def _read_keyed(path: str, where: str) -> Iterator[tuple[tuple[int, int], bytes]
 
 class PartIndex:
     """``merge: false``: this attempt's parts as their manifests arrive (:func:`~.outputs.part_manifest`), without
-    their rows, and the distinct Arrow schemas among them (most parts share one); thread-safe."""
+    their rows, and the distinct Arrow schemas among them (most parts share one); thread-safe.
 
-    def __init__(self):
+    ``found`` is the parts the run directory held as this attempt began, which the hosts read as earlier rows: only
+    those of earlier attempts are indexed with this attempt's, so a part a failed attempt's straggler writes later
+    (rows this attempt samples again) is not.
+    """
+
+    def __init__(self, found: list[rundir.Part]):
+        self.found = found
         self.manifests: list[dict] = []
         self.schemas: set[str] = set()
         self.lock = threading.Lock()
@@ -232,19 +238,20 @@ def write_index(
 ) -> MergeResult:
     """Write ``_index.json`` and the dataset card (README.md) over this attempt's parts and the earlier attempts'.
 
-    Earlier attempts' parts are read here (one at a time) for their manifests. Raises
+    Earlier attempts' parts (those there as this attempt began) are read here, one at a time, for their manifests.
+    Raises
     :class:`~levanter_multihost.outputs.MergeError` (nothing written) unless every expected (prompt, generation)
     pair is in exactly one part and every part is in the run directory as its manifest describes. The samples
     table is the first rows in key order, read from the parts that hold them.
     """
     space = KeySpace(n_generations)
     score = functools.partial(task_score, reporting.task) if reporting.task is not None else None
-    listed = {p.name: p for p in run_dir.list_parts()}
     earlier = [
         part_manifest(p.name, run_dir.read_part(p), space, score)
-        for p in listed.values()
+        for p in index.found
         if p.fingerprint == fingerprint and p.attempt in decision.attempts[:-1]
     ]
+    listed = {p.name: p for p in run_dir.list_parts()}
     for m in index.manifests:
         part = listed.get(m["part"])
         if part is None or part.size not in (-1, m["bytes"]):

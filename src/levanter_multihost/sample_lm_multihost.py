@@ -109,7 +109,7 @@ def run_share(
     plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision, earlier: set[tuple[int, int]]
 ) -> None:
     """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
-    spool = (leader.Spool() if plan.merge else leader.PartIndex()) if ctx.is_leader else None
+    spool = (leader.Spool() if plan.merge else leader.PartIndex(plan.run_dir.list_parts())) if ctx.is_leader else None
     collector = Collector(link, spool.add).start() if ctx.is_leader else None
     try:
         deliver = (lambda header, data: spool.add(ctx.host, header, data)) if ctx.is_leader else link.send_part
