@@ -1,15 +1,23 @@
 """Faults on emulated hosts with the real engine: a host killed mid-batch, resume on other host counts and batch
 sizes, the leader killed.
 
+The killed run and its resume on 4 hosts leave the parts as the output (``merge: false``): only manifests reach the
+leader, and the resumed run directory loads with ``datasets.load_dataset`` into the uninterrupted merged rows; the
+resume on 1 host merges the same parts (``merge: true``).
+
 The reference every resumed run must match is the README job on 2 hosts (``greedy_2x4``): the same 256 prompts and
 settings, so the same fingerprint, whatever the devices per host and batch size; every field matches but
 ``process_index`` (a resume spreads the missing rows over all its hosts).
 """
 
+import json
 import shutil
 
 import pytest
 from multihost import launch, launch_and_kill
+from test_sharded_output import load
+
+from levanter_multihost.rundir import INDEX
 
 pytestmark = pytest.mark.multihost
 
@@ -22,6 +30,7 @@ FLAGS = (
     f"--batch_size={BATCH}",
     "--overwrite=false",
 )
+SHARDED = "--merge=false"
 
 
 def tokens(rows):
@@ -37,7 +46,7 @@ def without_host(rows):
 def killed(tmp_path_factory):
     """256 prompts on 4 hosts in batches of 8, host 1 SIGKILLed after its third batch, and a copy of what it left."""
     out = tmp_path_factory.mktemp("killed")
-    run, seconds_after_kill = launch_and_kill(out, 1, *FLAGS, after_parts=3, hosts=4)
+    run, seconds_after_kill = launch_and_kill(out, 1, *FLAGS, SHARDED, after_parts=3, hosts=4)
     copy = tmp_path_factory.mktemp("killed_copy") / "out"
     shutil.copytree(out, copy)
     return run, seconds_after_kill, copy
@@ -58,14 +67,20 @@ def test_a_killed_host_loses_at_most_its_current_batch_and_is_named(killed):
     assert 3 * BATCH <= whole_batches_from(run.part_rows(1), 64) < 64
     for host in (0, 2, 3):  # the others stopped when the leader gave up, each with whole batches
         whole_batches_from(run.part_rows(host), 64 * host)
-    assert not (run.output_dir / "merged.jsonl").exists()
+    assert not (run.output_dir / "merged.jsonl").exists() and not (run.output_dir / INDEX).exists()
 
 
 def test_resume_spreads_the_missing_rows_over_every_host_and_matches_an_uninterrupted_run(killed, greedy_2x4):
     run, _, _ = killed
     missing = 256 - len(run.part_rows())
-    resumed = launch(run.output_dir, *FLAGS, "--resume=true", hosts=4, devices_per_host=1)
-    assert without_host(resumed.rows()) == without_host(greedy_2x4.rows())
+    resumed = launch(run.output_dir, *FLAGS, SHARDED, "--resume=true", hosts=4, devices_per_host=1)
+    assert without_host(load(run.output_dir)) == without_host(greedy_2x4.rows())
+    assert not (run.output_dir / "merged.jsonl").exists()
+    assert json.loads((run.output_dir / INDEX).read_text())["rows"] == 256
+    assert (
+        resumed.summary()["summary"]["sample/task_accuracy"]
+        == greedy_2x4.summary()["summary"]["sample/task_accuracy"]
+    )
     hosts = sorted(resumed.summary()["hosts"], key=lambda h: h["host"])
     sampled = [h["sequences"] for h in hosts]
     assert sum(sampled) == missing and max(sampled) - min(sampled) <= 1 and min(sampled) > 0, sampled

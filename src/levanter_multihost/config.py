@@ -118,6 +118,10 @@ class SampleLmMultihostConfig:
     """Run directory (local path or fsspec URL): parts, the merged output, summary.json, run.json."""
     output_format: str = "jsonl"
     """`jsonl` (merged.jsonl) or `parquet` (merged.parquet)."""
+    merge: bool = True
+    """Merge every part into one file through the leader. False: the parts are the output, a sharded dataset that
+    `_index.json` lists (rows, SHA-256) and README.md's front matter lets `datasets.load_dataset(output_dir)` load;
+    the hosts send the leader only each part's manifest. Set it yourself: the layout never switches by size."""
     overwrite: bool = False
     """Replace the outputs of an earlier run in `output_dir` (once this run's merge is written)."""
     resume: bool = False

@@ -1,4 +1,5 @@
-"""What only the leader does: spool every host's parts, merge them into one ordered output, summarize, report.
+"""What only the leader does: spool every host's parts, merge them into one ordered output (or index them: ``merge:
+false``), summarize, report.
 
 :func:`merge_and_report` is the leader's whole stage once its own share is sampled.
 
@@ -7,9 +8,13 @@ leader samples its own; its own parts go there too), the streaming merge into ``
 ``merged.parquet`` with the completeness check on the way (nothing is written unless every expected (prompt,
 generation) pair arrived exactly once), the task's accuracy and the samples table from the same pass, then
 ``summary.json``, ``timeline.png``, the printed table and the tracker. Memory stays flat in the number of rows.
-Leaves out the transport (:mod:`levanter_multihost.coordination`) and the arithmetic (:mod:`.summary`).
+With ``merge: false`` the leader holds only each part's manifest (:class:`PartIndex`) and writes ``_index.json``
+and the dataset card once the manifests cover every pair exactly once (:func:`write_index`); it reads rows only
+for the samples table and from earlier attempts' parts. Leaves out the transport
+(:mod:`levanter_multihost.coordination`) and the arithmetic (:mod:`.summary`).
 """
 
+import base64
 import functools
 import json
 import logging
@@ -22,9 +27,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from levanter_multihost import addition, rundir, summary, tracking
 from levanter_multihost.collector import Collector, HostArrivals
-from levanter_multihost.outputs import Completeness, SortedRun, keyed_lines, merge_sorted, read_keyed
+from levanter_multihost.outputs import (
+    Completeness,
+    KeySpace,
+    MergeError,
+    SortedRun,
+    keyed_lines,
+    merge_sorted,
+    part_manifest,
+    read_keyed,
+)
 from levanter_multihost.rundir import Decision, RunDir
 from levanter_multihost.runplan import Reporting, RunPlan
 from levanter_multihost.runtime import HostContext
@@ -34,15 +50,27 @@ logger = logging.getLogger(__name__)
 
 
 def merge_and_report(
-    plan: RunPlan, ctx: HostContext, collector: Collector, spool: "Spool", own: HostMetrics, decision: Decision
+    plan: RunPlan,
+    ctx: HostContext,
+    collector: Collector,
+    spool: "Spool | PartIndex",
+    own: HostMetrics,
+    decision: Decision,
+    fingerprint: str,
 ) -> None:
-    """Wait for every host's parts, merge, summarize, report; an earlier run's parts go only once the merge is in."""
+    """Wait for every host's parts, merge (or index) them, summarize, report; an earlier run's outputs go only once
+    this run's are in."""
     with ctx.phase("collect"):
         arrivals = collector.finish()
     host_metrics = [own] + [received_metrics(a) for _, a in sorted(arrivals.items())]
     with ctx.phase("merge"):
         plan.run_dir.check_still_ours(decision.attempt)
-        merged = write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format, plan.reporting)
+        if isinstance(spool, PartIndex):
+            merged = write_index(
+                spool, plan.run_dir, plan.prompts.n_generations, decision, fingerprint, plan.reporting
+            )
+        else:
+            merged = write_merged(spool, plan.run_dir, plan.prompts.n_generations, plan.output_format, plan.reporting)
     result = summary.build_summary(
         host_metrics,
         num_prompts=len(plan.prompts),
@@ -60,9 +88,11 @@ def merge_and_report(
         tracking.report(plan.reporting, result, merged.samples, png)
     write_summary(plan.run_dir, plan.reporting, host_metrics, result, ctx.phases, ctx.started_at)
     plan.run_dir.check_still_ours(decision.attempt)  # deleted while merging: the run failed
+    output = plan.merged_name if plan.merge else rundir.INDEX
     if decision.replaces:
         plan.run_dir.remove_parts_except(decision.attempts)
-    log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(plan.merged_name))
+        plan.run_dir.remove_outputs_except(output)
+    log_results(plan.reporting, host_metrics, result, plan.run_dir.url_of(output), plan.merge)
 
 
 def received_metrics(arrivals: HostArrivals) -> HostMetrics:
@@ -123,6 +153,36 @@ def _read_keyed(path: str, where: str) -> Iterator[tuple[tuple[int, int], bytes]
         yield from read_keyed(f, where)
 
 
+class PartIndex:
+    """``merge: false``: this attempt's parts as their manifests arrive (:func:`~.outputs.part_manifest`), without
+    their rows, and the distinct Arrow schemas among them (most parts share one); thread-safe.
+
+    ``found`` is the parts the run directory held as this attempt began, which the hosts read as earlier rows: only
+    those of earlier attempts are indexed with this attempt's, so a part a failed attempt's straggler writes later
+    (rows this attempt samples again) is not.
+    """
+
+    def __init__(self, found: list[rundir.Part]):
+        self.found = found
+        self.manifests: list[dict] = []
+        self.schemas: set[str] = set()
+        self.lock = threading.Lock()
+
+    def add(self, host: int, header: dict, data: bytes) -> None:
+        if data or "ranges" not in header:
+            raise MergeError(
+                f"{part_name(host, header)} came as rows, not as a manifest: set `merge` alike everywhere."
+            )
+        schema = header.pop("schema")
+        with self.lock:
+            self.manifests.append({**header, "host": host})
+            if schema is not None:
+                self.schemas.add(schema)
+
+    def close(self) -> None:
+        """Nothing to clean up: the parts stay, they are the output."""
+
+
 @dataclass
 class MergeResult:
     rows: int = 0
@@ -173,6 +233,86 @@ def write_merged(
     return result
 
 
+def write_index(
+    index: PartIndex, run_dir: RunDir, n_generations, decision: Decision, fingerprint: str, reporting: Reporting
+) -> MergeResult:
+    """Write ``_index.json`` and the dataset card (README.md) over this attempt's parts and the earlier attempts'.
+
+    Earlier attempts' parts (those there as this attempt began) are read here, one at a time, for their manifests.
+    Raises
+    :class:`~levanter_multihost.outputs.MergeError` (nothing written) unless every expected (prompt, generation)
+    pair is in exactly one part and every part is in the run directory as its manifest describes. The samples
+    table is the first rows in key order, read from the parts that hold them.
+    """
+    space = KeySpace(n_generations)
+    score = functools.partial(task_score, reporting.task) if reporting.task is not None else None
+    earlier = [
+        part_manifest(p.name, run_dir.read_part(p), space, score)
+        for p in index.found
+        if p.fingerprint == fingerprint and p.attempt in decision.attempts[:-1]
+    ]
+    listed = {p.name: p for p in run_dir.list_parts()}
+    for m in index.manifests:
+        part = listed.get(m["part"])
+        if part is None or part.size not in (-1, m["bytes"]):
+            found = "is not there" if part is None else f"has {part.size} bytes"
+            raise MergeError(
+                f"{m['part']}, host {m['host']}'s batch {m['batch']}, {found} in {run_dir.url} (its manifest says "
+                f"{m['bytes']} bytes): every host must write to the run directory the leader reads (a bucket URL)."
+            )
+    manifests = sorted(earlier + index.manifests, key=lambda m: (m["first"] is None, m["first"] or ()))
+    rows = space.check_coverage((m["part"], m["ranges"]) for m in manifests)
+    files = [{k: m[k] for k in ("part", "rows", "bytes", "sha256", "first", "last")} for m in manifests if m["rows"]]
+    features = dataset_features(index.schemas | {m["schema"] for m in earlier if m["rows"]})
+    record = {"fingerprint": fingerprint, "attempts": list(decision.attempts), "rows": rows, "files": files}
+    run_dir.write_atomic(rundir.INDEX, json.dumps(record, indent=1).encode("utf-8"))
+    run_dir.write_atomic(rundir.CARD, dataset_card([f["part"] for f in files], features).encode("utf-8"))
+    result = MergeResult(rows=rows, correct=sum(m.get("correct", 0) for m in manifests))
+    # the pairs are complete, so the first n in key order are the ordinals below n: read only the parts holding them
+    n = reporting.samples_table_rows
+    for m in manifests:
+        if m["ranges"] and m["ranges"][0][0] < n:
+            for key, line in keyed_lines(run_dir.read_bytes(m["part"]), m["part"]):
+                if space.ordinal(key, m["part"]) < n:
+                    result.samples.append(json.loads(line))
+    result.samples.sort(key=lambda row: (row["global_prompt_index"], row["generation_index"]))
+    return result
+
+
+def dataset_features(schemas: set[str]) -> dict:
+    """The ``dataset_info`` of the card: the parts' Arrow schemas unified (a column null in one part and text in
+    another is text), as ``datasets`` writes them, so every part loads with the same types."""
+    import datasets
+    import pyarrow as pa
+    from datasets.info import DatasetInfosDict
+
+    try:
+        schema = pa.unify_schemas(
+            [pa.ipc.read_schema(pa.py_buffer(base64.b64decode(s))) for s in schemas], promote_options="permissive"
+        )
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise MergeError(f"The parts' columns have types that do not unify ({e}): set merge: true.") from None
+    card: dict = {}
+    infos = DatasetInfosDict({"default": datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(schema))})
+    infos.to_dataset_card_data(card)
+    return card["dataset_info"]
+
+
+def dataset_card(files: list[str], dataset_info: dict) -> str:
+    """README.md: front matter naming exactly the index's part files (never a glob, so a stray or replaced part is
+    not read) and their features, so ``datasets.load_dataset(output_dir)`` loads the run; then what it is."""
+    front = {
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}],
+        "dataset_info": dataset_info,
+    }
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+        f"Rows sampled by levanter-multihost: {len(files)} JSONL part files, listed with their rows and SHA-256 in "
+        f"`{rundir.INDEX}`. Rows come part by part; sort by (global_prompt_index, generation_index) for the merged "
+        "order.\n"
+    )
+
+
 def task_score(task: str, row: dict) -> bool:
     if task == "addition":
         return addition.score(row["generated_text"], row["prompt"])
@@ -204,9 +344,9 @@ def write_summary(
 
 
 def log_results(
-    reporting: Reporting, host_metrics: list[HostMetrics], result: dict[str, Any], merged_url: str
+    reporting: Reporting, host_metrics: list[HostMetrics], result: dict[str, Any], output_url: str, merged: bool
 ) -> None:
     logger.info("Per-host results:\n%s", summary.format_summary(host_metrics, result))
     if reporting.task is not None:
         logger.info("Task %s: %.1f%% exact answers", reporting.task, 100 * result["sample/task_accuracy"])
-    logger.info("Merged %d rows into %s", result["sample/total_sequences"], merged_url)
+    logger.info("%s %d rows into %s", "Merged" if merged else "Indexed", result["sample/total_sequences"], output_url)

@@ -4,12 +4,23 @@ A row is one JSON line whose fields come in a fixed order (``ROW_FIELDS``, then 
 prompt's carried input columns), so every line starts with ``LINE_PREFIX`` and its (prompt, generation) can be
 read without parsing JSON. Parts are sorted; :func:`merge_sorted` merges any number of them with a heap,
 opening a part only when its first row comes up, and :class:`Completeness` checks on the way that every
-expected (prompt, generation) pair is there exactly once. Memory stays flat in the number of rows. No JAX import.
+expected (prompt, generation) pair is there exactly once. Memory stays flat in the number of rows.
+
+Without a merge (``merge: false``) the parts are the output: a host sends the leader a part's manifest
+(:func:`part_manifest`: its name, rows, bytes, SHA-256, Arrow schema and its keys as ranges of a :class:`KeySpace`)
+instead of its rows, and :meth:`KeySpace.check_coverage` checks the manifests cover every expected pair exactly once.
+No JAX import.
 """
 
+import base64
+import bisect
+import hashlib
 import heapq
+import io
+import itertools
 import json
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -191,3 +202,112 @@ class Completeness:
                 if self.counts[kind]
             ]
             raise MergeError("Cannot merge: " + "; ".join(parts) + ".")
+
+
+class KeySpace:
+    """Every expected (prompt, generation) pair numbered in order: prompt p's generation g is ``offsets[p] + g``, so
+    a part's keys are a few ``[start, stop)`` ranges, and the whole run's are ``[0, total)``."""
+
+    def __init__(self, n_generations: Sequence[int]):
+        self.offsets = array("q", itertools.accumulate((int(n) for n in n_generations), initial=0))  # 8 bytes each
+
+    @property
+    def total(self) -> int:
+        return self.offsets[-1]
+
+    def ordinal(self, key: Key, where: str) -> int:
+        prompt, generation = key
+        if not (
+            0 <= prompt < len(self.offsets) - 1 and 0 <= generation < self.offsets[prompt + 1] - self.offsets[prompt]
+        ):
+            raise MergeError(f"{where}: (prompt, generation) {key} is not one this run samples.")
+        return self.offsets[prompt] + generation
+
+    def key(self, ordinal: int) -> Key:
+        prompt = bisect.bisect_right(self.offsets, ordinal) - 1
+        return prompt, ordinal - self.offsets[prompt]
+
+    def ranges(self, keys: Iterable[Key], where: str) -> list[list[int]]:
+        """The ordinals of ``keys`` (ascending) as ``[start, stop)`` ranges; a key twice is a :class:`MergeError`."""
+        ranges: list[list[int]] = []
+        for key in keys:
+            ordinal = self.ordinal(key, where)
+            if ranges and ordinal < ranges[-1][1]:
+                raise MergeError(f"{where}: {key} comes again or out of order.")
+            if ranges and ordinal == ranges[-1][1]:
+                ranges[-1][1] += 1
+            else:
+                ranges.append([ordinal, ordinal + 1])
+        return ranges
+
+    def check_coverage(self, parts: Iterable[tuple[str, Sequence[Sequence[int]]]]) -> int:
+        """Raise :class:`MergeError` unless the parts' ranges (name, ranges) cover ``[0, total)`` exactly once,
+        naming the first missing and duplicated pairs and the parts holding the latter; return the row count."""
+        spans = sorted((start, stop, name) for name, ranges in parts for start, stop in ranges)
+        counts = {"missing": 0, "duplicated": 0}
+        first: dict[str, list[Key]] = {"missing": [], "duplicated": []}
+        twice: list[str] = []  # the first parts that hold a pair twice
+        holder = ""  # the part that holds the pairs just below ``covered``
+        covered = 0
+
+        def note(kind: str, start: int, stop: int) -> None:
+            counts[kind] += stop - start
+            first[kind].extend(self.key(o) for o in range(start, min(stop, start + 10 - len(first[kind]))))
+
+        for start, stop, name in spans:
+            if start > covered:
+                note("missing", covered, start)
+            elif start < covered:
+                note("duplicated", start, min(stop, covered))
+                if len(twice) < 2:
+                    twice.append(f"{holder} and {name}")
+            if stop > covered:
+                covered, holder = stop, name
+        if covered < self.total:
+            note("missing", covered, self.total)
+        if any(counts.values()):
+            found = [f"{counts[k]} {k} (prompt, generation) pairs, first {first[k]}" for k in counts if counts[k]]
+            also = f" (both in {'; '.join(twice)})" if twice else ""
+            raise MergeError("Cannot index the parts: " + "; ".join(found) + also + ".")
+        return sum(stop - start for start, stop, _ in spans)
+
+
+def part_manifest(
+    name: str, data: bytes, space: KeySpace, score: Callable[[dict], bool] | None = None
+) -> dict[str, Any]:
+    """What a part is, for the leader's index instead of its rows: its ``name`` in the run directory, rows, bytes,
+    SHA-256, first and last key, its keys as :meth:`KeySpace.ranges`, its rows' Arrow schema (inferred as
+    ``merged.parquet``'s is, base64 of its IPC form) and, with a ``score``, how many rows score."""
+    import pyarrow.json as paj
+
+    keyed = keyed_lines(data, name)
+    longest = max((len(line) for _, line in keyed), default=0)
+    # a row longer than the reader's block (1 MiB by default) would fail to parse
+    options = paj.ReadOptions(block_size=max(1 << 20, 2 * longest))
+    schema = paj.read_json(io.BytesIO(data), read_options=options).schema if keyed else None
+    manifest = {
+        "part": name,
+        "rows": len(keyed),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "first": list(keyed[0][0]) if keyed else None,
+        "last": list(keyed[-1][0]) if keyed else None,
+        "ranges": space.ranges((key for key, _ in keyed), name),
+        "schema": base64.b64encode(schema.serialize().to_pybytes()).decode() if schema is not None else None,
+    }
+    if score is not None:
+        manifest["correct"] = sum(score(json.loads(line)) for _, line in keyed)
+    return manifest
+
+
+def manifests_only(
+    deliver: Callable[[dict, bytes], None], space: KeySpace, score: Callable[[dict], bool] | None
+) -> Callable[[dict, bytes], None]:
+    """``deliver`` for ``merge: false``: a batch's part goes as its manifest (the part's ``name`` is in its header),
+    without its rows; rows kept from earlier attempts go nowhere, since the leader indexes those parts itself."""
+
+    def send(header: dict, data: bytes) -> None:
+        if header.get("kind") == "batch":
+            deliver({**header, **part_manifest(header["part"], data, space, score)}, b"")
+
+    return send

@@ -210,6 +210,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             progress_interval_s=config.progress_interval_s,
         ),
         output_format=config.output_format,
+        merge=config.merge,
     )
 
 
@@ -280,6 +281,11 @@ def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
     for name, allowed in {"shard_strategy": STRATEGIES, "output_format": ("jsonl", "parquet")}.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name} ({getattr(config, name)!r}) must be one of {list(allowed)}.")
+    if not config.merge and config.output_format != "jsonl":
+        raise ConfigError(
+            f"output_format ({config.output_format!r}) is the merged file's, but merge is false: the JSONL parts are "
+            "the output. Set output_format: jsonl, or merge: true."
+        )
     if config.task is not None and config.task not in TASKS:
         raise ConfigError(f"task ({config.task!r}) is not a known task. Use one of {list(TASKS)} or leave it unset.")
     if config.resume and config.overwrite:

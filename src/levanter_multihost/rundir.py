@@ -4,6 +4,7 @@ Layout::
 
     output_dir/
       merged.jsonl | merged.parquet   the run's rows, sorted by (global_prompt_index, generation_index)
+      _index.json  README.md          instead, with merge: false: the parts that are the output, and its card
       summary.json  timeline.png      the leader's report
       run.json                        the run's fingerprint and the attempts whose parts belong to it
       .lock                           held by the running leader (see :meth:`RunDir.lock`)
@@ -22,7 +23,7 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -36,7 +37,11 @@ TIMELINE = "timeline.png"
 RUN_FILE = "run.json"
 LOCK = ".lock"
 PARTS = "parts"
-FILES = (MERGED_JSONL, MERGED_PARQUET, SUMMARY, TIMELINE, RUN_FILE, LOCK)
+INDEX = "_index.json"
+"""``merge: false``: the part files that make the run's dataset, with their rows and SHA-256."""
+CARD = "README.md"
+"""``merge: false``: the dataset card, whose front matter names the parts and their features for ``datasets``."""
+FILES = (MERGED_JSONL, MERGED_PARQUET, INDEX, CARD, SUMMARY, TIMELINE, RUN_FILE, LOCK)
 """Every file a run writes at the top of the run directory."""
 LOCK_REFRESH_S = 60.0
 """How often the running leader rewrites ``.lock``, bumping its beat."""
@@ -66,6 +71,13 @@ class Part:
     batch: int
     path: str
     """Full path (or URL) of the file."""
+    size: int = field(default=-1, compare=False)
+    """Bytes, as the listing said (-1: not listed)."""
+
+    @property
+    def name(self) -> str:
+        """Its name inside the run directory: ``parts/...jsonl``."""
+        return f"{PARTS}/{self.path.rsplit('/', 1)[-1]}"
 
 
 @dataclass(frozen=True)
@@ -187,7 +199,7 @@ class RunDir:
         Earlier outputs must belong to this run (``resume``, same fingerprint) or be replaced (``overwrite``);
         otherwise one message says what is there and the three ways on.
         """
-        earlier = [n for n in (MERGED_JSONL, MERGED_PARQUET, RUN_FILE) if self.exists(n)]
+        earlier = [n for n in (MERGED_JSONL, MERGED_PARQUET, INDEX, RUN_FILE) if self.exists(n)]
         parts = self.list_parts()
         if parts:
             earlier.append(f"{len(parts)} part file(s) in {PARTS}/")
@@ -263,7 +275,8 @@ class RunDir:
                 )
             if m:
                 first, last, fp, attempt, host, batch = m.groups()
-                parts.append(Part(int(first), int(last), fp, attempt, int(host), int(batch), path))
+                size = entry.get("size", -1)
+                parts.append(Part(int(first), int(last), fp, attempt, int(host), int(batch), path, size))
         return sorted(parts)
 
     def read_part(self, part: Part) -> bytes:
@@ -276,6 +289,15 @@ class RunDir:
         for p in stale:
             self.fs.rm(p.path)
         return len(stale)
+
+    def remove_outputs_except(self, keep: str) -> None:
+        """Delete a replaced run's outputs (a merged file, or an index and its card) but ``keep``; the card only
+        with the index, whose card it is (a README.md of the user's own stays)."""
+        stale = [n for n in (MERGED_JSONL, MERGED_PARQUET, INDEX) if n != keep and self.exists(n)]
+        if INDEX in stale and self.exists(CARD):
+            stale.append(CARD)
+        for name in stale:
+            self.fs.rm(self.path(name))
 
     # -- one run at a time -------------------------------------------------------------------------------------
 

@@ -209,6 +209,8 @@ class RunPlan:
     reporting: Reporting
     output_format: str = "jsonl"
     """Format of the merged output: ``jsonl`` or ``parquet``."""
+    merge: bool = True
+    """Merge the parts into one file; False: the parts, indexed, are the output."""
 
     @property
     def merged_name(self) -> str:

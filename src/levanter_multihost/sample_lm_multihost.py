@@ -13,6 +13,7 @@ leader writes one merged, ordered output and reports once. ``docs/architecture.m
 """
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -36,7 +37,7 @@ from levanter_multihost.coordination import DONE, READY, CoordinationError, Coor
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
-from levanter_multihost.outputs import row_line
+from levanter_multihost.outputs import KeySpace, manifests_only, row_line
 from levanter_multihost.resolution import resolve
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
@@ -108,10 +109,14 @@ def run_share(
     plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision, earlier: set[tuple[int, int]]
 ) -> None:
     """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
-    spool = leader.Spool() if ctx.is_leader else None
+    spool = (leader.Spool() if plan.merge else leader.PartIndex(plan.run_dir.list_parts())) if ctx.is_leader else None
     collector = Collector(link, spool.add).start() if ctx.is_leader else None
     try:
         deliver = (lambda header, data: spool.add(ctx.host, header, data)) if ctx.is_leader else link.send_part
+        if not plan.merge:  # only manifests cross: the parts in the run directory are the output
+            task = plan.reporting.task
+            score = functools.partial(leader.task_score, task) if task is not None else None
+            deliver = manifests_only(deliver, KeySpace(plan.prompts.n_generations), score)
         fingerprint = fingerprint_hash(plan.fingerprint)
         share = host_work.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
         kept, tokens_kept = host_work.keep_earlier_rows(
@@ -142,7 +147,7 @@ def run_share(
         if not ctx.is_leader:
             link.send_end(metrics.to_json())
             return
-        leader.merge_and_report(plan, ctx, collector, spool, metrics, decision)
+        leader.merge_and_report(plan, ctx, collector, spool, metrics, decision, fingerprint)
         link.announce(DONE, {})
     finally:
         if collector is not None:
@@ -201,11 +206,11 @@ def sample(
                 if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
                     plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
                 data = b"".join(row_line(row, extra) for row, extra in rows)
-                plan.run_dir.write_part(
+                part = plan.run_dir.write_part(
                     data, items[0].global_index, items[-1].global_index, fingerprint, attempt, ctx.host, b
                 )
             with ctx.phase("send"):
-                deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
+                deliver({"kind": "batch", "batch": b, "rows": len(rows), "part": part.name}, data)
             progress.batch_done(batch.tokens, batch.decode_s)
             if collector is not None:
                 collector.check()  # a host failed or went silent: stop now rather than after this host's share
