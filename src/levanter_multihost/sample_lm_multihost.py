@@ -52,7 +52,9 @@ logger = logging.getLogger(__name__)
 def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
     """Run the job's stages on this host; every host of the job calls it with the same config."""
     seams.install()  # here, not in cli(): a caller of main() runs the same engine
-    ctx = runtime.start(config.trainer, handle_signals, config.engine_log)
+    ctx = runtime.start(
+        config.trainer, handle_signals, config.engine_log, cross_host_mesh=config.hosts_per_replica != 1
+    )
     seams.apply_ragged_attention(config.ragged_attention, announce=ctx.is_leader)
     link = coordination.connect(
         seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes, timeouts(config)
@@ -107,24 +109,31 @@ def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> tuple[Dec
 def run_share(
     plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision, earlier: set[tuple[int, int]]
 ) -> None:
-    """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
+    """This host's share (its replica's): rows kept from earlier attempts, then its batches, every part to the
+    leader; only the replica's leader writes and sends rows, its other hosts sample the same batches with it."""
     spool = leader.Spool() if ctx.is_leader else None
     collector = Collector(link, spool.add).start() if ctx.is_leader else None
     try:
         deliver = (lambda header, data: spool.add(ctx.host, header, data)) if ctx.is_leader else link.send_part
         fingerprint = fingerprint_hash(plan.fingerprint)
-        share = host_work.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
-        kept, tokens_kept = host_work.keep_earlier_rows(
-            plan.run_dir,
-            decision.attempts,
-            fingerprint,
-            share,
-            plan.prompts,
-            plan.sampling.stop,
-            plan.tokenizer,
-            deliver,
+        replicas = plan.replicas
+        replica, writes = replicas.replica_of(ctx.host), replicas.leads_replica(ctx.host)
+        share = host_work.host_share(plan.prompts, replica, replicas.num_replicas, plan.shard_strategy)
+        kept, tokens_kept = set(), 0
+        if writes:
+            kept, tokens_kept = host_work.keep_earlier_rows(
+                plan.run_dir,
+                decision.attempts,
+                fingerprint,
+                share,
+                plan.prompts,
+                plan.sampling.stop,
+                plan.tokenizer,
+                deliver,
+            )
+        to_sample = host_work.sampling_share(
+            plan.prompts, earlier, replica, replicas.num_replicas, plan.shard_strategy
         )
-        to_sample = host_work.sampling_share(plan.prompts, earlier, ctx.host, ctx.num_hosts, plan.shard_strategy)
         items = host_work.work_items(plan.prompts, to_sample, earlier)
         batches = host_work.batches(items, plan.engine)
         logger.info(
@@ -135,9 +144,13 @@ def run_share(
             len(items),
             len(batches),
         )
-        stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver, collector) if batches else []
+        stats = (
+            sample(plan, ctx, batches, decision.attempt, fingerprint, deliver if writes else None, collector)
+            if batches
+            else []
+        )
         metrics = summary.host_metrics(
-            ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept
+            ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept, replica, writes
         )
         if not ctx.is_leader:
             link.send_end(metrics.to_json())
@@ -157,11 +170,13 @@ def sample(
     batches: list[list[WorkItem]],
     attempt: str,
     fingerprint: str,
-    deliver: host_work.Deliver,
+    deliver: host_work.Deliver | None,
     collector: Collector | None,
 ) -> list[BatchRecord]:
-    """Load the model onto this host's chips and sample every batch; no cross-host communication."""
-    with model_loading.on_local_mesh(plan.model.trainer):
+    """Load the model onto the chips of this host's replica and sample every batch; ``deliver`` None: a replica
+    member that is not its leader, which runs the same batches (their collectives) and writes nothing."""
+    devices = model_loading.replica_devices(plan.replicas, plan.replicas.replica_of(ctx.host))
+    with model_loading.on_mesh(plan.model.trainer, devices):
         with ctx.phase("model_load"):
             model = model_loading.load_model(plan.model, plan.tokenizer)
         scoring_rows = plan.prompts.completions is not None  # one forward pass a batch, no engine
@@ -197,19 +212,22 @@ def sample(
             ):
                 ctx.add(name, start, start + seconds)
                 start += seconds
-            with ctx.phase("write"):
-                if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
-                    plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
-                data = b"".join(row_line(row, extra) for row, extra in rows)
-                plan.run_dir.write_part(
-                    data, items[0].global_index, items[-1].global_index, fingerprint, attempt, ctx.host, b
-                )
-            with ctx.phase("send"):
-                deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
+            write_s = 0.0
+            if deliver is not None:  # (the replica's other hosts hold the same rows: its leader writes them)
+                with ctx.phase("write"):
+                    if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
+                        plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
+                    data = b"".join(row_line(row, extra) for row, extra in rows)
+                    plan.run_dir.write_part(
+                        data, items[0].global_index, items[-1].global_index, fingerprint, attempt, ctx.host, b
+                    )
+                with ctx.phase("send"):
+                    deliver({"kind": "batch", "batch": b, "rows": len(rows)}, data)
+                written = ctx.phases["write"][-1]
+                write_s = written[1] - written[0]
             progress.batch_done(batch.tokens, batch.decode_s)
             if collector is not None:
                 collector.check()  # a host failed or went silent: stop now rather than after this host's share
-            written = ctx.phases["write"][-1]
             stats.append(
                 BatchRecord(
                     batch=b,
@@ -218,7 +236,7 @@ def sample(
                     compile_s=batch.compile_prefill_s + batch.compile_decode_s,
                     prefill_s=batch.prefill_s,
                     decode_s=batch.decode_s,
-                    write_s=written[1] - written[0],
+                    write_s=write_s,
                     pages_after_prefill=batch.pages_after_prefill,
                     outer_rounds=batch.outer_rounds,
                     waves=batch.waves,
