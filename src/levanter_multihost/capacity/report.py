@@ -75,9 +75,10 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
     gen = plan.topology.generation
     if plan.topology.hosts_per_replica > 1 and gen is not None:
         chips = plan.topology.chips_per_replica
-        used = "" if plan.hbm_per_chip is None else f"{gib(plan.hbm_per_chip * chips)} at most (the busiest chip's), "
         across = f"{plan.topology.hosts_per_replica} hosts x {plan.topology.chips_per_host} chips"
-        out.append((f"HBM per replica ({chips} chips)", gib(chips * gen.hbm_bytes_per_chip), used + across, "info"))
+        if plan.hbm_per_chip is not None:
+            across = f"{gib(plan.hbm_per_chip * chips)} at most ({chips} x the busiest chip's) on {across}"
+        out.append((f"HBM per replica ({chips} chips)", gib(chips * gen.hbm_bytes_per_chip), across, "info"))
     if plan.hbm_per_chip is not None and gen is not None:
         out.append(
             (
