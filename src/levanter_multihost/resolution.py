@@ -292,9 +292,13 @@ def check_values(config: SampleLmMultihostConfig, num_hosts: int, local_devices:
     k = Replicas.of(config.hosts_per_replica, num_hosts).hosts_per_replica
     axis, devices = config.trainer.model_axis_size, k * local_devices
     if devices % axis != 0:
-        where = f"this host's {devices}" if k == 1 else f"a replica's {devices} ({k} hosts x {local_devices})"
+        where = (
+            f"this host's {devices} devices"
+            if k == 1
+            else f"a replica's {devices} devices ({k} hosts x {local_devices})"
+        )
         raise ConfigError(
-            f"trainer.model_axis_size ({axis}) does not divide {where} devices. Set it to a divisor of {devices}."
+            f"trainer.model_axis_size ({axis}) does not divide {where}. Set it to a divisor of {devices}."
         )
 
 
