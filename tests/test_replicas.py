@@ -15,7 +15,7 @@ from levanter_multihost.config import parse_command_line
 from levanter_multihost.errors import ConfigError
 from levanter_multihost.plan_cli import main as plan_main
 from levanter_multihost.replicas import Replicas
-from levanter_multihost.resolution import check_values
+from levanter_multihost.resolution import check_values, resolve
 from levanter_multihost.summary import HostMetrics, build_summary, format_summary
 
 TINY_CONFIG = "config/sampler/tiny_local.yaml"
@@ -64,9 +64,12 @@ def test_model_axis_size_divides_the_replicas_devices():
         check_values(odd, 4, 4)
 
 
-def test_the_sampler_refuses_a_bad_group_size_before_the_model_loads(capsys, monkeypatch):
-    """The planner resolves the config as the sampler does: a group size that does not divide the hosts exits 2."""
+def test_the_sampler_and_the_planner_refuse_a_bad_group_size_before_the_model_loads(capsys, monkeypatch):
+    """The sampler's resolve checks it first; the planner exits 2 with the same line."""
     monkeypatch.chdir(REPO)
+    config = parse_command_line(["--config_path", TINY_CONFIG, "--hosts_per_replica=3"])
+    with pytest.raises(ConfigError, match=r"hosts_per_replica \(3\) does not split the job's 4 host\(s\)"):
+        resolve(config, 0, 4, 4)
     code = plan_main(["--config_path", TINY_CONFIG, "--num_hosts", "4", "--hosts_per_replica", "3"])
     out = capsys.readouterr().out
     assert code == 2 and "hosts_per_replica (3) does not split the job's 4 host(s)" in out

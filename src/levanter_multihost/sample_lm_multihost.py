@@ -33,10 +33,11 @@ from levanter_multihost.checks import timeouts
 from levanter_multihost.collector import Collector
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
-from levanter_multihost.errors import UserError
+from levanter_multihost.errors import UserError, first_line
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.outputs import row_line
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.resolution import resolve
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
@@ -175,8 +176,9 @@ def sample(
 ) -> list[BatchRecord]:
     """Load the model onto the chips of this host's replica and sample every batch; ``deliver`` None: a replica
     member that is not its leader, which runs the same batches (their collectives) and writes nothing."""
-    devices = model_loading.replica_devices(plan.replicas, plan.replicas.replica_of(ctx.host))
-    with model_loading.on_mesh(plan.model.trainer, devices):
+    replica = plan.replicas.replica_of(ctx.host)
+    devices = model_loading.replica_devices(plan.replicas, replica)
+    with replica_collectives(plan.replicas, replica), model_loading.on_mesh(plan.model.trainer, devices):
         with ctx.phase("model_load"):
             model = model_loading.load_model(plan.model, plan.tokenizer)
         scoring_rows = plan.prompts.completions is not None  # one forward pass a batch, no engine
@@ -243,6 +245,22 @@ def sample(
                 )
             )
     return stats
+
+
+@contextlib.contextmanager
+def replica_collectives(replicas: Replicas, replica: int):
+    """A collective of a replica of several hosts that fails over gloo (a host of the replica died or left) is a
+    :class:`CoordinationError` of one line on the host that noticed, not a traceback."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if replicas.hosts_per_replica == 1 or "Gloo" not in str(e):
+            raise
+        hosts = replicas.hosts_of(replica)
+        raise CoordinationError(
+            f"A collective of replica {replica} (hosts {hosts[0]}-{hosts[-1]}) failed: a host of it died or left "
+            f"({first_line(e)}). Its parts written so far are durable; rerun with resume: true."
+        ) from None
 
 
 def cli() -> None:
