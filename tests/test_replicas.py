@@ -108,6 +108,9 @@ def test_llama70b_on_v5p32_fits_as_2_replicas_of_2_hosts(capsys, monkeypatch):
     text = " ".join(capsys.readouterr().out.split())  # the report wraps its lines
     assert code == 0 and "2 replica(s) x 2 hosts x 4 chip(s) (8 chips per replica)" in text
     assert "batches per replica" in text and "HBM per replica (8 chips)" in text and "tok/s per replica" in text
+    code = plan_main(["--config_path", LLAMA70B_2X2, "--trainer.model_axis_size", "4"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "each replica holds a whole copy of the weights on every host. Set it to 8" in text
 
 
 def metrics(host: int, replica: int, writes: bool, rows: int) -> HostMetrics:

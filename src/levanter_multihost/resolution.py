@@ -127,7 +127,15 @@ def resolve_capacity(
     if config.engine.auto_size:
         engine = auto_sized(engine, limits, spec, slice_, model)
         limits = capacity_inputs.engine_limits(engine)
-    return ResolvedCapacity(prompts, stop, engine, plan_capacity(limits, spec, slice_, model), how)
+    capacity = plan_capacity(limits, spec, slice_, model)
+    if replicas.hosts_per_replica > 1 and config.trainer.model_axis_size <= slice_.chips_per_host:
+        note = (
+            f"trainer.model_axis_size ({config.trainer.model_axis_size}) is no wider than a host's "
+            f"{slice_.chips_per_host} chips: each replica holds a whole copy of the weights on every host. Set it to "
+            f"{slice_.chips_per_replica} to shard them over the replica's hosts."
+        )
+        capacity = dataclasses.replace(capacity, notes=(*capacity.notes, note))
+    return ResolvedCapacity(prompts, stop, engine, capacity, how)
 
 
 def byte_counts(records: PromptRecords) -> list[int]:
