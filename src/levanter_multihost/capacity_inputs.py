@@ -122,10 +122,11 @@ def run_spec(
     return RunSpec(demands, shard_strategy, batch_size, len(stop.sequences), longest_stop)
 
 
-def topology(tpu_type: str | None, num_hosts: int, chips_per_host: int) -> Topology:
-    """The slice: ``tpu_type``'s generation with the job's real host count; without one, unknown chips."""
+def topology(tpu_type: str | None, num_hosts: int, chips_per_host: int, hosts_per_replica: int = 1) -> Topology:
+    """The slice: ``tpu_type``'s generation with the job's real host count, in replicas of ``hosts_per_replica``
+    hosts (already checked to divide it); without a TPU type, unknown chips."""
     if tpu_type is None:
-        return Topology(num_hosts, chips_per_host)
+        return Topology(num_hosts, chips_per_host, hosts_per_replica=hosts_per_replica)
     try:
         parsed = parse_tpu_type(tpu_type)
     except ValueError as e:
@@ -134,7 +135,7 @@ def topology(tpu_type: str | None, num_hosts: int, chips_per_host: int) -> Topol
         logger.warning(
             "tpu_type %s has %d host(s); planning for the %d of this job.", tpu_type, parsed.num_hosts, num_hosts
         )
-    return Topology(num_hosts, parsed.chips_per_host, parsed.generation, parsed.name)
+    return Topology(num_hosts, parsed.chips_per_host, parsed.generation, parsed.name, hosts_per_replica)
 
 
 def hf_config(checkpoint: str | None, revision: str | None = None) -> tuple[dict | None, str]:
@@ -220,9 +221,10 @@ def check_capacity(plan: CapacityPlan, log: bool = True) -> CapacityPlan:
     for note in plan.notes:
         logger.info("capacity: %s", note)
     logger.info(
-        "capacity: ok; %s sequences per batch (set by %s), batches per host %s",
+        "capacity: ok; %s sequences per batch (set by %s), batches per %s %s",
         plan.batch.sequences,
         plan.batch.limited_by,
+        plan.topology.unit,
         plan.batches_per_host,
     )
     return plan

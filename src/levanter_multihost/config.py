@@ -129,6 +129,10 @@ class SampleLmMultihostConfig:
 
     shard_strategy: str = "contiguous"
     """`contiguous` slices of the prompt list, or `balanced` by estimated prompt cost."""
+    hosts_per_replica: int = 1
+    """Hosts that run one copy of the model together: their chips form one mesh (tensor-parallel over
+    `trainer.model_axis_size` of them), they sample the same batches and the first of them writes the rows. 1 gives
+    every host its own copy; 0 one copy over every host (a global mesh). Must divide the job's host count."""
     tpu_type: str | None = None
     """The slice this config is written for (e.g. v5p-32); the planner checks HBM against it."""
 
@@ -153,7 +157,8 @@ class SampleLmMultihostConfig:
     model: LmConfig = field(default_factory=LlamaConfig)
     """Model architecture; with `hf_checkpoint` it is read from the checkpoint's config."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    """Levanter runtime settings: per-host mesh (`model_axis_size`), precision (`mp`), tracker, distributed."""
+    """Levanter runtime settings: the replica's mesh (`model_axis_size`: chips of its model axis, a divisor of
+    hosts_per_replica x the chips of a host), precision (`mp`), tracker, distributed."""
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_seq_len=2560))
     """Levanter InferenceEngine sizing: pages, sequences, prefill and decode budgets (one engine per host), or
     `auto_size: true`."""

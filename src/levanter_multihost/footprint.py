@@ -3,7 +3,7 @@
 :func:`model_footprint` builds the model and one engine's KV cache abstractly (``eqx.filter_eval_shape``: shapes
 only, no weights, no devices), asks haliax for each array's ``PartitionSpec`` under the trainer's
 ``compute_axis_mapping`` (``trainer.tensor_parallel_axes`` -> the ``model`` mesh axis), and divides each array
-over a ``jax.sharding.AbstractMesh`` of ``(replica 1, data, model)`` axes, the shape ``model_loading.local_mesh``
+over a ``jax.sharding.AbstractMesh`` of ``(replica 1, data, model)`` axes, the shape ``model_loading.mesh_over``
 gives a host. It runs for any ``model_axis_size`` without that many devices.
 
 :func:`check_head_tiling` is pure Python: the head counts under which a sharding loads at all (JAX refuses uneven
@@ -15,7 +15,7 @@ Leaves out: activations, compiled-program scratch, the kernel's VMEM, and the sa
 from dataclasses import dataclass
 
 MESH_AXES = ("replica", "data", "model")
-"""Mesh axes of a host's mesh, in ``model_loading.local_mesh`` order."""
+"""Mesh axes of a host's mesh, in ``model_loading.mesh_over`` order."""
 
 _HEAD_AXES = ("heads", "kv_head", "q_heads_per_group")
 

@@ -34,14 +34,15 @@ class ResumeError(UserError):
     """A row on disk that does not belong to this run; the message names the file and line."""
 
 
-def host_share(prompts: PromptSet, host: int, num_hosts: int, strategy: str) -> list[int]:
-    """Global indices of the prompts ``host`` answers for: it verifies and delivers their rows kept from earlier
-    attempts (:func:`keep_earlier_rows`)."""
+def host_share(prompts: PromptSet, replica: int, num_replicas: int, strategy: str) -> list[int]:
+    """Global indices of the prompts ``replica`` answers for (every host of it: each is its own replica unless
+    ``hosts_per_replica`` > 1): its leader verifies and delivers their rows kept from earlier attempts
+    (:func:`keep_earlier_rows`)."""
     costs = [
         prompt_cost(prompts.tokens.length(i), int(prompts.max_new_tokens[i]), int(prompts.n_generations[i]))
         for i in range(len(prompts))
     ]
-    return shard_for_host(strategy, num_hosts, host, costs)
+    return shard_for_host(strategy, num_replicas, replica, costs)
 
 
 def earlier_rows(run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str) -> set[tuple[int, int]]:
@@ -62,12 +63,12 @@ def earlier_rows(run_dir: RunDir, attempts: tuple[str, ...], fingerprint: str) -
 
 
 def sampling_share(
-    prompts: PromptSet, earlier: set[tuple[int, int]], host: int, num_hosts: int, strategy: str
+    prompts: PromptSet, earlier: set[tuple[int, int]], replica: int, num_replicas: int, strategy: str
 ) -> list[int]:
-    """Global indices of the prompts with generations still to sample that ``host`` samples.
+    """Global indices of the prompts with generations still to sample that ``replica`` (every host of it) samples.
 
-    The missing work is spread over every host by the same strategy as a fresh run's (then it is the fresh run's
-    share): after a host died, a resume has every host sample part of what it lost.
+    The missing work is spread over every replica by the same strategy as a fresh run's (then it is the fresh run's
+    share): after a host died, a resume has every replica sample part of what it lost.
     """
     kept = collections.Counter(p for p, _ in earlier)
     todo = [p for p in range(len(prompts)) if kept[p] < prompts.n_generations[p]]
@@ -75,7 +76,7 @@ def sampling_share(
         prompt_cost(prompts.tokens.length(p), int(prompts.max_new_tokens[p]), int(prompts.n_generations[p]) - kept[p])
         for p in todo
     ]
-    return [todo[i] for i in shard_for_host(strategy, num_hosts, host, costs)]
+    return [todo[i] for i in shard_for_host(strategy, num_replicas, replica, costs)]
 
 
 def keep_earlier_rows(

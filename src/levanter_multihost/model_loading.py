@@ -1,8 +1,9 @@
-"""Loading the tokenizer and the model onto this host's own devices.
+"""Loading the tokenizer and the model onto the devices of this host's replica.
 
-Covers the local mesh (``jax.local_devices()`` only, model-parallel across the host's chips as
-``trainer.model_axis_size`` says) and loading an HF checkpoint (Levanter's converter) or a Levanter checkpoint
-straight onto it, so nothing crosses hosts. Leaves out engine construction (:mod:`levanter_multihost.generation`).
+Covers the replica's mesh (its hosts' devices: this host's own when ``hosts_per_replica`` is 1, else JAX's
+multi-process mesh over the group's; model-parallel over ``trainer.model_axis_size`` of them) and loading an HF
+checkpoint (Levanter's converter) or a Levanter checkpoint straight onto it, each host reading the shards its
+devices hold. Leaves out engine construction (:mod:`levanter_multihost.generation`).
 """
 
 import contextlib
@@ -26,29 +27,41 @@ from levanter.models.qwen import Qwen3Config
 from levanter.trainer import TrainerConfig
 
 from levanter_multihost.errors import ConfigError
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.runplan import ModelSource
 
 logger = logging.getLogger(__name__)
 
 
-def local_mesh(trainer: TrainerConfig) -> Mesh:
-    """A (replica, data, model) mesh of this host's devices only: ``model_axis_size`` chips per model replica."""
-    devices = jax.local_devices()
+def mesh_over(devices: list, trainer: TrainerConfig) -> Mesh:
+    """A (replica, data, model) mesh of ``devices`` (host by host, in order): ``model_axis_size`` consecutive
+    devices per model shard, so a model axis no wider than a host stays within the host."""
     model = trainer.model_axis_size
     if len(devices) % model != 0:
         raise ValueError(
-            f"trainer.model_axis_size ({model}) does not divide this host's {len(devices)} devices. "
+            f"trainer.model_axis_size ({model}) does not divide the replica's {len(devices)} devices. "
             f"Set it to a divisor of {len(devices)}."
         )
     grid = np.array(devices).reshape(1, len(devices) // model, model)
     return Mesh(grid, (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL))
 
 
+def replica_devices(replicas: Replicas, replica: int) -> list:
+    """Every device of ``replica``'s hosts (other processes' too: JAX's multi-process mesh), host by host."""
+    hosts = replicas.hosts_of(replica)
+    return sorted((d for d in jax.devices() if d.process_index in hosts), key=lambda d: (d.process_index, d.id))
+
+
 @contextlib.contextmanager
-def on_local_mesh(trainer: TrainerConfig):
-    """Make this host's mesh and the trainer's compute axis mapping current."""
-    with hax.partitioning.set_mesh(local_mesh(trainer)), hax.axis_mapping(trainer.compute_axis_mapping):
+def on_mesh(trainer: TrainerConfig, devices: list):
+    """Make the mesh of ``devices`` and the trainer's compute axis mapping current."""
+    with hax.partitioning.set_mesh(mesh_over(devices, trainer)), hax.axis_mapping(trainer.compute_axis_mapping):
         yield
+
+
+def on_local_mesh(trainer: TrainerConfig):
+    """:func:`on_mesh` of this host's devices only."""
+    return on_mesh(trainer, jax.local_devices())
 
 
 def resolve_location(name: str, field: str) -> str:
@@ -137,7 +150,7 @@ def checkpoint_config(ref) -> dict:
 
 
 def load_model(source: ModelSource, tokenizer) -> LmHeadModel:
-    """Load the model onto the current (local) mesh, in the trainer's compute dtype. Call inside on_local_mesh."""
+    """Load the model onto the current mesh, in the trainer's compute dtype. Call inside :func:`on_mesh`."""
     trainer = source.trainer
     mapping = trainer.compute_axis_mapping
     dtype = trainer.mp.compute_dtype

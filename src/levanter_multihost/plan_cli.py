@@ -4,9 +4,10 @@
     uv run levanter-multihost-plan --config_path config/sampler/tiny_local.yaml --num_hosts 4 --max_new_tokens 8
 
 Takes the sampler's own overrides (``--max_new_tokens 8``, ``--engine.max_seqs 64``, ...) and plans the run on
-``tpu_type``'s hosts (or ``--tpu_type``, ``--num_hosts``); a config without a TPU type is planned as the local
-launcher runs it: ``--num_hosts`` hosts (default 1) of ``trainer.model_axis_size`` devices. Token counts come from
-the tokenizer when it loads offline, counted as the sampler counts them; else each prompt counts as its UTF-8
+``tpu_type``'s hosts (or ``--tpu_type``, ``--num_hosts``), one engine per replica of ``hosts_per_replica`` hosts;
+a config without a TPU type is planned as the local launcher runs it: ``--num_hosts`` hosts (default 1), each
+replica of ``trainer.model_axis_size`` devices. Token counts come from the tokenizer when it loads offline,
+counted as the sampler counts them; else each prompt counts as its UTF-8
 bytes + 1 (an upper bound: a byte-level BPE token covers at least one byte, SentencePiece may add a prefix-space
 token); ``--prompt_tokens N`` counts every prompt as N. Exit status: 0 fits, 1 does not, 2 bad input. Seconds, no
 accelerator, no network.
@@ -23,6 +24,7 @@ from levanter_multihost.capacity import parse_tpu_type, report
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
 from levanter_multihost.errors import UserError
 from levanter_multihost.model_loading import resolve_location
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.resolution import check_values, resolve_capacity
 
 logger = logging.getLogger(__name__)
@@ -64,14 +66,15 @@ def plan_config(
         slice_ = parse_tpu_type(config.tpu_type) if config.tpu_type else None
     except ValueError as e:
         raise UserError(str(e)) from None
-    # a config without a TPU type is planned as the local launcher runs it: hosts of model_axis_size devices
-    local_devices = slice_.chips_per_host if slice_ else config.trainer.model_axis_size
-    check_values(config, local_devices)
+    hosts = num_hosts or (slice_.num_hosts if slice_ else 1)
+    # a config without a TPU type is planned as the local launcher runs it: replicas of model_axis_size devices
+    k = Replicas.of(config.hosts_per_replica, hosts).hosts_per_replica
+    local_devices = slice_.chips_per_host if slice_ else max(config.trainer.model_axis_size // k, 1)
+    check_values(config, hosts, local_devices)
     checkpoint = None
     if config.hf_checkpoint is not None:
         checkpoint = resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint")
     tokenizer = None if prompt_tokens is not None and not config.stop_sequences else offline_tokenizer(config)
-    hosts = num_hosts or (slice_.num_hosts if slice_ else 1)
     resolved = resolve_capacity(config, tokenizer, checkpoint, hosts, local_devices, prompt_tokens)
     capacity = resolved.capacity
     return dataclasses.replace(capacity, notes=(resolved.token_count, *capacity.notes))

@@ -27,6 +27,7 @@ from levanter_multihost.errors import ConfigError
 from levanter_multihost.fingerprint import run_identity
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
 from levanter_multihost.prompts import PromptError, PromptRecords, broken_rule, read_prompts
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.rundir import RunDir, fingerprint_hash
 from levanter_multihost.runplan import (
     EngineSettings,
@@ -67,7 +68,8 @@ def resolve_capacity(
     prompt_tokens: int | None = None,
 ) -> ResolvedCapacity:
     """Everything capacity needs from ``config``, on ``num_hosts`` hosts of ``local_devices`` devices (``tpu_type``
-    wins where set), its values already checked (:func:`check_values`); ``tokenizer`` None counts each prompt as its
+    wins where set) in replicas of ``hosts_per_replica``, its values already checked (:func:`check_values`);
+    ``tokenizer`` None counts each prompt as its
     UTF-8 bytes + 1, ``prompt_tokens`` as that many."""
     records = read_prompts(**prompt_source(config))
     checks.check_carried_columns(records, config.output_format)
@@ -118,13 +120,22 @@ def resolve_capacity(
     generations = encoding.per_prompt(records, "n_generations", config.n_generations)
     engine = config.engine.levanter()
     limits = capacity_inputs.engine_limits(engine)
-    slice_ = capacity_inputs.topology(config.tpu_type, num_hosts, local_devices)
+    replicas = Replicas.of(config.hosts_per_replica, num_hosts)
+    slice_ = capacity_inputs.topology(config.tpu_type, num_hosts, local_devices, replicas.hosts_per_replica)
     model = capacity_inputs.model_shape(checkpoint, config.trainer, limits) if slice_.generation is not None else None
     spec = capacity_inputs.run_spec(lengths, max_new, generations, stop, config.shard_strategy, config.batch_size)
     if config.engine.auto_size:
         engine = auto_sized(engine, limits, spec, slice_, model)
         limits = capacity_inputs.engine_limits(engine)
-    return ResolvedCapacity(prompts, stop, engine, plan_capacity(limits, spec, slice_, model), how)
+    capacity = plan_capacity(limits, spec, slice_, model)
+    if replicas.hosts_per_replica > 1 and config.trainer.model_axis_size <= slice_.chips_per_host:
+        note = (
+            f"trainer.model_axis_size ({config.trainer.model_axis_size}) is no wider than a host's "
+            f"{slice_.chips_per_host} chips: each replica holds a whole copy of the weights on every host. Set it to "
+            f"{slice_.chips_per_replica} to shard them over the replica's hosts."
+        )
+        capacity = dataclasses.replace(capacity, notes=(*capacity.notes, note))
+    return ResolvedCapacity(prompts, stop, engine, capacity, how)
 
 
 def byte_counts(records: PromptRecords) -> list[int]:
@@ -135,7 +146,7 @@ def byte_counts(records: PromptRecords) -> list[int]:
 
 def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_devices: int) -> RunPlan:
     """Every check that needs no model, and the plan the stages run; the same on every host."""
-    check_values(config, local_devices)
+    check_values(config, num_hosts, local_devices)
     checkpoint = (
         resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint")
         if config.hf_checkpoint is not None
@@ -196,6 +207,7 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
         resume=config.resume,
         overwrite=config.overwrite,
         shard_strategy=config.shard_strategy,
+        replicas=Replicas.of(config.hosts_per_replica, num_hosts),
         reporting=Reporting(
             tracker=config.trainer.tracker,
             run_name=config.run_name or os.path.basename(config.output_dir.rstrip("/")) or "levanter-multihost",
@@ -251,8 +263,9 @@ def prompt_source(config: SampleLmMultihostConfig) -> dict:
     }
 
 
-def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
-    """Checks on the config's own values: each names the field, the value and the fix."""
+def check_values(config: SampleLmMultihostConfig, num_hosts: int, local_devices: int) -> None:
+    """Checks on the config's own values for a job of ``num_hosts`` hosts of ``local_devices`` devices: each names
+    the field, the value and the fix."""
     checks.check_limits(config)
 
     def number(name: str, low: float, *, integer: bool = False, strict: bool = True) -> None:
@@ -290,11 +303,16 @@ def check_values(config: SampleLmMultihostConfig, local_devices: int) -> None:
         raise ConfigError(f"task ({config.task!r}) is not a known task. Use one of {list(TASKS)} or leave it unset.")
     if config.resume and config.overwrite:
         raise ConfigError("`resume` and `overwrite` are both true. Choose one.")
-    axis = config.trainer.model_axis_size
-    if local_devices % axis != 0:
+    k = Replicas.of(config.hosts_per_replica, num_hosts).hosts_per_replica
+    axis, devices = config.trainer.model_axis_size, k * local_devices
+    if devices % axis != 0:
+        where = (
+            f"this host's {devices} devices"
+            if k == 1
+            else f"a replica's {devices} devices ({k} hosts x {local_devices})"
+        )
         raise ConfigError(
-            f"trainer.model_axis_size ({axis}) does not divide this host's {local_devices} devices. "
-            f"Set it to a divisor of {local_devices}."
+            f"trainer.model_axis_size ({axis}) does not divide {where}. Set it to a divisor of {devices}."
         )
 
 

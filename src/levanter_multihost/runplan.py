@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from levanter_multihost.capacity import EngineLimits
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.rundir import RunDir
 
 if TYPE_CHECKING:  # Levanter's types only for annotations: the coordination and merge code stays light to import
@@ -152,7 +153,7 @@ class ModelSource:
     model: LmConfig
     """Architecture (read from the checkpoint's config for an HF checkpoint)."""
     trainer: TrainerConfig
-    """Per-host mesh (``model_axis_size``), axis mapping and precision."""
+    """The replica's mesh (``model_axis_size``), axis mapping and precision."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,9 @@ class RunPlan:
     overwrite: bool
     """Replace an earlier run's outputs (once this run's merge is written)."""
     shard_strategy: str
-    """How prompts are split over hosts (:mod:`levanter_multihost.sharding`)."""
+    """How prompts are split over replicas (:mod:`levanter_multihost.sharding`)."""
+    replicas: Replicas
+    """The job's hosts in replica groups: each runs one engine on one mesh over its hosts' chips."""
     reporting: Reporting
     output_format: str = "jsonl"
     """Format of the merged output: ``jsonl`` or ``parquet``."""

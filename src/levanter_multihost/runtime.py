@@ -165,10 +165,13 @@ def emulate_cpu_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def start(trainer: TrainerConfig, handle_signals: bool = False, engine_log: bool = False) -> HostContext:
+def start(
+    trainer: TrainerConfig, handle_signals: bool = False, engine_log: bool = False, cross_host_mesh: bool = False
+) -> HostContext:
     """Set up logging and JAX, join the distributed job, and return this host's context; with ``handle_signals``
     (the command line), SIGTERM and SIGINT stop this host cleanly (:func:`stop_on_signals`); ``engine_log`` keeps
-    Levanter's engine logging its decode rounds."""
+    Levanter's engine logging its decode rounds; ``cross_host_mesh`` (``hosts_per_replica`` other than 1) gives
+    CPU devices collectives across processes."""
     started_at = process_started_at()
     startup = [0.0, time.time() - started_at]
     setup_logging(os.environ.get(ENV_PROCESS_ID, "?"))
@@ -179,8 +182,9 @@ def start(trainer: TrainerConfig, handle_signals: bool = False, engine_log: bool
         jax.config.update("jax_compilation_cache_dir", trainer.jax_compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     # Host-data-parallel runs no cross-process collective. Without a CPU collectives backend, one that slipped in
-    # fails loudly instead of running, and each emulated host's devices talk in-process instead of over TCP.
-    jax.config.update("jax_cpu_collectives_implementation", None)
+    # fails loudly instead of running, and each emulated host's devices talk in-process instead of over TCP. A
+    # replica over several hosts needs them: gloo, over the distributed job's store (no effect on TPU or GPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo" if cross_host_mesh else None)
     CompileClock.install()
     ctx = HostContext(host=0, num_hosts=1, started_at=started_at, phases={"startup": [startup]})
     with ctx.phase("distributed_init"):

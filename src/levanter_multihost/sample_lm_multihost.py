@@ -34,10 +34,11 @@ from levanter_multihost.checks import timeouts
 from levanter_multihost.collector import Collector
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
 from levanter_multihost.coordination import DONE, READY, CoordinationError, Coordinator
-from levanter_multihost.errors import UserError
+from levanter_multihost.errors import UserError, first_line
 from levanter_multihost.generation import WorkItem, build_engine, check_engine_state, generate_batch
 from levanter_multihost.launch_env import ENV_PROCESS_ID
 from levanter_multihost.outputs import KeySpace, manifests_only, row_line
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.resolution import resolve
 from levanter_multihost.rundir import Decision, fingerprint_hash, new_attempt
 from levanter_multihost.runplan import RunPlan
@@ -53,7 +54,9 @@ logger = logging.getLogger(__name__)
 def main(config: SampleLmMultihostConfig, handle_signals: bool = False) -> None:
     """Run the job's stages on this host; every host of the job calls it with the same config."""
     seams.install()  # here, not in cli(): a caller of main() runs the same engine
-    ctx = runtime.start(config.trainer, handle_signals, config.engine_log)
+    ctx = runtime.start(
+        config.trainer, handle_signals, config.engine_log, cross_host_mesh=config.hosts_per_replica != 1
+    )
     seams.apply_ragged_attention(config.ragged_attention, announce=ctx.is_leader)
     link = coordination.connect(
         seams.distributed_client(), ctx.host, ctx.num_hosts, config.gather_chunk_bytes, timeouts(config)
@@ -108,7 +111,8 @@ def prepare_run_dir(plan: RunPlan, link: Coordinator, attempt: str) -> tuple[Dec
 def run_share(
     plan: RunPlan, ctx: HostContext, link: Coordinator, decision: Decision, earlier: set[tuple[int, int]]
 ) -> None:
-    """This host's share: rows kept from earlier attempts, then its batches, every part to the leader."""
+    """This host's share (its replica's): rows kept from earlier attempts, then its batches, every part to the
+    leader; only the replica's leader writes and sends rows, its other hosts sample the same batches with it."""
     spool = (leader.Spool() if plan.merge else leader.PartIndex(plan.run_dir.list_parts())) if ctx.is_leader else None
     collector = Collector(link, spool.add).start() if ctx.is_leader else None
     try:
@@ -118,18 +122,24 @@ def run_share(
             score = functools.partial(leader.task_score, task) if task is not None else None
             deliver = manifests_only(deliver, KeySpace(plan.prompts.n_generations), score)
         fingerprint = fingerprint_hash(plan.fingerprint)
-        share = host_work.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
-        kept, tokens_kept = host_work.keep_earlier_rows(
-            plan.run_dir,
-            decision.attempts,
-            fingerprint,
-            share,
-            plan.prompts,
-            plan.sampling.stop,
-            plan.tokenizer,
-            deliver,
+        replicas = plan.replicas
+        replica, writes = replicas.replica_of(ctx.host), replicas.leads_replica(ctx.host)
+        share = host_work.host_share(plan.prompts, replica, replicas.num_replicas, plan.shard_strategy)
+        kept, tokens_kept = set(), 0
+        if writes:
+            kept, tokens_kept = host_work.keep_earlier_rows(
+                plan.run_dir,
+                decision.attempts,
+                fingerprint,
+                share,
+                plan.prompts,
+                plan.sampling.stop,
+                plan.tokenizer,
+                deliver,
+            )
+        to_sample = host_work.sampling_share(
+            plan.prompts, earlier, replica, replicas.num_replicas, plan.shard_strategy
         )
-        to_sample = host_work.sampling_share(plan.prompts, earlier, ctx.host, ctx.num_hosts, plan.shard_strategy)
         items = host_work.work_items(plan.prompts, to_sample, earlier)
         batches = host_work.batches(items, plan.engine)
         logger.info(
@@ -140,9 +150,13 @@ def run_share(
             len(items),
             len(batches),
         )
-        stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver, collector) if batches else []
+        stats = (
+            sample(plan, ctx, batches, decision.attempt, fingerprint, deliver if writes else None, collector)
+            if batches
+            else []
+        )
         metrics = summary.host_metrics(
-            ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept
+            ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept, replica, writes
         )
         if not ctx.is_leader:
             link.send_end(metrics.to_json())
@@ -162,11 +176,14 @@ def sample(
     batches: list[list[WorkItem]],
     attempt: str,
     fingerprint: str,
-    deliver: host_work.Deliver,
+    deliver: host_work.Deliver | None,
     collector: Collector | None,
 ) -> list[BatchRecord]:
-    """Load the model onto this host's chips and sample every batch; no cross-host communication."""
-    with model_loading.on_local_mesh(plan.model.trainer):
+    """Load the model onto the chips of this host's replica and sample every batch; ``deliver`` None: a replica
+    member that is not its leader, which runs the same batches (their collectives) and writes nothing."""
+    replica = plan.replicas.replica_of(ctx.host)
+    devices = model_loading.replica_devices(plan.replicas, replica)
+    with replica_collectives(plan.replicas, replica), model_loading.on_mesh(plan.model.trainer, devices):
         with ctx.phase("model_load"):
             model = model_loading.load_model(plan.model, plan.tokenizer)
         scoring_rows = plan.prompts.completions is not None  # one forward pass a batch, no engine
@@ -202,19 +219,22 @@ def sample(
             ):
                 ctx.add(name, start, start + seconds)
                 start += seconds
-            with ctx.phase("write"):
-                if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
-                    plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
-                data = b"".join(row_line(row, extra) for row, extra in rows)
-                part = plan.run_dir.write_part(
-                    data, items[0].global_index, items[-1].global_index, fingerprint, attempt, ctx.host, b
-                )
-            with ctx.phase("send"):
-                deliver({"kind": "batch", "batch": b, "rows": len(rows), "part": part.name}, data)
+            write_s = 0.0
+            if deliver is not None:  # (the replica's other hosts hold the same rows: its leader writes them)
+                with ctx.phase("write"):
+                    if ctx.is_leader:  # (a worker's local output_dir holds no run.json; its parts reach the leader)
+                        plan.run_dir.check_still_ours(attempt)  # else the part would go where nobody reads it
+                    data = b"".join(row_line(row, extra) for row, extra in rows)
+                    part = plan.run_dir.write_part(
+                        data, items[0].global_index, items[-1].global_index, fingerprint, attempt, ctx.host, b
+                    )
+                with ctx.phase("send"):
+                    deliver({"kind": "batch", "batch": b, "rows": len(rows), "part": part.name}, data)
+                written = ctx.phases["write"][-1]
+                write_s = written[1] - written[0]
             progress.batch_done(batch.tokens, batch.decode_s)
             if collector is not None:
                 collector.check()  # a host failed or went silent: stop now rather than after this host's share
-            written = ctx.phases["write"][-1]
             stats.append(
                 BatchRecord(
                     batch=b,
@@ -223,13 +243,29 @@ def sample(
                     compile_s=batch.compile_prefill_s + batch.compile_decode_s,
                     prefill_s=batch.prefill_s,
                     decode_s=batch.decode_s,
-                    write_s=written[1] - written[0],
+                    write_s=write_s,
                     pages_after_prefill=batch.pages_after_prefill,
                     outer_rounds=batch.outer_rounds,
                     waves=batch.waves,
                 )
             )
     return stats
+
+
+@contextlib.contextmanager
+def replica_collectives(replicas: Replicas, replica: int):
+    """A collective of a replica of several hosts that fails over gloo (a host of the replica died or left) is a
+    :class:`CoordinationError` of one line on the host that noticed, not a traceback."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if replicas.hosts_per_replica == 1 or "Gloo" not in str(e):
+            raise
+        hosts = replicas.hosts_of(replica)
+        raise CoordinationError(
+            f"A collective of replica {replica} (hosts {hosts[0]}-{hosts[-1]}) failed: a host of it died or left "
+            f"({first_line(e)}). Its parts written so far are durable; rerun with resume: true."
+        ) from None
 
 
 def cli() -> None:

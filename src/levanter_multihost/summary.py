@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.tables import format_table
 
 HOST_METRICS = (
+    "replica",
     "prompts",
     "rows",
     "rows_kept",
@@ -39,8 +41,11 @@ HOST_METRICS = (
     "gather_bytes",
 )
 """Scalar per-host metrics, logged as ``host/<i>/<name>``."""
+REPLICA_COUNTS = ("rows", "rows_kept", "tokens", "batches")
+"""Per replica, its leader's counts (the rows it wrote), logged as ``replica/<r>/<name>``."""
 TABLE_COLUMNS = (
     ("host", "host", "{}"),
+    ("replica", "replica", "{}"),
     ("prompts", "prompts", "{:d}"),
     ("rows", "rows", "{:d}"),
     ("tokens_generated", "sampled tok", "{:d}"),
@@ -104,6 +109,11 @@ class HostMetrics:
     peak_rss_bytes: int
     gather_bytes: int = 0
     """Bytes it sent the leader; filled in by the leader."""
+    replica: int = 0
+    """The replica group it samples in (its own, ``hosts_per_replica`` 1)."""
+    writes_rows: bool = True
+    """It leads its replica: it writes and sends the replica's rows (the others sample the same batches with it
+    and count them too, so the job's totals take only the rows' writers)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +131,8 @@ def host_metrics(
     batches: Sequence[BatchRecord],
     rows_kept: int,
     tokens_kept: int,
+    replica: int = 0,
+    writes_rows: bool = True,
 ) -> HostMetrics:
     """A host's metrics from its phases and its batches (``gather_bytes`` is filled in by the leader)."""
     sampled = sum(b.sequences for b in batches)
@@ -150,27 +162,34 @@ def host_metrics(
         pages_after_prefill=max((b.pages_after_prefill for b in batches), default=0),
         write_s=sum(b.write_s for b in batches),
         peak_rss_bytes=peak_rss_bytes(),
+        replica=replica,
+        writes_rows=writes_rows,
     )
 
 
 def build_summary(
     host_metrics: Sequence[HostMetrics], *, num_prompts: int, wall_clock_s: float, leader_wait_s: float
 ) -> dict[str, Any]:
-    """Flat summary: ``sample/*`` totals and ``host/<i>/<metric>`` for every host, idle hosts included."""
+    """Flat summary: ``sample/*`` totals (rows and tokens once per replica: its leader's), ``replica/<r>/<count>``
+    for every replica and ``host/<i>/<metric>`` for every host, idle hosts included."""
+    writers = [m for m in host_metrics if m.writes_rows]
     times = [m.generate_s for m in host_metrics]
     mean = sum(times) / len(times) if times else 0.0
     slowest = max(times, default=0.0)
-    sampled = sum(m.tokens_generated for m in host_metrics)
-    tokens = sum(m.tokens for m in host_metrics)
+    sampled = sum(m.tokens_generated for m in writers)
+    tokens = sum(m.tokens for m in writers)
+    replicas = Replicas(len(host_metrics) // max(len(writers), 1), len(host_metrics))
     out: dict[str, Any] = {
         "sample/total_prompts": num_prompts,
-        "sample/total_sequences": sum(m.rows for m in host_metrics),
+        "sample/total_sequences": sum(m.rows for m in writers),
         "sample/total_generated_tokens": tokens,
         "sample/tokens_sampled": sampled,
-        "sample/rows_kept": sum(m.rows_kept for m in host_metrics),
+        "sample/rows_kept": sum(m.rows_kept for m in writers),
         "sample/num_hosts": len(host_metrics),
-        "sample/inference_mode": "host_data_parallel",
-        "sample/batches": sum(m.batches for m in host_metrics),
+        "sample/num_replicas": replicas.num_replicas,
+        "sample/hosts_per_replica": replicas.hosts_per_replica,
+        "sample/inference_mode": replicas.mode,
+        "sample/batches": sum(m.batches for m in writers),
         "sample/wall_clock_s": wall_clock_s,
         "sample/leader_wait_s": leader_wait_s,
         "sample/gather_bytes": sum(m.gather_bytes for m in host_metrics),
@@ -181,6 +200,9 @@ def build_summary(
         "sample/job_tokens_per_s": sampled / slowest if slowest > 0 else 0.0,
         "sample/end_to_end_tokens_per_s": tokens / wall_clock_s if wall_clock_s > 0 else 0.0,
     }
+    for m in writers:
+        for name in REPLICA_COUNTS:
+            out[f"replica/{m.replica}/{name}"] = getattr(m, name)
     for m in host_metrics:
         for name in HOST_METRICS:
             out[f"host/{m.host}/{name}"] = getattr(m, name)
@@ -188,12 +210,18 @@ def build_summary(
 
 
 def format_summary(host_metrics: Sequence[HostMetrics], summary: dict[str, Any]) -> str:
-    """One row per host, a totals row (sums; slowest host for times), and the three throughputs."""
-    hosts = [m.to_json() for m in sorted(host_metrics, key=lambda m: m.host)]
-    totals: dict[str, Any] = {"host": "all"}
-    for key, _, _ in TABLE_COLUMNS[1:]:
-        values = [m[key] for m in hosts]
-        totals[key] = None if key == "decode_tokens_per_s" else (max if key.endswith("_s") else sum)(values)
+    """One row per host (its replica, and the rows it wrote: a replica's other hosts write none), a totals row
+    (sums over the rows' writers; slowest host for times), and the three throughputs."""
+    hosts = [
+        {**m.to_json(), **({} if m.writes_rows else {"rows": 0, "tokens_generated": 0})}
+        for m in sorted(host_metrics, key=lambda m: m.host)
+    ]
+    totals: dict[str, Any] = {"host": "all", "replica": None}
+    for key, _, _ in TABLE_COLUMNS[2:]:
+        if key.endswith("_s"):
+            totals[key] = None if key == "decode_tokens_per_s" else max(m[key] for m in hosts)
+        else:  # a replica's prompts and batches once, as its rows
+            totals[key] = sum(m[key] for m in hosts if m["writes_rows"])
     table = format_table(hosts, TABLE_COLUMNS, totals)
     tail = (
         f"decode tok/s per host (above); job {summary['sample/job_tokens_per_s']:.0f} tok/s (sampled tokens / "

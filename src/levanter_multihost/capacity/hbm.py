@@ -47,9 +47,10 @@ def effective_max_pages(
         problem = Problem(
             "trainer.model_axis_size",
             f"The weights need {gib(model.weight_bytes_per_chip)} on a chip, above the {gib(hbm)} of a {gen.name} "
-            f"chip. Shard them over the host's {topology.chips_per_host} chips: set trainer.model_axis_size to "
-            f"{topology.chips_per_host} and trainer.tensor_parallel_axes to [heads, mlp, kv_head, vocab].",
-            topology.chips_per_host,
+            f"chip. Shard them over the {topology.unit}'s {topology.chips_per_replica} chips: set "
+            f"trainer.model_axis_size to {topology.chips_per_replica} and trainer.tensor_parallel_axes to "
+            "[heads, mlp, kv_head, vocab] (or put more hosts in a replica: hosts_per_replica).",
+            topology.chips_per_replica,
         )
         return engine.max_pages, [problem], []
     fits = int(free // per_page)

@@ -1,6 +1,7 @@
-"""The capacity plan of a run: per host, its prompts, its batches and what they need; every problem with its fix.
+"""The capacity plan of a run: per replica (a host, or a group of hosts running one engine), its prompts, its
+batches and what they need; every problem with its fix.
 
-Pure Python. :func:`plan_capacity` shards the prompts as the sampler does, packs each host's share into
+Pure Python. :func:`plan_capacity` shards the prompts as the sampler does, packs each replica's share into
 batches (:class:`~levanter_multihost.capacity.batch.BatchPacker`), forecasts each batch and checks the engine's
 construction rules, the prompts that cannot fit a call at all, the stop sequences and HBM.
 """
@@ -56,10 +57,10 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class HostPlan:
-    """One host's share, packed into batches."""
+    """One replica's share, packed into batches (a replica is one host unless ``hosts_per_replica`` > 1)."""
 
     host: int
-    """Host index (JAX process index)."""
+    """Replica index: the host index (JAX process index) when every host is its own replica."""
     prompts: int
     """Prompts on this host."""
     sequences: int
@@ -151,7 +152,8 @@ class CapacityPlan:
 def plan_capacity(
     engine: EngineLimits, run: RunSpec, topology: Topology, model: ModelShape | None = None
 ) -> CapacityPlan:
-    """Plan ``run`` on ``topology`` with one engine of ``engine`` limits per host."""
+    """Plan ``run`` on ``topology`` with one engine of ``engine`` limits per replica (per host unless
+    ``topology.hosts_per_replica`` says otherwise)."""
     problems = construction_problems(engine)
     problems += stop_problems(engine, run.stop_sequences, run.longest_stop_tokens)
     max_pages, hbm_problems, notes = effective_max_pages(engine, topology, model)
@@ -186,7 +188,7 @@ def plan_capacity(
         )
     hosts: tuple[HostPlan, ...] = ()
     if not unpackable:  # the other problems leave the packing as it is: show it
-        hosts = _host_plans(engine, max_pages, run, topology.num_hosts)
+        hosts = _host_plans(engine, max_pages, run, topology.replicas)
     problems += hbm_problems
     if model is not None and max_pages is not None and topology.generation is not None and hosts:
         notes.append(
@@ -197,7 +199,7 @@ def plan_capacity(
     if model is not None and run.demands:
         share = max(
             (h.sequences for h in hosts),
-            default=ceil_div(sum(d.generations for d in run.demands), topology.num_hosts),
+            default=ceil_div(sum(d.generations for d in run.demands), topology.replicas),
         )
         proposal = propose(engine, worst, share, topology, model)
     return CapacityPlan(

@@ -38,9 +38,12 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
         f"at most {plan.batch.sequences:,} of the longest prompt, set by {plan.batch.limited_by} ({bounds})",
         "batch_size",
     )
+    unit = plan.topology.unit
     if plan.hosts:
         add(
-            "batches per host", _range(plan.batches_per_host), f"for {_range(plan.prompts_per_host)} prompts per host"
+            f"batches per {unit}",
+            _range(plan.batches_per_host),
+            f"for {_range(plan.prompts_per_host)} prompts per {unit}",
         )
     if plan.max_pages is None:
         add("max_pages", "unset", f"{plan.pages_required:,} for the largest batch at full length")
@@ -70,6 +73,12 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
         add("max_stop_seqs", e.max_stop_seqs, f">= {run.stop_sequences} stop sequences", "engine.max_stop_seqs")
         add("max_stop_tokens", e.max_stop_tokens, f">= {run.longest_stop_tokens} tokens", "engine.max_stop_tokens")
     gen = plan.topology.generation
+    if plan.topology.hosts_per_replica > 1 and gen is not None:
+        chips = plan.topology.chips_per_replica
+        across = f"{plan.topology.hosts_per_replica} hosts x {plan.topology.chips_per_host} chips"
+        if plan.hbm_per_chip is not None:
+            across = f"{gib(plan.hbm_per_chip * chips)} at most ({chips} x the busiest chip's) on {across}"
+        out.append((f"HBM per replica ({chips} chips)", gib(chips * gen.hbm_bytes_per_chip), across, "info"))
     if plan.hbm_per_chip is not None and gen is not None:
         out.append(
             (
@@ -86,7 +95,7 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
             (
                 "decode step (HBM-bound)",
                 f"{step * 1e3:.2f} ms",
-                f"{plan.largest_batch} sequences mid-decode: {tokens_per_s:,.0f} tok/s per host at the bound",
+                f"{plan.largest_batch} sequences mid-decode: {tokens_per_s:,.0f} tok/s per {unit} at the bound",
                 "info",
             )
         )
@@ -96,7 +105,9 @@ def rows(plan: CapacityPlan) -> list[tuple[str, str, str, str]]:
         bound = (
             ""
             if proposal.step_s is None
-            else (f"; step {proposal.step_s * 1e3:.2f} ms, {proposal.tokens_per_s:,.0f} tok/s per host at the bound")
+            else (
+                f"; step {proposal.step_s * 1e3:.2f} ms, {proposal.tokens_per_s:,.0f} tok/s per {unit} at the bound"
+            )
         )
         out.append(
             (
@@ -147,7 +158,7 @@ def fix_line(fixes: dict[str, int] | None) -> str:
 
 
 def to_dict(plan: CapacityPlan) -> dict:
-    """The plan as JSON-ready data."""
+    """The plan as JSON-ready data; its per-host lists count replicas where ``hosts_per_replica`` > 1."""
     gen = plan.topology.generation
     decode = plan.decode_bound_s
     return {
@@ -155,6 +166,8 @@ def to_dict(plan: CapacityPlan) -> dict:
         "tpu_type": plan.topology.name,
         "num_hosts": plan.topology.num_hosts,
         "chips_per_host": plan.topology.chips_per_host,
+        "hosts_per_replica": plan.topology.hosts_per_replica,
+        "num_replicas": plan.topology.replicas,
         "prompts": len(plan.run.demands),
         "prompts_per_host": plan.prompts_per_host,
         "batches_per_host": plan.batches_per_host,

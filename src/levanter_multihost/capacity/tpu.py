@@ -40,17 +40,38 @@ class Topology:
     """The slice: how many hosts, how many chips each, and which TPU generation (None when unknown)."""
 
     num_hosts: int = 1
-    """Hosts (JAX processes); each runs its own engine on its own chips."""
+    """Hosts (JAX processes); each replica of ``hosts_per_replica`` of them runs one engine on their chips."""
     chips_per_host: int = 1
     """Accelerator chips (or emulated CPU devices) on each host."""
     generation: TpuGeneration | None = None
     """TPU generation, for HBM capacity and bandwidth; None skips the HBM check and the roofline."""
     name: str | None = None
     """Slice name this topology was parsed from (e.g. v5p-32), for reports."""
+    hosts_per_replica: int = 1
+    """Hosts whose chips hold one copy of the model and run one engine together (a divisor of ``num_hosts``)."""
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the model, each one engine: the planner's unit of work."""
+        return self.num_hosts // self.hosts_per_replica
+
+    @property
+    def chips_per_replica(self) -> int:
+        return self.hosts_per_replica * self.chips_per_host
+
+    @property
+    def unit(self) -> str:
+        """What one engine runs on, as reports name it: a host, or a replica of several."""
+        return "host" if self.hosts_per_replica == 1 else "replica"
 
     def describe(self) -> str:
         where = f"{self.name}: " if self.name else ""
-        return f"{where}{self.num_hosts} host(s) x {self.chips_per_host} chip(s)"
+        if self.hosts_per_replica == 1:
+            return f"{where}{self.num_hosts} host(s) x {self.chips_per_host} chip(s)"
+        return (
+            f"{where}{self.replicas} replica(s) x {self.hosts_per_replica} hosts x {self.chips_per_host} chip(s) "
+            f"({self.chips_per_replica} chips per replica)"
+        )
 
 
 def parse_tpu_type(tpu_type: str) -> Topology:
