@@ -158,7 +158,9 @@ def test_the_plan_and_the_tracker_see_the_checkpoints_own_shape(tmp_path):
     logged = resolved.reporting.config["config"]["model"]
     assert (logged["type"], logged["hidden_dim"], logged["num_heads"], logged["num_kv_heads"]) == ("qwen3", 32, 8, 4)
     assert type(resolved.model.model).__name__ == "Qwen3Config"
-    shape = capacity_inputs.model_shape(str(QWEN3), resolved.model.trainer, resolved.engine.limits)  # trainer.mp is f32
+    shape = capacity_inputs.model_shape(
+        str(QWEN3), resolved.model.trainer, resolved.engine.limits
+    )  # trainer.mp is f32
     assert shape.weight_bytes == sum(a.nbytes for a in load_file(QWEN3 / "model.safetensors").values())
 
 

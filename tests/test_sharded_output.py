@@ -180,9 +180,9 @@ def test_a_replaced_runs_merged_output_goes_and_a_users_readme_stays(tmp_path):
 
 def test_merge_false_takes_jsonl_parts_only():
     config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=["--merge=false"])
-    check_values(config, 4)
+    check_values(config, 1, 4)
     config = draccus.parse(
         SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=["--merge=false", "--output_format=parquet"]
     )
     with pytest.raises(ConfigError, match=r"^output_format \('parquet'\) is the merged file's, but merge is false"):
-        check_values(config, 4)
+        check_values(config, 1, 4)
