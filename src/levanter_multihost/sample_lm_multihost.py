@@ -113,19 +113,22 @@ def run_share(
     try:
         deliver = (lambda header, data: spool.add(ctx.host, header, data)) if ctx.is_leader else link.send_part
         fingerprint = fingerprint_hash(plan.fingerprint)
-        share = host_work.host_share(plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy)
+        with ctx.phase("prepare"):
+            prompts, share, to_sample = host_work.host_prompts(
+                plan.prompts, ctx.host, ctx.num_hosts, plan.shard_strategy, earlier
+            )
         kept, tokens_kept = host_work.keep_earlier_rows(
             plan.run_dir,
             decision.attempts,
             fingerprint,
             share,
-            plan.prompts,
+            prompts,
             plan.sampling.stop,
             plan.tokenizer,
             deliver,
+            len(plan.prompts),
         )
-        to_sample = host_work.sampling_share(plan.prompts, earlier, ctx.host, ctx.num_hosts, plan.shard_strategy)
-        items = host_work.work_items(plan.prompts, to_sample, earlier)
+        items = host_work.work_items(prompts, to_sample, earlier)
         batches = host_work.batches(items, plan.engine)
         logger.info(
             "host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches",
@@ -135,7 +138,12 @@ def run_share(
             len(items),
             len(batches),
         )
-        stats = sample(plan, ctx, batches, decision.attempt, fingerprint, deliver, collector) if batches else []
+        scoring_rows = prompts.completions is not None  # one forward pass a batch, no engine
+        stats = (
+            sample(plan, ctx, batches, scoring_rows, decision.attempt, fingerprint, deliver, collector)
+            if batches
+            else []
+        )
         metrics = summary.host_metrics(
             ctx.host, ctx.started_at, ctx.phases, len(share), stats, len(kept), tokens_kept
         )
@@ -155,6 +163,7 @@ def sample(
     plan: RunPlan,
     ctx: HostContext,
     batches: list[list[WorkItem]],
+    scoring_rows: bool,
     attempt: str,
     fingerprint: str,
     deliver: host_work.Deliver,
@@ -164,7 +173,6 @@ def sample(
     with model_loading.on_local_mesh(plan.model.trainer):
         with ctx.phase("model_load"):
             model = model_loading.load_model(plan.model, plan.tokenizer)
-        scoring_rows = plan.prompts.completions is not None  # one forward pass a batch, no engine
         with ctx.phase("engine_build"):
             engine = (
                 None
