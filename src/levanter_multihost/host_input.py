@@ -29,7 +29,7 @@ from levanter_multihost.prompts import PromptError, file_kind
 from levanter_multihost.runplan import PromptSet
 from levanter_multihost.sharding import cost_ranges
 
-SCAN_CHUNK_BYTES = 16 * 1024**2
+SCAN_CHUNK_BYTES = 4 * 1024**2
 """Bytes the scan reads at a time: its memory stays flat in the file's size."""
 SPELLS_A_KEY = (b"n_generations", b"\\u")
 """A line whose row can set `n_generations` holds its key spelled out, or spelled with ``\\u`` escapes."""
