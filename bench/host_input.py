@@ -17,6 +17,8 @@ as before per-host input) and ``new`` with the default threshold (each host scan
 share). Per host:
 
 - ``stage s``: wall time of that stage (``time.perf_counter``);
+- ``stage CPU s``: the process's CPU seconds in it, all threads (``resource.getrusage``): other users' load on
+  the shared machine hardly moves it;
 - ``RSS before MiB``: the process's resident set (``/proc/self/status`` VmRSS) after its imports, before the stage;
 - ``peak RSS MiB``: the process's peak resident set at the end (``resource.getrusage`` ``ru_maxrss``);
 - ``stage +MiB``: peak less before: the memory the stage itself took;
@@ -45,6 +47,11 @@ def rss_mib() -> float:
     return kib / 1024
 
 
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def host_stage(config_path: str, host: int, hosts: int, leader_pass: bool) -> dict:
     """One host's prompt stage, in this process (run by the parent with ``--host``)."""
     import draccus
@@ -56,10 +63,12 @@ def host_stage(config_path: str, host: int, hosts: int, leader_pass: bool) -> di
 
     config = draccus.parse(SampleLmMultihostConfig, config_path=config_path, args=[])
     before = rss_mib()
+    cpu = cpu_s()
     start = time.perf_counter()
     plan = resolve(config, host, hosts, 1)
     prompts, share, to_sample = host_work.host_prompts(plan.prompts, host, hosts, plan.shard_strategy, set())
     seconds = time.perf_counter() - start
+    cpu = cpu_s() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     after = rss_mib()
     items = host_work.work_items(prompts, to_sample, set())  # the next step, the same in both modes
@@ -70,6 +79,7 @@ def host_stage(config_path: str, host: int, hosts: int, leader_pass: bool) -> di
         "share": len(share),
         "work_items": len(items),
         "stage_s": seconds,
+        "stage_cpu_s": cpu,
         "rss_before_mib": before,
         "peak_rss_mib": peak,
         "stage_mib": peak - before,
@@ -97,6 +107,7 @@ COLUMNS = [
     ("prompts_read", "prompts read", "{:,}"),
     ("share", "share", "{:,}"),
     ("stage_s", "stage s", "{:.2f}"),
+    ("stage_cpu_s", "stage CPU s", "{:.2f}"),
     ("rss_before_mib", "RSS before MiB", "{:.0f}"),
     ("peak_rss_mib", "peak RSS MiB", "{:.0f}"),
     ("stage_mib", "stage +MiB", "{:.0f}"),
@@ -150,6 +161,7 @@ def main() -> None:
         mine = [r for r in rows if r["mode"] == mode]
         summary[mode] = {
             "max_stage_s": max(r["stage_s"] for r in mine),
+            "max_stage_cpu_s": max(r["stage_cpu_s"] for r in mine),
             "max_peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
             "max_stage_mib": max(r["stage_mib"] for r in mine),
         }

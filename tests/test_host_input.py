@@ -163,3 +163,14 @@ def test_the_feature_run_on_three_hosts_read_its_jsonl_per_host(features_3):
     """The 3-host feature run reads its JSONL per host (its rows equal the 1-host dataset run's, test_features)."""
     for host in range(3):
         assert f"host {host}: reads prompts" in features_3.output
+
+
+def test_a_file_whose_hosts_would_score_some_rows_and_generate_others_fails_at_the_merge(tmp_path):
+    """Each host checks that its rows all have a `completion` or none do; across hosts the leader's pass checks."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": f"{i}+1=", **({"completion": f"{i + 1}."} if i < 15 else {})} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = plan(tmp_path, path, "--per_host_input_min_bytes=0", "--n_generations=1", num_hosts=2).prompts
+    assert [len(source.read_share(source.share(h, 2, set()))) for h in range(2)] == [15, 15]
+    with pytest.raises(PromptError, match=r"Row 15 has no `completion`, but row 0 does"):
+        source.n_generations

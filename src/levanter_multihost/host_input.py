@@ -31,8 +31,8 @@ from levanter_multihost.sharding import cost_ranges
 
 SCAN_CHUNK_BYTES = 4 * 1024**2
 """Bytes the scan reads at a time: its memory stays flat in the file's size."""
-SPELLS_A_KEY = (b"n_generations", b"\\u")
-"""A line whose row can set `n_generations` holds its key spelled out, or spelled with ``\\u`` escapes."""
+SPELLS_A_KEY = (b"n_generations", b"completion", b"\\u")
+"""A line whose row can set `n_generations` or a `completion` holds the key spelled out, or with ``\\u`` escapes."""
 
 
 @dataclass(frozen=True)
@@ -109,17 +109,24 @@ class HostInput:
     @functools.cached_property
     def n_generations(self) -> np.ndarray:
         """Every prompt's generations: the row's `n_generations`, else the config's. One streaming pass, parsing
-        only the lines that can set it (each host has checked the values of its own rows)."""
+        only the lines that can set it (each host has checked the values of its own rows); it also checks what no
+        host sees alone: a run scores every row (each has a `completion`) or none."""
         values = np.full(len(self), self.generations, dtype=np.int32)
         if self.index.path.endswith(".txt"):
             return values
+        scored = {}  # True / False: the first row with / without a completion
         _, fs, fs_path = file_kind(self.index.path)
         with fs.open(fs_path, "rb") as f:
             for i, line in enumerate(f):
-                if any(key in line for key in SPELLS_A_KEY):
-                    value = json.loads(line).get("n_generations")
-                    if value is not None:
-                        values[i] = int(value)
+                row = json.loads(line) if any(key in line for key in SPELLS_A_KEY) else {}
+                if row.get("n_generations") is not None:
+                    values[i] = int(row["n_generations"])
+                scored.setdefault(row.get("completion") is not None, i)
+        if len(scored) == 2:
+            raise PromptError(
+                f"Row {scored[False]} has no `completion`, but row {scored[True]} does: a run scores every row or "
+                "none. Give every row a completion, or split the input."
+            )
         return values
 
 
