@@ -12,9 +12,10 @@ from multihost import TINY_CONFIG
 from levanter_multihost import host_input
 from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.host_input import HostInput, scan
-from levanter_multihost.host_work import host_prompts, work_items
+from levanter_multihost.host_work import earlier_rows, host_prompts, keep_earlier_rows, work_items
 from levanter_multihost.prompts import PromptError
 from levanter_multihost.resolution import resolve
+from levanter_multihost.rundir import fingerprint_hash
 from levanter_multihost.sharding import cost_ranges
 
 COLUMNS = ("max_new_tokens", "temperature", "n_generations", "top_k", "top_p", "min_p", "seed")
@@ -159,10 +160,45 @@ def test_small_files_and_inline_prompts_are_read_whole_as_before(tmp_path, rows_
 
 
 @pytest.mark.multihost
-def test_the_feature_run_on_three_hosts_read_its_jsonl_per_host(features_3):
-    """The 3-host feature run reads its JSONL per host (its rows equal the 1-host dataset run's, test_features)."""
+def test_the_feature_run_on_three_hosts_read_its_jsonl_per_host_and_resumes_from_its_rows(
+    features_3, eos_checkpoint, feature_inputs
+):
+    """The 3-host feature run reads its JSONL per host (its rows equal the 1-host dataset run's, test_features).
+    Resumed on 2 hosts, each host verifies and keeps exactly the rows of its share, and nothing is left to sample."""
     for host in range(3):
         assert f"host {host}: reads prompts" in features_3.output
+    args = [
+        f"--hf_checkpoint={eos_checkpoint}",
+        f"--prompts_file={feature_inputs / 'rows.jsonl'}",
+        *FEATURE_FLAGS,
+        "--shard_strategy=balanced",
+        "--per_host_input_min_bytes=0",
+        f"--output_dir={features_3.output_dir}",
+    ]
+    config = draccus.parse(SampleLmMultihostConfig, config_path=str(TINY_CONFIG), args=args)
+    kept = []
+    for host in range(2):
+        resumed = resolve(config, host=host, num_hosts=2, local_devices=1)
+        fingerprint = fingerprint_hash(resumed.fingerprint)
+        attempts = tuple(resumed.run_dir.read_run_file()["attempts"])
+        earlier = earlier_rows(resumed.run_dir, attempts, fingerprint)
+        prompts, share, to_sample = host_prompts(resumed.prompts, host, 2, resumed.shard_strategy, earlier)
+        keys, _ = keep_earlier_rows(
+            resumed.run_dir,
+            attempts,
+            fingerprint,
+            share,
+            prompts,
+            resumed.sampling.stop,
+            resumed.tokenizer,
+            lambda header, data: None,
+            len(resumed.prompts),
+        )
+        assert keys == {key for key in earlier if key[0] in share} and not work_items(prompts, to_sample, keys)
+        kept.append(keys)
+    assert not kept[0] & kept[1] and kept[0] | kept[1] == {
+        (r["global_prompt_index"], r["generation_index"]) for r in features_3.rows()
+    }
 
 
 def test_a_file_whose_hosts_would_score_some_rows_and_generate_others_fails_at_the_merge(tmp_path):
@@ -173,4 +209,4 @@ def test_a_file_whose_hosts_would_score_some_rows_and_generate_others_fails_at_t
     source = plan(tmp_path, path, "--per_host_input_min_bytes=0", "--n_generations=1", num_hosts=2).prompts
     assert [len(source.read_share(source.share(h, 2, set()))) for h in range(2)] == [15, 15]
     with pytest.raises(PromptError, match=r"Row 15 has no `completion`, but row 0 does"):
-        source.n_generations
+        _ = source.n_generations
