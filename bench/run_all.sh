@@ -18,6 +18,7 @@ run bench/scale.py prompts
 run bench/gather_cost.py
 run bench/sharding.py
 run bench/scale.py hosts
+run bench/host_input.py
 run bench/decode_program.py --shape llama8b --batch 1,64,256,1024 --seams off,on \
     --out bench/results/decode_program.json
 if uv run python -c "import sys; sys.path.insert(0, '${TORCH_PATH:-}'); import torch" 2>/dev/null; then

@@ -150,9 +150,11 @@ def _features(tmp_path_factory, eos_checkpoint, hosts: int, source: str, *flags:
 
 @pytest.fixture(scope="session")
 def features_3(tmp_path_factory, eos_checkpoint, feature_inputs):
-    """FEATURE_ROWS from JSONL on 3 hosts, sharded by cost."""
+    """FEATURE_ROWS from JSONL on 3 hosts, sharded by cost, each host reading only its share of the file."""
     source = f"--prompts_file={feature_inputs / 'rows.jsonl'}"
-    return _features(tmp_path_factory, eos_checkpoint, 3, source, "--shard_strategy=balanced")
+    return _features(
+        tmp_path_factory, eos_checkpoint, 3, source, "--shard_strategy=balanced", "--per_host_input_min_bytes=0"
+    )
 
 
 @pytest.fixture(scope="session")

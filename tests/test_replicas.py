@@ -1,6 +1,7 @@
 """Replica groups (``hosts_per_replica``): the group arithmetic and its checks, the planner per replica, the
 summary's per-replica counts, and the sampler on 4 emulated hosts x 4 devices as 2 replicas of 2 hosts and as one
-replica of all 4 (a resume of the first), token for token the 1-host run's greedy output."""
+replica of all 4 (a resume of the first), token for token the 1-host run's greedy output; both read the prompts
+file per replica."""
 
 import json
 import shutil
@@ -11,20 +12,25 @@ from multihost import REPO, launch
 
 from levanter_multihost.capacity import EngineLimits, ModelShape, PromptDemand, RunSpec, Topology, plan_capacity
 from levanter_multihost.capacity.tpu import GIB, TPU_GENERATIONS
+from levanter_multihost.checks import check_values
 from levanter_multihost.config import parse_command_line
 from levanter_multihost.errors import ConfigError
 from levanter_multihost.plan_cli import main as plan_main
 from levanter_multihost.replicas import Replicas
-from levanter_multihost.resolution import check_values, resolve
+from levanter_multihost.resolution import resolve
 from levanter_multihost.summary import HostMetrics, build_summary, format_summary
 
 TINY_CONFIG = "config/sampler/tiny_local.yaml"
 LLAMA70B_2X2 = "config/sampler/llama70b_v5p32_2x2.yaml"
 PROMPTS = 16
 """The first prompts of the 1-host run's (``greedy_1x4``), so rows compare by global index."""
-ACROSS_HOSTS = ("--trainer.model_axis_size=8", '--trainer.tensor_parallel_axes=["mlp"]')
+ACROSS_HOSTS = (
+    "--trainer.model_axis_size=8",
+    '--trainer.tensor_parallel_axes=["mlp"]',
+    "--per_host_input_min_bytes=0",
+)
 """The tiny model's MLP over 8 devices: with 4 per host, every replica's model spans 2 hosts (the tiny model's 4
-heads do not split 8 ways)."""
+heads do not split 8 ways). Each replica reads only its share of the prompts file (per-host input)."""
 
 
 def test_groups_of_consecutive_hosts_led_by_their_first():
@@ -188,6 +194,7 @@ def test_two_replicas_of_two_hosts_sample_the_1_host_greedy_tokens(two_by_two, g
     assert [hosts[h]["writes_rows"] for h in range(4)] == [True, False, True, False]
     assert all(hosts[h]["batches"] == 1 and hosts[h]["sequences"] == 8 for h in range(4))  # every host sampled
     assert "Gloo" in two_by_two.output  # the replica's collectives crossed processes
+    assert "replica 1: reads prompts 8-15 of 16 from the file (per-host input)" in two_by_two.output
 
 
 @pytest.mark.multihost

@@ -22,10 +22,10 @@ from test_leader import N_GENERATIONS, expected, parts, reporting
 
 from levanter_multihost import leader
 from levanter_multihost.addition import accuracy
+from levanter_multihost.checks import check_values
 from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.errors import ConfigError
 from levanter_multihost.outputs import KeySpace, MergeError, keyed_lines, manifests_only, part_manifest
-from levanter_multihost.resolution import check_values
 from levanter_multihost.rundir import CARD, INDEX, MERGED_JSONL, Decision, RunDir
 
 FINGERPRINT = "0123456789abcdef"

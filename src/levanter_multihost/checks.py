@@ -13,12 +13,16 @@ import fsspec
 import yaml
 
 from levanter_multihost.errors import ConfigError, first_line
-from levanter_multihost.prompts import FLOAT32_MAX, INT32_MAX, PromptError, PromptRecords
+from levanter_multihost.prompts import FLOAT32_MAX, INT32_MAX, PromptError, PromptRecords, broken_rule
+from levanter_multihost.replicas import Replicas
 from levanter_multihost.runplan import Timeouts
+from levanter_multihost.sharding import STRATEGIES
 
 if TYPE_CHECKING:
     from levanter_multihost.config import SampleLmMultihostConfig
 
+TASKS = ("addition",)
+"""The tasks whose answers the leader scores (``task``)."""
 MIN_SILENT_HOST_S = 5.0
 """Below this a garbage-collection pause or a slow store call reads as a dead host."""
 MIN_GATHER_CHUNK_BYTES = 512
@@ -181,3 +185,58 @@ def _unify(kind: Any, value: Any, path: str = "") -> Any:
     if kind is not None and _kind(kind) != _kind(new):
         raise TypeError(path, _kind(new), _kind(kind))
     return new
+
+
+def check_values(config: "SampleLmMultihostConfig", num_hosts: int, local_devices: int) -> None:
+    """Checks on the config's own values for a job of ``num_hosts`` hosts of ``local_devices`` devices: each names
+    the field, the value and the fix."""
+    check_limits(config)
+
+    def number(name: str, low: float, *, integer: bool = False, strict: bool = True) -> None:
+        value = getattr(config, name)
+        kind = int if integer else (int, float)
+        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (strict and value == low):
+            raise ConfigError(
+                f"{name} ({value}) must be {'an integer' if integer else 'a finite number'} "
+                f"{'>' if strict else '>='} {low}."
+            )
+
+    number("max_new_tokens", 0, integer=True)
+    number("n_generations", 0, integer=True)
+    number("temperature", 0, strict=False)
+    number("progress_interval_s", 0, strict=False)
+    number("samples_table_rows", 0, integer=True, strict=False)
+    if config.batch_size is not None:
+        number("batch_size", 0, integer=True)
+    if config.per_host_input_min_bytes is not None:
+        number("per_host_input_min_bytes", 0, integer=True, strict=False)
+    for name in ("seed", "top_k", "top_p", "min_p"):
+        rule = broken_rule(name, getattr(config, name))
+        if rule is not None:
+            raise ConfigError(f"{name} ({getattr(config, name)}) must be {rule}.")
+    if (config.hf_checkpoint is None) == (config.checkpoint_path is None):
+        raise ConfigError("Set exactly one of `hf_checkpoint` and `checkpoint_path`.")
+    for name, allowed in {"shard_strategy": STRATEGIES, "output_format": ("jsonl", "parquet")}.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name} ({getattr(config, name)!r}) must be one of {list(allowed)}.")
+    if not config.merge and config.output_format != "jsonl":
+        raise ConfigError(
+            f"output_format ({config.output_format!r}) is the merged file's, but merge is false: the JSONL parts are "
+            "the output. Set output_format: jsonl, or merge: true."
+        )
+    if config.task is not None and config.task not in TASKS:
+        raise ConfigError(f"task ({config.task!r}) is not a known task. Use one of {list(TASKS)} or leave it unset.")
+    if config.resume and config.overwrite:
+        raise ConfigError("`resume` and `overwrite` are both true. Choose one.")
+    k = Replicas.of(config.hosts_per_replica, num_hosts).hosts_per_replica
+    axis, devices = config.trainer.model_axis_size, k * local_devices
+    if devices % axis != 0:
+        where = (
+            f"this host's {devices} devices"
+            if k == 1
+            else f"a replica's {devices} devices ({k} hosts x {local_devices})"
+        )
+        raise ConfigError(
+            f"trainer.model_axis_size ({axis}) does not divide {where}. Set it to a divisor of {devices}."
+        )

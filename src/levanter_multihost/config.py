@@ -49,9 +49,6 @@ class EngineConfig(InferenceEngineConfig):
         return InferenceEngineConfig(**{**values, **sizes})
 
 
-TASKS = ("addition",)
-
-
 @dataclass
 class SampleLmMultihostConfig:
     """What to sample, with which model and engine, and where the outputs go."""
@@ -74,6 +71,10 @@ class SampleLmMultihostConfig:
     """Column holding a row's text prompt; every other column is carried into its outputs."""
     messages_field: str = "messages"
     """Column holding a row's chat (a list of {role, content}), rendered with the chat template."""
+    per_host_input_min_bytes: int | None = 8 * 1024**2
+    """A .txt or .jsonl `prompts_file` of this many bytes or more is read per host: each host scans the file's lines
+    without parsing them and reads, checks and tokenizes only its share (docs/usage.md). Smaller files, inline
+    prompts, Parquet and datasets are read whole by every host; null reads every file whole."""
     chat_template: str | None = None
     """Jinja chat template for chat rows; defaults to the tokenizer's own."""
     add_bos: bool | None = None

@@ -58,22 +58,24 @@ def encode_prompts(
     top_p: float = 1.0,
     min_p: float = 0.0,
     seed: int = 0,
+    first: int = 0,
 ) -> PromptSet:
-    """Render chats, tokenize every prompt and apply the per-row overrides on the config's defaults."""
+    """Render chats, tokenize every prompt and apply the per-row overrides on the config's defaults; ``records``
+    are the prompts from global index ``first`` on (errors name that index)."""
     bos = bos_wanted(tokenizer, add_bos)
     texts = [
         t if t is not None else _render(m, tokenizer, chat_template, i)
-        for i, (t, m) in enumerate(zip(records.texts, records.messages))
+        for i, (t, m) in enumerate(zip(records.texts, records.messages), start=first)
     ]
     tables = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):  # a chunk's Python lists at a time, not every prompt's
-        ids = _tokenize(texts[start : start + TOKENIZE_CHUNK], tokenizer, start)
+        ids = _tokenize(texts[start : start + TOKENIZE_CHUNK], tokenizer, first + start)
         for i, prompt_ids in enumerate(ids):
             # a chat template usually writes BOS itself; add it only where the prompt does not start with it
             if bos and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
                 ids[i] = [tokenizer.bos_token_id, *prompt_ids]
             if not ids[i]:
-                raise PromptError(f"Prompt {start + i} tokenizes to nothing. Remove it or give it text.")
+                raise PromptError(f"Prompt {first + start + i} tokenizes to nothing. Remove it or give it text.")
         tables.append(TokenTable.of(ids))
 
     return PromptSet(
@@ -87,6 +89,7 @@ def encode_prompts(
         min_p=per_prompt(records, "min_p", min_p, np.float32),
         seed=per_prompt(records, "seed", seed, np.int64),
         extra_json=records.extra_json,
+        first=first,
     )
 
 
@@ -110,7 +113,7 @@ def check_spelled(prompts: PromptSet, tokenizer) -> None:
         text = prompts.texts[index]
         if not (tokenizer.unk_token and tokenizer.unk_token in text):
             ids = tokens.flat[tokens.offsets[index] : tokens.offsets[index + 1]].tolist()
-            _refuse_unspelled(text, ids, tokenizer, index)
+            _refuse_unspelled(text, ids, tokenizer, prompts.first + index)
 
 
 def _refuse_unspelled(text: str, ids: list[int], tokenizer, index: int) -> None:

@@ -8,6 +8,7 @@ worker downloads its own) is the same checkpoint, new weights written over the o
 """
 
 import hashlib
+import json
 import os
 import posixpath
 from typing import TYPE_CHECKING
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING
 import fsspec
 
 from levanter_multihost.errors import ConfigError, first_line
+from levanter_multihost.runplan import PromptSet
 
 if TYPE_CHECKING:
     from levanter_multihost.config import SampleLmMultihostConfig
+    from levanter_multihost.host_input import LineIndex
 
 HEAD_BYTES = 64 * 1024
 """Bytes read from the start of each sampled file (a safetensors header, a small config whole)."""
@@ -88,6 +91,54 @@ def run_identity(config: "SampleLmMultihostConfig", checkpoint: str | None) -> d
         "model_axis_size": config.trainer.model_axis_size,
         "output_format": config.output_format,
     }
+
+
+def prompts_digest(prompts: PromptSet, seed: int) -> str:
+    """A digest of every prompt's text, tokens, per-prompt values and carried columns (``seed``: the config's)."""
+    digest = hashlib.sha256(json.dumps(prompts.texts).encode("utf-8"))
+    for column in (prompts.tokens.flat, prompts.max_new_tokens, prompts.temperature, prompts.n_generations):
+        digest.update(column.tobytes())
+    controls = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed}
+    for name, default in controls.items():  # only when set: the fingerprints of runs without them stay as they were
+        if (getattr(prompts, name) != default).any():
+            digest.update(name.encode() + getattr(prompts, name).tobytes())
+    for extra in prompts.extra_json or ():
+        digest.update(extra + b"\n")
+    return digest.hexdigest()
+
+
+def fields(config: "SampleLmMultihostConfig", prompts_sha256: str, num_prompts: int, checkpoint: str | None) -> dict:
+    """What identifies a run's outputs: a resume refuses a directory, the leader a host, with other values."""
+    controls = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": config.seed}
+    return {
+        **run_identity(config, checkpoint),
+        "precision": str(config.trainer.mp),
+        "prompts_sha256": prompts_sha256,
+        "num_prompts": num_prompts,
+        "seed": config.seed,
+        "temperature": config.temperature,
+        "max_new_tokens": config.max_new_tokens,
+        "n_generations": config.n_generations,
+        "stop_sequences": list(config.stop_sequences),
+        "stop_at_eos": config.stop_at_eos,
+        "include_stop_in_text": config.include_stop_in_text,
+        "logprobs": config.logprobs,
+        **({"prompt_logprobs": True} if config.prompt_logprobs else {}),  # absent: older fingerprints stay valid
+        **{name: getattr(config, name) for name, default in controls.items() if getattr(config, name) != default},
+    }
+
+
+def lines_digest(config: "SampleLmMultihostConfig", lines: "LineIndex") -> str:
+    """A digest of a prompts file read per host (:mod:`.host_input`): its bytes and every setting that turns its
+    lines into prompts and tokens (the tokenizer is in :func:`run_identity`)."""
+    settings = {
+        "file_sha256": lines.sha256,
+        "prompt_field": config.prompt_field,
+        "messages_field": config.messages_field,
+        "chat_template": config.chat_template,
+        "add_bos": config.add_bos,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _ignored(path: str, root: str) -> bool:

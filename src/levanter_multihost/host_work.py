@@ -19,6 +19,7 @@ from levanter_multihost import scoring
 from levanter_multihost.capacity import BatchPacker, PromptDemand
 from levanter_multihost.errors import UserError
 from levanter_multihost.generation import WorkItem, row_ending
+from levanter_multihost.host_input import HostInput
 from levanter_multihost.outputs import MergeError, keyed_lines
 from levanter_multihost.rundir import Part, RunDir
 from levanter_multihost.runplan import EngineSettings, PromptSet, StopCondition
@@ -34,10 +35,33 @@ class ResumeError(UserError):
     """A row on disk that does not belong to this run; the message names the file and line."""
 
 
+def host_prompts(
+    source: PromptSet | HostInput, replica: int, num_replicas: int, strategy: str, earlier: set[tuple[int, int]]
+) -> tuple[PromptSet, list[int], list[int]]:
+    """The prompts of ``replica`` (every host of it; each host is its own replica unless ``hosts_per_replica`` > 1),
+    the global indices of those it answers for (:func:`host_share`) and of those with generations left that it
+    samples (:func:`sampling_share`).
+
+    A file read per host (:class:`~levanter_multihost.host_input.HostInput`) is read here, the replica's share only:
+    one contiguous range both answered for and sampled, cut by the work each prompt has left.
+    """
+    if isinstance(source, HostInput):
+        share = source.share(replica, num_replicas, earlier)
+        logger.info(
+            "replica %d: reads prompts %d-%d of %d from the file (per-host input)",
+            replica,
+            share.start,
+            share.stop - 1,
+            len(source),
+        )
+        return source.read_share(share), list(share), list(share)
+    answered = host_share(source, replica, num_replicas, strategy)
+    return source, answered, sampling_share(source, earlier, replica, num_replicas, strategy)
+
+
 def host_share(prompts: PromptSet, replica: int, num_replicas: int, strategy: str) -> list[int]:
-    """Global indices of the prompts ``replica`` answers for (every host of it: each is its own replica unless
-    ``hosts_per_replica`` > 1): its leader verifies and delivers their rows kept from earlier attempts
-    (:func:`keep_earlier_rows`)."""
+    """Global indices of the prompts ``replica`` answers for (every host of it): its leader verifies and delivers
+    their rows kept from earlier attempts (:func:`keep_earlier_rows`)."""
     costs = [
         prompt_cost(prompts.tokens.length(i), int(prompts.max_new_tokens[i]), int(prompts.n_generations[i]))
         for i in range(len(prompts))
@@ -88,9 +112,10 @@ def keep_earlier_rows(
     stop: StopCondition,
     tokenizer,
     deliver: Deliver,
+    num_prompts: int,
 ) -> tuple[set[tuple[int, int]], int]:
     """Verify and deliver the rows of earlier attempts that fall in ``share``; return their (prompt, generation)
-    and their tokens.
+    and their tokens. ``prompts`` holds at least the share's prompts; the job has ``num_prompts``.
 
     Parts of other runs or of replaced attempts are left alone. Every kept row must be one this run could have
     written: raises :class:`ResumeError` naming the file and line otherwise, before anything is sampled.
@@ -110,9 +135,9 @@ def keep_earlier_rows(
         except MergeError as e:  # a truncated or foreign line
             raise ResumeError(f"{e} Remove the file or use overwrite: true.") from None
         for number, (key, line) in enumerate(keyed, start=1):
-            row = _verify(line, key, part, number, prompts, stop, tokenizer)
-            if key[0] not in wanted:
+            if key[0] not in wanted and key[0] < num_prompts:  # another host's: it verifies the row
                 continue
+            row = _verify(line, key, part, number, prompts, stop, tokenizer)
             if key in kept:
                 raise ResumeError(
                     f"{part.path} line {number}: (prompt, generation) {key} is also in {kept[key]}. "
@@ -133,26 +158,27 @@ def _verify(
     again from its token ids. Return it parsed."""
     where = f"{part.path} line {number}"
     prompt, generation = key
+    local = prompt - prompts.first  # the entry of ``prompts`` that holds the prompt
     try:
         row = json.loads(line)
     except ValueError as e:
         raise ResumeError(f"{where}: not valid JSON ({e}). Remove the file or use overwrite: true.") from None
     ids = row.get("generated_token_ids")
     problem = None
-    if not part.first <= prompt <= part.last or prompt >= len(prompts):
+    if not part.first <= prompt <= part.last or not 0 <= local < len(prompts):
         problem = f"prompt {prompt} is outside the part's range {part.first}-{part.last} or the prompts"
-    elif generation >= prompts.n_generations[prompt]:
-        problem = f"generation {generation} is out of range (n_generations {prompts.n_generations[prompt]})"
-    elif row.get("prompt") != prompts.texts[prompt] or row.get("prompt_token_count") != prompts.tokens.length(prompt):
+    elif generation >= prompts.n_generations[local]:
+        problem = f"generation {generation} is out of range (n_generations {prompts.n_generations[local]})"
+    elif row.get("prompt") != prompts.texts[local] or row.get("prompt_token_count") != prompts.tokens.length(local):
         problem = f"its prompt differs from prompt {prompt} of the input"
     elif prompts.completions is not None:
-        problem = scoring.verify(row, prompt, prompts)
+        problem = scoring.verify(row, local, prompts)
     elif not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
         problem = "generated_token_ids is not a list of token ids"
-    elif len(ids) > prompts.max_new_tokens[prompt]:
-        problem = f"it has {len(ids)} tokens, more than max_new_tokens ({prompts.max_new_tokens[prompt]})"
+    elif len(ids) > prompts.max_new_tokens[local]:
+        problem = f"it has {len(ids)} tokens, more than max_new_tokens ({prompts.max_new_tokens[local]})"
     else:
-        derived = row_ending(ids, tokenizer, stop, int(prompts.max_new_tokens[prompt]))
+        derived = row_ending(ids, tokenizer, stop, int(prompts.max_new_tokens[local]))
         wrong = [k for k, v in derived.items() if row.get(k) != v]
         if wrong:
             problem = f"its {', '.join(wrong)} do not follow from its token ids"
@@ -169,25 +195,26 @@ def work_items(prompts: PromptSet, share: list[int], kept: set[tuple[int, int]])
     """The prompts of ``share`` with generations not in ``kept`` still to sample, in global order."""
     items = []
     for p in share:
-        n = int(prompts.n_generations[p])
+        i = p - prompts.first  # the entry of ``prompts`` that holds prompt p
+        n = int(prompts.n_generations[i])
         missing = tuple(g for g in range(n) if (p, g) not in kept)
         if missing:
-            extra = prompts.extra_json[p] if prompts.extra_json is not None else None
-            completion = tuple(prompts.completions[p]) if prompts.completions is not None else None
+            extra = prompts.extra_json[i] if prompts.extra_json is not None else None
+            completion = tuple(prompts.completions[i]) if prompts.completions is not None else None
             items.append(
                 WorkItem(
                     p,
-                    prompts.texts[p],
-                    prompts.tokens[p],
+                    prompts.texts[i],
+                    prompts.tokens[i],
                     missing,
                     n,
-                    int(prompts.max_new_tokens[p]),
-                    float(prompts.temperature[p]),
+                    int(prompts.max_new_tokens[i]),
+                    float(prompts.temperature[i]),
                     extra,
-                    top_k=int(prompts.top_k[p]),
-                    top_p=float(prompts.top_p[p]),
-                    min_p=float(prompts.min_p[p]),
-                    seed=int(prompts.seed[p]),
+                    top_k=int(prompts.top_k[i]),
+                    top_p=float(prompts.top_p[i]),
+                    min_p=float(prompts.min_p[i]),
+                    seed=int(prompts.seed[i]),
                     completion_ids=completion,
                 )
             )

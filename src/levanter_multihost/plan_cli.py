@@ -21,11 +21,12 @@ import os
 import sys
 
 from levanter_multihost.capacity import parse_tpu_type, report
+from levanter_multihost.checks import check_values
 from levanter_multihost.config import SampleLmMultihostConfig, parse_command_line
 from levanter_multihost.errors import UserError
 from levanter_multihost.model_loading import resolve_location
 from levanter_multihost.replicas import Replicas
-from levanter_multihost.resolution import check_values, resolve_capacity
+from levanter_multihost.resolution import resolve_capacity
 
 logger = logging.getLogger(__name__)
 

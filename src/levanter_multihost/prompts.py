@@ -114,6 +114,23 @@ def read_prompts(
     return records
 
 
+def read_line_range(
+    path: str, start: int, end: int, first: int, prompt_field: str = "prompt", messages_field: str = "messages"
+) -> PromptRecords:
+    """The prompts of the lines in bytes [``start``, ``end``) of a ``.txt``/``.jsonl`` file, the first of them line
+    ``first`` (0-based) of the file, checked as :func:`read_prompts` checks them: one host's share of a large file
+    (:mod:`levanter_multihost.host_input`)."""
+    kind, fs, fs_path = file_kind(path)
+    try:
+        with fs.open(fs_path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+    except OSError as e:
+        raise PromptError(f"`prompts_file` cannot be read: {path} ({e})") from None
+    rows, where = line_rows(raw, path, kind, first)
+    return _records(rows, (prompt_field, messages_field), f"`prompts_file` {path}", where)
+
+
 def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str, where) -> PromptRecords:
     prompt_field, messages_field = fields
     texts, messages, extras, completions, overrides = [], [], [], [], {k: [] for k in OVERRIDES}
@@ -213,6 +230,25 @@ def _check_encodable(text: str, at: str) -> None:
 
 def _file_rows(path: str):
     """Rows of a prompts file and how to name row ``i`` in errors."""
+    kind, fs, fs_path = file_kind(path)
+    size = fs.info(fs_path).get("size") or 0
+    if size > MAX_PROMPTS_FILE_BYTES:
+        raise PromptError(
+            f"`prompts_file` {path} is {size:,} bytes, over the {MAX_PROMPTS_FILE_BYTES:,} "
+            "read at once. Split it, or use Parquet or a dataset."
+        )
+    if kind == ".parquet":
+        return _parquet_rows(path), lambda i: f" row {i}"
+    try:
+        with fs.open(fs_path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PromptError(f"`prompts_file` cannot be read: {path} ({e})") from None
+    return line_rows(raw, path, kind, 0)
+
+
+def file_kind(path: str):
+    """The extension of a prompts file that exists and is a file, its filesystem and its path there."""
     kind = next((ext for ext in (".txt", ".jsonl", ".parquet") if path.endswith(ext)), None)
     if kind is None:
         raise PromptError(
@@ -228,37 +264,35 @@ def _file_rows(path: str):
         raise PromptError(f"`prompts_file` cannot be read: {path} ({first_line(e)})") from None
     if info.get("type") != "file":
         raise PromptError(f"`prompts_file` cannot be read: {path} is a {info.get('type')}, not a file.")
-    if (info.get("size") or 0) > MAX_PROMPTS_FILE_BYTES:
-        raise PromptError(
-            f"`prompts_file` {path} is {info['size']:,} bytes, over the {MAX_PROMPTS_FILE_BYTES:,} "
-            "read at once. Split it, or use Parquet or a dataset."
-        )
-    if kind == ".parquet":
-        return _parquet_rows(path), lambda i: f" row {i}"
-    try:
-        with fs.open(fs_path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise PromptError(f"`prompts_file` cannot be read: {path} ({e})") from None
+    return kind, fs, fs_path
+
+
+def line_rows(raw: bytes, path: str, kind: str, first: int):
+    """Rows of the ``.txt``/``.jsonl`` lines in ``raw``, the first of them line ``first`` of ``path`` (0-based),
+    and how to name row ``i`` of them in errors (by its line in the whole file)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PromptError(f"`prompts_file` {path} is not UTF-8 (line {line}, byte {e.start}).") from None
+        line = first + raw[: e.start].count(b"\n") + 1
+        raise PromptError(f"`prompts_file` {path} is not UTF-8 (line {line}).") from None
     # lines end at "\n" only: str.splitlines would also split a prompt at U+2028, a form feed or a lone "\r"
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     lines = [line.removesuffix("\r") for line in lines]
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first + 1):
         if line.strip() == "":
             raise PromptError(
                 f"`prompts_file` {path} line {number} is blank. Every line is one prompt (its "
                 "global_prompt_index is its line number - 1): remove the blank line."
             )
+
+    def where(i: int) -> str:
+        return f" line {first + i + 1}"
+
     if kind == ".txt":
-        return ({"prompt": line} for line in lines), lambda i: f" line {i + 1}"
-    return (_json_line(path, number, line) for number, line in enumerate(lines, start=1)), lambda i: f" line {i + 1}"
+        return ({"prompt": line} for line in lines), where
+    return (_json_line(path, number, line) for number, line in enumerate(lines, start=first + 1)), where
 
 
 def _json_line(path: str, number: int, line: str) -> Any:

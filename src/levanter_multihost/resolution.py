@@ -7,26 +7,36 @@ they load: the sampler a tokenizer and the run directory, the planner nothing th
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
 import subprocess
 from dataclasses import dataclass
 
 import draccus
 import jax
+import numpy as np
 from levanter.compat.hf_checkpoints import RepoRef, load_tokenizer
 from levanter.inference.engine import InferenceEngineConfig
 
-from levanter_multihost import addition, capacity_inputs, checks, encoding, model_loading, scoring, seams
-from levanter_multihost.capacity import CapacityPlan, plan_capacity
-from levanter_multihost.config import TASKS, SampleLmMultihostConfig
+from levanter_multihost import (
+    addition,
+    capacity_inputs,
+    checks,
+    encoding,
+    fingerprint,
+    host_input,
+    model_loading,
+    scoring,
+    seams,
+)
+from levanter_multihost.capacity import CapacityPlan, PromptDemand, plan_capacity
+from levanter_multihost.capacity.autosize import propose
+from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.errors import ConfigError
-from levanter_multihost.fingerprint import run_identity
+from levanter_multihost.host_input import HostInput, LineIndex
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
-from levanter_multihost.prompts import PromptError, PromptRecords, broken_rule, read_prompts
+from levanter_multihost.prompts import PromptError, PromptRecords, read_line_range, read_prompts
 from levanter_multihost.replicas import Replicas
 from levanter_multihost.rundir import RunDir, fingerprint_hash
 from levanter_multihost.runplan import (
@@ -38,7 +48,7 @@ from levanter_multihost.runplan import (
     Sampling,
     StopCondition,
 )
-from levanter_multihost.sharding import STRATEGIES
+from levanter_multihost.sharding import cost_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +78,7 @@ def resolve_capacity(
     prompt_tokens: int | None = None,
 ) -> ResolvedCapacity:
     """Everything capacity needs from ``config``, on ``num_hosts`` hosts of ``local_devices`` devices (``tpu_type``
-    wins where set) in replicas of ``hosts_per_replica``, its values already checked (:func:`check_values`);
+    wins where set) in replicas of ``hosts_per_replica``, its values already checked (:func:`~levanter_multihost.checks.check_values`);
     ``tokenizer`` None counts each prompt as its
     UTF-8 bytes + 1, ``prompt_tokens`` as that many."""
     records = read_prompts(**prompt_source(config))
@@ -76,25 +86,8 @@ def resolve_capacity(
     prompts = None
     max_new = encoding.per_prompt(records, "max_new_tokens", config.max_new_tokens)
     if tokenizer is not None and prompt_tokens is None:
-        prompts = encoding.encode_prompts(
-            records,
-            tokenizer,
-            chat_template=config.chat_template,
-            add_bos=config.add_bos,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            n_generations=config.n_generations,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            min_p=config.min_p,
-            seed=config.seed,
-        )
-        prompts = scoring.with_completions(
-            prompts, records.completions, tokenizer, config.prompt_logprobs, config.task
-        )
-        lengths, max_new = prompts.tokens.lengths, prompts.max_new_tokens
-        if prompts.completions is not None:  # scoring rows: one forward pass over prompt and completion
-            lengths = lengths + prompts.completions.lengths
+        prompts = encoded(records, config, tokenizer)
+        lengths, max_new = planned_lengths(prompts), prompts.max_new_tokens
         how = "Prompt token counts from the tokenizer, as the sampler counts them."
     elif prompt_tokens is not None:
         lengths = [prompt_tokens] * len(records)
@@ -105,15 +98,7 @@ def resolve_capacity(
             "The tokenizer does not load offline: each prompt counted as its UTF-8 bytes + 1, an upper bound. "
             "Pass --prompt_tokens N for a closer count."
         )
-    if tokenizer is not None:
-        stop = encoding.stop_condition(
-            tokenizer, list(config.stop_sequences), config.stop_at_eos, config.include_stop_in_text, checkpoint
-        )
-    else:  # every token spells at least one byte; EOS, when on, is at least one more stop sequence of one token
-        strings = tuple(config.stop_sequences)
-        stop = StopCondition(
-            strings, tuple(tuple(s.encode("utf-8")) for s in strings), eos_ids=(-1,) if config.stop_at_eos else ()
-        )
+    stop = stop_condition(config, tokenizer, checkpoint)
     if prompts is None and records.completions is not None:  # counted without encoding: each as its bytes
         lengths = [n + len((c or "").encode("utf-8")) for n, c in zip(lengths, records.completions)]
         max_new = [0] * len(records)
@@ -127,15 +112,109 @@ def resolve_capacity(
     if config.engine.auto_size:
         engine = auto_sized(engine, limits, spec, slice_, model)
         limits = capacity_inputs.engine_limits(engine)
-    capacity = plan_capacity(limits, spec, slice_, model)
-    if replicas.hosts_per_replica > 1 and config.trainer.model_axis_size <= slice_.chips_per_host:
-        note = (
-            f"trainer.model_axis_size ({config.trainer.model_axis_size}) is no wider than a host's "
-            f"{slice_.chips_per_host} chips: each replica holds a whole copy of the weights on every host. Set it to "
-            f"{slice_.chips_per_replica} to shard them over the replica's hosts."
-        )
-        capacity = dataclasses.replace(capacity, notes=(*capacity.notes, note))
+    capacity = with_replica_note(plan_capacity(limits, spec, slice_, model), config)
     return ResolvedCapacity(prompts, stop, engine, capacity, how)
+
+
+def with_replica_note(capacity: CapacityPlan, config: SampleLmMultihostConfig) -> CapacityPlan:
+    """``capacity`` with a note when replicas span hosts but the weights are sharded only within one host."""
+    slice_ = capacity.topology
+    if slice_.hosts_per_replica == 1 or config.trainer.model_axis_size > slice_.chips_per_host:
+        return capacity
+    note = (
+        f"trainer.model_axis_size ({config.trainer.model_axis_size}) is no wider than a host's "
+        f"{slice_.chips_per_host} chips: each replica holds a whole copy of the weights on every host. Set it to "
+        f"{slice_.chips_per_replica} to shard them over the replica's hosts."
+    )
+    return dataclasses.replace(capacity, notes=(*capacity.notes, note))
+
+
+def resolve_lines(
+    config: SampleLmMultihostConfig,
+    tokenizer,
+    checkpoint: str | None,
+    num_hosts: int,
+    local_devices: int,
+    lines: LineIndex,
+    host: int,
+) -> tuple[ResolvedCapacity, HostInput]:
+    """Capacity for a prompts file read per host, from its lines alone (every host the same engine); each host
+    checks its own prompts against that engine when it reads them (``read`` below)."""
+    stop = stop_condition(config, tokenizer, checkpoint)
+    engine = config.engine.levanter()
+    limits = capacity_inputs.engine_limits(engine)
+    replicas = Replicas.of(config.hosts_per_replica, num_hosts)
+    slice_ = capacity_inputs.topology(config.tpu_type, num_hosts, local_devices, replicas.hosts_per_replica)
+    model = capacity_inputs.model_shape(checkpoint, config.trainer, limits) if slice_.generation is not None else None
+    # no prompt is parsed yet: this plan holds the engine's own checks, each host checks its prompts in `read`
+    spec = capacity_inputs.run_spec([], [], [], stop, config.shard_strategy, config.batch_size)
+    if config.engine.auto_size:
+        # a line's bytes + 1 bound a text prompt's tokens with BOS (each token spells a byte, but a leading
+        # space or BOS); the largest share counts the config's generations; rows beyond these fail in `read`
+        worst = PromptDemand(int(lines.line_bytes.max()) + 1, config.max_new_tokens, config.n_generations)
+        generations = np.full(len(lines), config.n_generations)
+        costs = host_input.share_costs(lines, config.max_new_tokens, generations, config.shard_strategy)
+        largest = max(len(r) for r in cost_ranges(costs, replicas.num_replicas)) * config.n_generations
+        engine = auto_sized(engine, limits, spec, slice_, model, (worst, largest))
+        limits = capacity_inputs.engine_limits(engine)
+    # a host's share is its replica's: checked as one replica's whole job
+    one_replica = dataclasses.replace(slice_, num_hosts=replicas.hosts_per_replica)
+
+    def read(start: int, end: int, first: int) -> PromptSet:
+        """This host's prompts, with every check resolve makes of all prompts made of these."""
+        records = read_line_range(config.prompts_file, start, end, first, config.prompt_field, config.messages_field)
+        checks.check_carried_columns(records, config.output_format)
+        prompts = encoded(records, config, tokenizer, first)
+        check_prompts(prompts, config, tokenizer)
+        lengths, max_new, generations = planned_lengths(prompts), prompts.max_new_tokens, prompts.n_generations
+        own = capacity_inputs.run_spec(lengths, max_new, generations, stop, config.shard_strategy, config.batch_size)
+        capacity_inputs.check_capacity(plan_capacity(limits, own, one_replica, model), log=host == 0)
+        return prompts
+
+    source = HostInput(lines, config.max_new_tokens, config.n_generations, config.shard_strategy, read)
+    capacity = with_replica_note(plan_capacity(limits, spec, slice_, model), config)
+    return ResolvedCapacity(None, stop, engine, capacity, "Per host, as each host reads its share."), source
+
+
+def encoded(records: PromptRecords, config: SampleLmMultihostConfig, tokenizer, first: int = 0) -> PromptSet:
+    """``records`` (the prompts from global index ``first`` on) tokenized, with the config's per-prompt defaults
+    and their completions' tokens."""
+    prompts = encoding.encode_prompts(
+        records,
+        tokenizer,
+        chat_template=config.chat_template,
+        add_bos=config.add_bos,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        n_generations=config.n_generations,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        seed=config.seed,
+        first=first,
+    )
+    return scoring.with_completions(prompts, records.completions, tokenizer, config.prompt_logprobs, config.task)
+
+
+def planned_lengths(prompts: PromptSet):
+    """Each prompt's tokens as the planner counts them: scoring rows are one forward pass over prompt and
+    completion."""
+    if prompts.completions is None:
+        return prompts.tokens.lengths
+    return prompts.tokens.lengths + prompts.completions.lengths
+
+
+def stop_condition(config: SampleLmMultihostConfig, tokenizer, checkpoint: str | None) -> StopCondition:
+    """Stop strings and EOS; without a tokenizer a bound (each string at most its UTF-8 bytes in tokens)."""
+    if tokenizer is not None:
+        return encoding.stop_condition(
+            tokenizer, list(config.stop_sequences), config.stop_at_eos, config.include_stop_in_text, checkpoint
+        )
+    # every token spells at least one byte; EOS, when on, is at least one more stop sequence of one token
+    strings = tuple(config.stop_sequences)
+    return StopCondition(
+        strings, tuple(tuple(s.encode("utf-8")) for s in strings), eos_ids=(-1,) if config.stop_at_eos else ()
+    )
 
 
 def byte_counts(records: PromptRecords) -> list[int]:
@@ -146,7 +225,7 @@ def byte_counts(records: PromptRecords) -> list[int]:
 
 def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_devices: int) -> RunPlan:
     """Every check that needs no model, and the plan the stages run; the same on every host."""
-    check_values(config, num_hosts, local_devices)
+    checks.check_values(config, num_hosts, local_devices)
     checkpoint = (
         resolve_location(config.hf_checkpoint.model_name_or_path, "hf_checkpoint")
         if config.hf_checkpoint is not None
@@ -165,24 +244,25 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
             "ids past the embedding would be garbage. Use the tokenizer the model was trained with."
         )
-    resolved = resolve_capacity(config, tokenizer, checkpoint, num_hosts, local_devices)
-    prompts = resolved.prompts
-    if config.task == "addition":
-        bad = next((i for i, t in enumerate(prompts.texts) if not addition.is_prompt(t)), None)
-        if bad is not None:
-            raise PromptError(
-                f"Prompt {bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
-                "'4821+377=', but task is addition. Leave task unset or give addition prompts."
-            )
-    if not config.allow_unknown_tokens:
-        encoding.check_spelled(prompts, tokenizer)
+    file = config.prompts_file if config.prompts is None and config.prompts_dataset is None else None
+    lines = host_input.per_host_lines(file, config.per_host_input_min_bytes)
+    if lines is None:
+        resolved = resolve_capacity(config, tokenizer, checkpoint, num_hosts, local_devices)
+        prompts = resolved.prompts
+        check_prompts(prompts, config, tokenizer)
+        fields = fingerprint.fields(
+            config, fingerprint.prompts_digest(prompts, config.seed), len(prompts), checkpoint
+        )
+    else:
+        resolved, prompts = resolve_lines(config, tokenizer, checkpoint, num_hosts, local_devices, lines, host)
+        fields = fingerprint.fields(config, fingerprint.lines_digest(config, lines), len(lines), checkpoint)
     revision = config.hf_checkpoint.revision if checkpoint is not None else None
     architecture = model_loading.architecture(
         capacity_inputs.hf_config(checkpoint, revision)[0] if checkpoint else None,
         config.model,
         f"hf_checkpoint {checkpoint}",
     )
-    capacity = capacity_inputs.check_capacity(resolved.capacity, log=host == 0)
+    capacity = capacity_inputs.check_capacity(resolved.capacity, log=host == 0 and lines is None)
     run_dir = RunDir(config.output_dir)
     run_dir.check_usable(host)
     if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
@@ -192,7 +272,6 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             "(gs://...) for anything worth keeping.",
             config.output_dir,
         )
-    fields = fingerprint_fields(config, prompts, checkpoint)
     ref = None if checkpoint is None else RepoRef(checkpoint, config.hf_checkpoint.revision)
     return RunPlan(
         prompts=prompts,
@@ -226,21 +305,40 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
     )
 
 
+def check_prompts(prompts: PromptSet, config: SampleLmMultihostConfig, tokenizer) -> None:
+    """The checks of the encoded prompts: addition problems for the addition task, characters the tokenizer
+    spells."""
+    if config.task == "addition":
+        bad = next((i for i, t in enumerate(prompts.texts) if not addition.is_prompt(t)), None)
+        if bad is not None:
+            raise PromptError(
+                f"Prompt {prompts.first + bad} ({prompts.texts[bad]!r:.60}) is not an addition problem like "
+                "'4821+377=', but task is addition. Leave task unset or give addition prompts."
+            )
+    if not config.allow_unknown_tokens:
+        encoding.check_spelled(prompts, tokenizer)
+
+
 def auto_sized(
     engine: InferenceEngineConfig,
     limits: capacity_inputs.EngineLimits,
     spec: capacity_inputs.RunSpec,
     slice_: capacity_inputs.Topology,
     model: capacity_inputs.ModelShape | None,
+    bound: tuple[PromptDemand, int] | None = None,
 ) -> InferenceEngineConfig:
-    """``engine`` with the planner's proposal applied (``engine.auto_size: true``)."""
+    """``engine`` with the planner's proposal applied (``engine.auto_size: true``): for ``spec``'s prompts, or,
+    given a ``bound`` (the longest prompt's demand, the largest host share's sequences), for any prompts within
+    it."""
     if slice_.generation is None or model is None:
         raise ConfigError(
             "engine.auto_size is true, but it needs the HBM of the chips and the model's shape: set "
             "tpu_type (e.g. v5p-32) and an hf_checkpoint whose config.json is readable here, or give "
             "the engine's sizes."
         )
-    proposal = plan_capacity(limits, spec, slice_, model).proposal
+    proposal = (
+        propose(limits, *bound, slice_, model) if bound else plan_capacity(limits, spec, slice_, model).proposal
+    )
     if proposal is None:
         raise ConfigError(
             f"engine.auto_size: the model's weights leave no room for a KV cache on a "
@@ -260,88 +358,6 @@ def prompt_source(config: SampleLmMultihostConfig) -> dict:
         "split": config.prompts_split,
         "prompt_field": config.prompt_field,
         "messages_field": config.messages_field,
-    }
-
-
-def check_values(config: SampleLmMultihostConfig, num_hosts: int, local_devices: int) -> None:
-    """Checks on the config's own values for a job of ``num_hosts`` hosts of ``local_devices`` devices: each names
-    the field, the value and the fix."""
-    checks.check_limits(config)
-
-    def number(name: str, low: float, *, integer: bool = False, strict: bool = True) -> None:
-        value = getattr(config, name)
-        kind = int if integer else (int, float)
-        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value < low or (strict and value == low):
-            raise ConfigError(
-                f"{name} ({value}) must be {'an integer' if integer else 'a finite number'} "
-                f"{'>' if strict else '>='} {low}."
-            )
-
-    number("max_new_tokens", 0, integer=True)
-    number("n_generations", 0, integer=True)
-    number("temperature", 0, strict=False)
-    number("progress_interval_s", 0, strict=False)
-    number("samples_table_rows", 0, integer=True, strict=False)
-    if config.batch_size is not None:
-        number("batch_size", 0, integer=True)
-    for name in ("seed", "top_k", "top_p", "min_p"):
-        rule = broken_rule(name, getattr(config, name))
-        if rule is not None:
-            raise ConfigError(f"{name} ({getattr(config, name)}) must be {rule}.")
-    if (config.hf_checkpoint is None) == (config.checkpoint_path is None):
-        raise ConfigError("Set exactly one of `hf_checkpoint` and `checkpoint_path`.")
-    for name, allowed in {"shard_strategy": STRATEGIES, "output_format": ("jsonl", "parquet")}.items():
-        if getattr(config, name) not in allowed:
-            raise ConfigError(f"{name} ({getattr(config, name)!r}) must be one of {list(allowed)}.")
-    if not config.merge and config.output_format != "jsonl":
-        raise ConfigError(
-            f"output_format ({config.output_format!r}) is the merged file's, but merge is false: the JSONL parts are "
-            "the output. Set output_format: jsonl, or merge: true."
-        )
-    if config.task is not None and config.task not in TASKS:
-        raise ConfigError(f"task ({config.task!r}) is not a known task. Use one of {list(TASKS)} or leave it unset.")
-    if config.resume and config.overwrite:
-        raise ConfigError("`resume` and `overwrite` are both true. Choose one.")
-    k = Replicas.of(config.hosts_per_replica, num_hosts).hosts_per_replica
-    axis, devices = config.trainer.model_axis_size, k * local_devices
-    if devices % axis != 0:
-        where = (
-            f"this host's {devices} devices"
-            if k == 1
-            else f"a replica's {devices} devices ({k} hosts x {local_devices})"
-        )
-        raise ConfigError(
-            f"trainer.model_axis_size ({axis}) does not divide {where}. Set it to a divisor of {devices}."
-        )
-
-
-def fingerprint_fields(config: SampleLmMultihostConfig, prompts: PromptSet, checkpoint: str | None) -> dict:
-    """What identifies a run's outputs: a resume refuses a directory, the leader a host, with other values."""
-    digest = hashlib.sha256(json.dumps(prompts.texts).encode("utf-8"))
-    for column in (prompts.tokens.flat, prompts.max_new_tokens, prompts.temperature, prompts.n_generations):
-        digest.update(column.tobytes())
-    controls = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": config.seed}
-    for name, default in controls.items():  # only when set: the fingerprints of runs without them stay as they were
-        if (getattr(prompts, name) != default).any():
-            digest.update(name.encode() + getattr(prompts, name).tobytes())
-    for extra in prompts.extra_json or ():
-        digest.update(extra + b"\n")
-    return {
-        **run_identity(config, checkpoint),
-        "precision": str(config.trainer.mp),
-        "prompts_sha256": digest.hexdigest(),
-        "num_prompts": len(prompts),
-        "seed": config.seed,
-        "temperature": config.temperature,
-        "max_new_tokens": config.max_new_tokens,
-        "n_generations": config.n_generations,
-        "stop_sequences": list(config.stop_sequences),
-        "stop_at_eos": config.stop_at_eos,
-        "include_stop_in_text": config.include_stop_in_text,
-        "logprobs": config.logprobs,
-        **({"prompt_logprobs": True} if config.prompt_logprobs else {}),  # absent: older fingerprints stay valid
-        **{name: getattr(config, name) for name, default in controls.items() if getattr(config, name) != default},
     }
 
 

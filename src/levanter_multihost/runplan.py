@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # Levanter's types only for annotations: the coordination and
     from levanter.models.lm_model import LmConfig
     from levanter.trainer import TrainerConfig
 
+    from levanter_multihost.host_input import HostInput
+
 
 class TokenTable:
     """Token ids of many prompts in one flat array (a Python list per prompt would cost ~40 bytes a token)."""
@@ -86,6 +88,9 @@ class PromptSet:
     """Per prompt, its carried input columns as JSON object members (``b', "id": 3'``), or None for none."""
     completions: TokenTable | None = None
     """Per prompt, the token ids of the `completion` it is scored on (:mod:`.scoring`); None when generating."""
+    first: int = 0
+    """Global index of the first prompt: 0 for the whole job's, the start of its share for one host's
+    (:mod:`.host_input`); prompt ``first + i`` is entry ``i`` of every column."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -191,7 +196,8 @@ class Reporting:
 class RunPlan:
     """Everything resolved from the config before the model loads, the same on every host."""
 
-    prompts: PromptSet
+    prompts: PromptSet | HostInput
+    """Every prompt, or, for a large file, its lines, each host reading its share later (:mod:`.host_input`)."""
     sampling: Sampling
     engine: EngineSettings
     model: ModelSource

@@ -124,7 +124,10 @@ def run_share(
         fingerprint = fingerprint_hash(plan.fingerprint)
         replicas = plan.replicas
         replica, writes = replicas.replica_of(ctx.host), replicas.leads_replica(ctx.host)
-        share = host_work.host_share(plan.prompts, replica, replicas.num_replicas, plan.shard_strategy)
+        with ctx.phase("prepare"):
+            prompts, share, to_sample = host_work.host_prompts(
+                plan.prompts, replica, replicas.num_replicas, plan.shard_strategy, earlier
+            )
         kept, tokens_kept = set(), 0
         if writes:
             kept, tokens_kept = host_work.keep_earlier_rows(
@@ -132,15 +135,13 @@ def run_share(
                 decision.attempts,
                 fingerprint,
                 share,
-                plan.prompts,
+                prompts,
                 plan.sampling.stop,
                 plan.tokenizer,
                 deliver,
+                len(plan.prompts),
             )
-        to_sample = host_work.sampling_share(
-            plan.prompts, earlier, replica, replicas.num_replicas, plan.shard_strategy
-        )
-        items = host_work.work_items(plan.prompts, to_sample, earlier)
+        items = host_work.work_items(prompts, to_sample, earlier)
         batches = host_work.batches(items, plan.engine)
         logger.info(
             "host %d: %d prompts, %d rows kept, %d prompts to sample in %d batches",
@@ -150,8 +151,18 @@ def run_share(
             len(items),
             len(batches),
         )
+        scoring_rows = prompts.completions is not None  # one forward pass a batch, no engine
         stats = (
-            sample(plan, ctx, batches, decision.attempt, fingerprint, deliver if writes else None, collector)
+            sample(
+                plan,
+                ctx,
+                batches,
+                scoring_rows,
+                decision.attempt,
+                fingerprint,
+                deliver if writes else None,
+                collector,
+            )
             if batches
             else []
         )
@@ -174,6 +185,7 @@ def sample(
     plan: RunPlan,
     ctx: HostContext,
     batches: list[list[WorkItem]],
+    scoring_rows: bool,
     attempt: str,
     fingerprint: str,
     deliver: host_work.Deliver | None,
@@ -186,7 +198,6 @@ def sample(
     with replica_collectives(plan.replicas, replica), model_loading.on_mesh(plan.model.trainer, devices):
         with ctx.phase("model_load"):
             model = model_loading.load_model(plan.model, plan.tokenizer)
-        scoring_rows = plan.prompts.completions is not None  # one forward pass a batch, no engine
         with ctx.phase("engine_build"):
             engine = (
                 None

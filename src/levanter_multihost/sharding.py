@@ -9,6 +9,8 @@ the global index only, so the assignment never changes outputs. No JAX import.
 import heapq
 from collections.abc import Sequence
 
+import numpy as np
+
 STRATEGIES = ("contiguous", "balanced")
 
 
@@ -51,6 +53,23 @@ def shard_for_host(strategy: str, num_hosts: int, host: int, prompt_costs: Seque
 def all_shards(strategy: str, num_hosts: int, prompt_costs: Sequence[float]) -> list[list[int]]:
     """Every host's shard, in host order."""
     return [shard_for_host(strategy, num_hosts, h, prompt_costs) for h in range(num_hosts)]
+
+
+def cost_ranges(costs: Sequence[int], num_hosts: int) -> list[range]:
+    """Contiguous ranges of prompts, one per host in order, each close to an equal part of the total cost: a prompt
+    goes to the host whose part holds the middle of its cost, so a host's load is within half a prompt of its part.
+    Exact integer arithmetic, so every host cuts the same ranges. All costs 0: equal counts."""
+    costs = np.asarray(costs, dtype=np.int64)
+    total = int(costs.sum())
+    if num_hosts < 1:
+        raise ValueError(f"num_hosts ({num_hosts}) must be >= 1.")
+    if total == 0:
+        cuts = [len(costs) * h // num_hosts for h in range(num_hosts + 1)]
+    else:  # prompt i lies left of cut h when its middle, cum[i] - costs[i] / 2, is below h * total / num_hosts
+        doubled_middles = (2 * np.cumsum(costs) - costs) * num_hosts
+        inner = np.searchsorted(doubled_middles, [2 * total * h for h in range(1, num_hosts)]).tolist()
+        cuts = [0, *inner, len(costs)]
+    return [range(cuts[h], cuts[h + 1]) for h in range(num_hosts)]
 
 
 def prompt_cost(prompt_tokens: int, max_new_tokens: int, n_generations: int) -> int:
