@@ -2,9 +2,11 @@
 
     uv run python bench/host_input.py                     # ~13 min on 2 cores; JSON to bench/results/host_input.json
     uv run python bench/host_input.py --prompts 100000 --out /tmp/host_input.json
+    uv run python bench/host_input.py --format parquet    # the same as a Parquet file; host_input_parquet.json
 
 Workload: ``--prompts`` (default 1,000,000) held-out addition prompts (``addition.make_prompts``) written as a
-JSONL file in a temporary directory, one ``{"prompt": "4821+377=", "id": i}`` object a line; ``tiny_local.yaml``
+JSONL file in a temporary directory, one ``{"prompt": "4821+377=", "id": i}`` object a line (``--format parquet``:
+the same two columns as a Parquet file, in row groups of 65,536 rows); ``tiny_local.yaml``
 otherwise (the tiny tokenizer, ``assets/tiny-addition``), ``model_axis_size`` 1. No model is loaded and nothing is
 sampled.
 
@@ -96,8 +98,15 @@ def host_stage(config_path: str, host: int, hosts: int, leader_pass: bool) -> di
 def write_prompts(n: int, path: Path) -> Path:
     from levanter_multihost.addition import make_prompts
 
+    prompts = make_prompts(n, 0)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": prompts, "id": list(range(n))}), path, row_group_size=65_536)
+        return path
     with open(path, "w") as f:
-        f.writelines(json.dumps({"prompt": prompt, "id": i}) + "\n" for i, prompt in enumerate(make_prompts(n, 0)))
+        f.writelines(json.dumps({"prompt": prompt, "id": i}) + "\n" for i, prompt in enumerate(prompts))
     return path
 
 
@@ -119,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=1_000_000)
     parser.add_argument("--hosts", type=int, default=4)
-    parser.add_argument("--out", default=str(RESULTS / "host_input.json"))
+    parser.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    parser.add_argument("--out", help="default: bench/results/host_input.json, host_input_parquet.json for Parquet")
     parser.add_argument("--patience_s", type=float, default=1200, help="how long to wait for a quiet machine")
     parser.add_argument("--host", type=int, help=argparse.SUPPRESS)  # the child: one host's stage
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -127,11 +137,12 @@ def main() -> None:
     if args.host is not None:
         print(json.dumps(host_stage(args.config, args.host, args.hosts, leader_pass=args.host == 0)))
         return
+    args.out = args.out or str(RESULTS / ("host_input.json" if args.format == "jsonl" else "host_input_parquet.json"))
     report = Report("host_input", args)
     wait_for_quiet(patience_s=args.patience_s)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prompts = write_prompts(args.prompts, work / "prompts.jsonl")
+        prompts = write_prompts(args.prompts, work / f"prompts.{args.format}")
         size = prompts.stat().st_size
         print(f"{args.prompts:,} prompts, {size / 2**20:.1f} MiB at {prompts}", flush=True)
         configs = {
@@ -152,7 +163,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     report.table(
         f"{args.hosts} hosts' prompt stage (resolve + the host's share), {args.prompts:,} prompts, "
-        f"{size / 2**20:.1f} MiB JSONL",
+        f"{size / 2**20:.1f} MiB {args.format}",
         rows,
         COLUMNS,
     )

@@ -160,7 +160,7 @@ def features_3(tmp_path_factory, eos_checkpoint, feature_inputs):
 @pytest.fixture(scope="session")
 def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
     """The same from a dataset directory on 1 host (in this process, 4 devices), in batches of 3 sequences, merged
-    into merged.parquet."""
+    into merged.parquet; the dataset read as per-host input (its scan, then its rows memory-mapped)."""
     out = tmp_path_factory.mktemp("features_1")
     source = f"--prompts_dataset={feature_inputs / 'rows_dataset'}"
     flags = [f for f in FEATURE_FLAGS if not f.startswith("--trainer.model_axis_size")]
@@ -172,4 +172,5 @@ def features_1(tmp_path_factory, eos_checkpoint, feature_inputs):
         *flags,
         "--batch_size=3",
         "--output_format=parquet",
+        "--per_host_input_min_bytes=0",
     )

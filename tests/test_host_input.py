@@ -23,10 +23,16 @@ COLUMNS = ("max_new_tokens", "temperature", "n_generations", "top_k", "top_p", "
 
 def plan(tmp_path, rows_file, *args: str, num_hosts: int = 1, host: int = 0):
     flags = [f for f in FEATURE_FLAGS if not f.startswith("--trainer.model_axis_size")]
+    # a directory is a dataset saved with save_to_disk
+    source = (
+        [f"--prompts_dataset={rows_file}", "--prompts_file=null"]
+        if rows_file.is_dir()
+        else [f"--prompts_file={rows_file}"]
+    )
     config = draccus.parse(
         SampleLmMultihostConfig,
         config_path=str(TINY_CONFIG),
-        args=[f"--output_dir={tmp_path / 'out'}", f"--prompts_file={rows_file}", *flags, *args],
+        args=[f"--output_dir={tmp_path / 'out'}", *source, *flags, *args],
     )
     return resolve(config, host=host, num_hosts=num_hosts, local_devices=4)
 
@@ -39,13 +45,25 @@ def rows_file(tmp_path):
     return path
 
 
+@pytest.fixture
+def tables(tmp_path):
+    """The 30 rows of ``rows_file`` as a Parquet file in row groups of 7 and as a dataset saved with save_to_disk."""
+    import datasets
+    import pandas as pd
+
+    frame = pd.DataFrame(FEATURE_ROWS * 3)
+    frame.to_parquet(tmp_path / "rows.parquet", row_group_size=7)
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "rows_dataset"))
+    return {"parquet": tmp_path / "rows.parquet", "dataset": tmp_path / "rows_dataset"}
+
+
 def test_the_scan_finds_every_line_and_hashes_the_bytes_in_any_chunk_size(tmp_path, monkeypatch):
     path = tmp_path / "p.txt"
     data = b"1+1=\n22+2=\r\n\xc3\xa9+3=\n4+4="  # a CRLF line, a two-byte character, no final newline
     path.write_bytes(data)
     whole = scan(str(path))
     assert whole.offsets.tolist() == [0, 5, 12, 18, 22]
-    assert whole.line_bytes.tolist() == [5, 7, 6, 4]
+    assert whole.row_bytes.tolist() == [5, 7, 6, 4]
     monkeypatch.setattr(host_input, "SCAN_CHUNK_BYTES", 3)
     assert scan(str(path)).offsets.tolist() == whole.offsets.tolist()
     assert scan(str(path)).sha256 == whole.sha256
@@ -98,6 +116,50 @@ def test_every_host_count_reads_the_prompts_and_work_of_the_whole_file(tmp_path,
         assert [e for prompts, _, _ in per_host for e in prompts.extra_json] == whole.prompts.extra_json
         items = [item for prompts, share, sampled in per_host for item in work_items(prompts, sampled, set())]
         assert items == expected
+
+
+@pytest.mark.parametrize("kind", ["parquet", "dataset"])
+def test_a_parquet_file_or_saved_dataset_read_per_host_holds_the_prompts_read_whole(tmp_path, tables, kind):
+    """Each host reads only the Parquet row groups (or the memory-mapped dataset rows) of its share; put together
+    they are the prompts, tokens, per-prompt values, carried columns and work of the input read whole, and the
+    leader's pass reads every row's n_generations from that column alone."""
+    path = tables[kind]
+    whole = plan(tmp_path, path, "--shard_strategy=balanced")
+    assert not isinstance(whole.prompts, HostInput) and len(whole.prompts) == 30
+    expected = work_items(whole.prompts, list(range(30)), set())
+    for num_hosts in (1, 3, 4):
+        per_host = shares(tmp_path, path, num_hosts, set(), "--shard_strategy=balanced")
+        assert [p for _, share, _ in per_host for p in share] == list(range(30))
+        if num_hosts == 4:  # cut by cost, not count
+            assert [share for _, share, _ in per_host] != cost_ranges(np.ones(30), 4)
+        assert [t for prompts, _, _ in per_host for t in prompts.texts] == whole.prompts.texts
+        flat = np.concatenate([prompts.tokens.flat for prompts, _, _ in per_host])
+        assert flat.tolist() == whole.prompts.tokens.flat.tolist()
+        for column in COLUMNS:
+            got = np.concatenate([getattr(prompts, column) for prompts, _, _ in per_host])
+            assert got.tolist() == getattr(whole.prompts, column).tolist(), column
+        assert [e for prompts, _, _ in per_host for e in prompts.extra_json] == whole.prompts.extra_json
+        assert [i for prompts, _, sampled in per_host for i in work_items(prompts, sampled, set())] == expected
+    source = plan(tmp_path, path, "--per_host_input_min_bytes=0").prompts
+    assert source.n_generations.tolist() == whole.prompts.n_generations.tolist()
+    chat_rows = [i for i, row in enumerate(FEATURE_ROWS * 3) if row.get("messages")]
+    assert chat_rows and all(source.index.row_bytes[i] > 1 for i in chat_rows)  # a chat's contents counted
+
+
+def test_a_parquet_row_names_its_row_and_a_changed_table_its_fingerprint(tmp_path, tables):
+    import pandas as pd
+
+    frame = pd.DataFrame(FEATURE_ROWS * 3)
+    frame.loc[25, "max_new_tokens"] = -1
+    bad = tmp_path / "bad.parquet"
+    frame.to_parquet(bad, row_group_size=7)
+    source = plan(tmp_path, bad, "--per_host_input_min_bytes=0", num_hosts=4, host=3).prompts
+    with pytest.raises(PromptError, match=r"bad.parquet row 25: `max_new_tokens` is -1"):
+        source.read_share(source.share(3, 4, set()))
+    first = plan(tmp_path, tables["parquet"], "--per_host_input_min_bytes=0").fingerprint["prompts_sha256"]
+    assert plan(tmp_path, bad, "--per_host_input_min_bytes=0").fingerprint["prompts_sha256"] != first
+    for kind in ("parquet", "dataset"):  # under the threshold: read whole, as before
+        assert not isinstance(plan(tmp_path, tables[kind]).prompts, HostInput)
 
 
 def test_the_leader_reads_every_rows_n_generations_and_the_job_its_prompt_count(tmp_path, rows_file):

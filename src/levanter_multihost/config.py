@@ -72,9 +72,10 @@ class SampleLmMultihostConfig:
     messages_field: str = "messages"
     """Column holding a row's chat (a list of {role, content}), rendered with the chat template."""
     per_host_input_min_bytes: int | None = 8 * 1024**2
-    """A .txt or .jsonl `prompts_file` of this many bytes or more is read per host: each host scans the file's lines
-    without parsing them and reads, checks and tokenizes only its share (docs/usage.md). Smaller files, inline
-    prompts, Parquet and datasets are read whole by every host; null reads every file whole."""
+    """A .txt, .jsonl or .parquet `prompts_file`, or a `prompts_dataset` saved with `save_to_disk`, of this many bytes
+    or more is read per host: each host scans it without parsing its rows and reads, checks and tokenizes only its
+    share (docs/usage.md). Smaller inputs, inline prompts and datasets loaded by name are read whole by every host;
+    null reads every input whole."""
     chat_template: str | None = None
     """Jinja chat template for chat rows; defaults to the tokenizer's own."""
     add_bos: bool | None = None

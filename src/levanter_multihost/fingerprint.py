@@ -20,7 +20,7 @@ from levanter_multihost.runplan import PromptSet
 
 if TYPE_CHECKING:
     from levanter_multihost.config import SampleLmMultihostConfig
-    from levanter_multihost.host_input import LineIndex
+    from levanter_multihost.host_input import LineIndex, TableIndex
 
 HEAD_BYTES = 64 * 1024
 """Bytes read from the start of each sampled file (a safetensors header, a small config whole)."""
@@ -128,11 +128,11 @@ def fields(config: "SampleLmMultihostConfig", prompts_sha256: str, num_prompts: 
     }
 
 
-def lines_digest(config: "SampleLmMultihostConfig", lines: "LineIndex") -> str:
-    """A digest of a prompts file read per host (:mod:`.host_input`): its bytes and every setting that turns its
-    lines into prompts and tokens (the tokenizer is in :func:`run_identity`)."""
+def per_host_digest(config: "SampleLmMultihostConfig", index: "LineIndex | TableIndex") -> str:
+    """A digest of prompts read per host (:mod:`.host_input`): their bytes and every setting that turns their rows
+    into prompts and tokens (the tokenizer is in :func:`run_identity`)."""
     settings = {
-        "file_sha256": lines.sha256,
+        "file_sha256": index.sha256,
         "prompt_field": config.prompt_field,
         "messages_field": config.messages_field,
         "chat_template": config.chat_template,

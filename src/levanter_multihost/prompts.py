@@ -131,6 +131,25 @@ def read_line_range(
     return _records(rows, (prompt_field, messages_field), f"`prompts_file` {path}", where)
 
 
+def read_row_range(
+    kind: str,
+    path: str,
+    start: int,
+    end: int,
+    split: str = "train",
+    prompt_field: str = "prompt",
+    messages_field: str = "messages",
+) -> PromptRecords:
+    """The prompts of rows [``start``, ``end``) of a Parquet file (``kind`` ``.parquet``) or of a dataset saved with
+    ``save_to_disk`` (``kind`` ``dataset``, its ``split``), named in errors by their row in the whole input and
+    checked as :func:`read_prompts` checks them: one host's share (:mod:`levanter_multihost.host_input`)."""
+    if kind == ".parquet":
+        rows, name = _parquet_rows(path, start, end), f"`prompts_file` {path}"
+    else:
+        rows, name = saved_dataset(path, split).select(range(start, end)), f"`prompts_dataset` {path}"
+    return _records(rows, (prompt_field, messages_field), name, lambda i: f" row {start + i}")
+
+
 def _records(rows: Iterable[dict[str, Any]], fields: tuple[str, str], name: str, where) -> PromptRecords:
     prompt_field, messages_field = fields
     texts, messages, extras, completions, overrides = [], [], [], [], {k: [] for k in OVERRIDES}
@@ -316,15 +335,52 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _parquet_rows(path: str):
+def open_parquet(path: str):
+    """``path`` as a ``pyarrow.parquet.ParquetFile``; a file that is not Parquet is a :class:`PromptError`."""
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(fsspec.open(path, "rb").open())
+        return pq.ParquetFile(fsspec.open(path, "rb").open())
     except Exception as e:  # pyarrow raises its own error types for files that are not Parquet
         raise PromptError(f"`prompts_file` {path} is not a readable Parquet file ({e}).") from None
-    for batch in parquet.iter_batches(batch_size=4096):
-        yield from batch.to_pylist()
+
+
+def _parquet_rows(path: str, start: int = 0, end: int | None = None):
+    """Rows [``start``, ``end``) of a Parquet file, reading only the row groups that hold them, 4,096 at a time."""
+    parquet = open_parquet(path)
+    groups, first, position = [], 0, None
+    for g in range(parquet.metadata.num_row_groups):
+        rows = parquet.metadata.row_group(g).num_rows
+        if first + rows > start and (end is None or first < end):
+            position = first if position is None else position  # the global row of the first group's first row
+            groups.append(g)
+        first += rows
+    end = first if end is None else end
+    for batch in parquet.iter_batches(batch_size=4096, row_groups=groups) if groups else ():
+        lo, hi = max(start, position) - position, min(end, position + len(batch)) - position
+        position += len(batch)
+        if lo < hi:
+            yield from batch.slice(lo, hi - lo).to_pylist()
+
+
+def saved_dataset(name: str, split: str):
+    """A dataset directory written by ``save_to_disk`` (memory-mapped, its ``split``), or None for anything else."""
+    import datasets
+
+    saved = ("state.json", "dataset_dict.json")  # what save_to_disk writes for a Dataset / a DatasetDict
+    if not (os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in saved)):
+        return None
+    try:
+        loaded = datasets.load_from_disk(name)
+    except Exception as e:  # datasets raises many types for an unreadable directory
+        raise PromptError(f"`prompts_dataset` {name} (split {split!r}) does not load: {e}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise PromptError(f"`prompts_dataset` {name} has no split {split!r}. Set prompts_split.")
+        return loaded[split]
+    if str(loaded.split or "train") != split:  # one saved split: another asked for is not silently it
+        raise PromptError(f"`prompts_dataset` {name} has no split {split!r}. Set prompts_split.")
+    return loaded
 
 
 def _dataset_rows(name: str, split: str):
@@ -332,18 +388,12 @@ def _dataset_rows(name: str, split: str):
     id (which needs the network)."""
     import datasets
 
-    try:
-        saved = ("state.json", "dataset_dict.json")  # what save_to_disk writes for a Dataset / a DatasetDict
-        if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in saved):
-            loaded = datasets.load_from_disk(name)
-            if isinstance(loaded, datasets.DatasetDict):
-                loaded = loaded[split]
-            elif str(loaded.split or "train") != split:  # one saved split: another asked for is not silently it
-                raise KeyError(split)
-        else:
+    loaded = saved_dataset(name, split)
+    if loaded is None:
+        try:
             loaded = datasets.load_dataset(name, split=split)
-    except KeyError:
-        raise PromptError(f"`prompts_dataset` {name} has no split {split!r}. Set prompts_split.") from None
-    except Exception as e:  # datasets raises many types for a missing or unreadable dataset
-        raise PromptError(f"`prompts_dataset` {name} (split {split!r}) does not load: {e}") from None
+        except KeyError:
+            raise PromptError(f"`prompts_dataset` {name} has no split {split!r}. Set prompts_split.") from None
+        except Exception as e:  # datasets raises many types for a missing or unreadable dataset
+            raise PromptError(f"`prompts_dataset` {name} (split {split!r}) does not load: {e}") from None
     yield from loaded

@@ -34,9 +34,9 @@ from levanter_multihost.capacity import CapacityPlan, PromptDemand, plan_capacit
 from levanter_multihost.capacity.autosize import propose
 from levanter_multihost.config import SampleLmMultihostConfig
 from levanter_multihost.errors import ConfigError
-from levanter_multihost.host_input import HostInput, LineIndex
+from levanter_multihost.host_input import HostInput, LineIndex, TableIndex
 from levanter_multihost.model_loading import model_vocab_size, resolve_location
-from levanter_multihost.prompts import PromptError, PromptRecords, read_line_range, read_prompts
+from levanter_multihost.prompts import PromptError, PromptRecords, read_prompts
 from levanter_multihost.replicas import Replicas
 from levanter_multihost.rundir import RunDir, fingerprint_hash
 from levanter_multihost.runplan import (
@@ -129,17 +129,17 @@ def with_replica_note(capacity: CapacityPlan, config: SampleLmMultihostConfig) -
     return dataclasses.replace(capacity, notes=(*capacity.notes, note))
 
 
-def resolve_lines(
+def resolve_per_host(
     config: SampleLmMultihostConfig,
     tokenizer,
     checkpoint: str | None,
     num_hosts: int,
     local_devices: int,
-    lines: LineIndex,
+    index: LineIndex | TableIndex,
     host: int,
 ) -> tuple[ResolvedCapacity, HostInput]:
-    """Capacity for a prompts file read per host, from its lines alone (every host the same engine); each host
-    checks its own prompts against that engine when it reads them (``read`` below)."""
+    """Capacity for prompts read per host, from their scan alone (every host the same engine); each host checks
+    its own prompts against that engine when it reads them (``read`` below)."""
     stop = stop_condition(config, tokenizer, checkpoint)
     engine = config.engine.levanter()
     limits = capacity_inputs.engine_limits(engine)
@@ -149,29 +149,29 @@ def resolve_lines(
     # no prompt is parsed yet: this plan holds the engine's own checks, each host checks its prompts in `read`
     spec = capacity_inputs.run_spec([], [], [], stop, config.shard_strategy, config.batch_size)
     if config.engine.auto_size:
-        # a line's bytes + 1 bound a text prompt's tokens with BOS (each token spells a byte, but a leading
+        # a row's bytes + 1 bound a text prompt's tokens with BOS (each token spells a byte, but a leading
         # space or BOS); the largest share counts the config's generations; rows beyond these fail in `read`
-        worst = PromptDemand(int(lines.line_bytes.max()) + 1, config.max_new_tokens, config.n_generations)
-        generations = np.full(len(lines), config.n_generations)
-        costs = host_input.share_costs(lines, config.max_new_tokens, generations, config.shard_strategy)
+        worst = PromptDemand(int(index.row_bytes.max()) + 1, config.max_new_tokens, config.n_generations)
+        generations = np.full(len(index), config.n_generations)
+        costs = host_input.share_costs(index, config.max_new_tokens, generations, config.shard_strategy)
         largest = max(len(r) for r in cost_ranges(costs, replicas.num_replicas)) * config.n_generations
         engine = auto_sized(engine, limits, spec, slice_, model, (worst, largest))
         limits = capacity_inputs.engine_limits(engine)
     # a host's share is its replica's: checked as one replica's whole job
     one_replica = dataclasses.replace(slice_, num_hosts=replicas.hosts_per_replica)
 
-    def read(start: int, end: int, first: int) -> PromptSet:
+    def read(start: int, end: int) -> PromptSet:
         """This host's prompts, with every check resolve makes of all prompts made of these."""
-        records = read_line_range(config.prompts_file, start, end, first, config.prompt_field, config.messages_field)
+        records = index.read(start, end, (config.prompt_field, config.messages_field))
         checks.check_carried_columns(records, config.output_format)
-        prompts = encoded(records, config, tokenizer, first)
+        prompts = encoded(records, config, tokenizer, start)
         check_prompts(prompts, config, tokenizer)
         lengths, max_new, generations = planned_lengths(prompts), prompts.max_new_tokens, prompts.n_generations
         own = capacity_inputs.run_spec(lengths, max_new, generations, stop, config.shard_strategy, config.batch_size)
         capacity_inputs.check_capacity(plan_capacity(limits, own, one_replica, model), log=host == 0)
         return prompts
 
-    source = HostInput(lines, config.max_new_tokens, config.n_generations, config.shard_strategy, read)
+    source = HostInput(index, config.max_new_tokens, config.n_generations, config.shard_strategy, read)
     capacity = with_replica_note(plan_capacity(limits, spec, slice_, model), config)
     return ResolvedCapacity(None, stop, engine, capacity, "Per host, as each host reads its share."), source
 
@@ -244,9 +244,8 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: token "
             "ids past the embedding would be garbage. Use the tokenizer the model was trained with."
         )
-    file = config.prompts_file if config.prompts is None and config.prompts_dataset is None else None
-    lines = host_input.per_host_lines(file, config.per_host_input_min_bytes)
-    if lines is None:
+    index = host_input.per_host_index(**prompt_source(config), min_bytes=config.per_host_input_min_bytes)
+    if index is None:
         resolved = resolve_capacity(config, tokenizer, checkpoint, num_hosts, local_devices)
         prompts = resolved.prompts
         check_prompts(prompts, config, tokenizer)
@@ -254,15 +253,15 @@ def resolve(config: SampleLmMultihostConfig, host: int, num_hosts: int, local_de
             config, fingerprint.prompts_digest(prompts, config.seed), len(prompts), checkpoint
         )
     else:
-        resolved, prompts = resolve_lines(config, tokenizer, checkpoint, num_hosts, local_devices, lines, host)
-        fields = fingerprint.fields(config, fingerprint.lines_digest(config, lines), len(lines), checkpoint)
+        resolved, prompts = resolve_per_host(config, tokenizer, checkpoint, num_hosts, local_devices, index, host)
+        fields = fingerprint.fields(config, fingerprint.per_host_digest(config, index), len(index), checkpoint)
     revision = config.hf_checkpoint.revision if checkpoint is not None else None
     architecture = model_loading.architecture(
         capacity_inputs.hf_config(checkpoint, revision)[0] if checkpoint else None,
         config.model,
         f"hf_checkpoint {checkpoint}",
     )
-    capacity = capacity_inputs.check_capacity(resolved.capacity, log=host == 0 and lines is None)
+    capacity = capacity_inputs.check_capacity(resolved.capacity, log=host == 0 and index is None)
     run_dir = RunDir(config.output_dir)
     run_dir.check_usable(host)
     if num_hosts > 1 and run_dir.is_local and jax.default_backend() == "tpu":
