@@ -130,45 +130,54 @@ class TableIndex:
 
     def generation_pass(self, generations: int) -> tuple[np.ndarray, dict[bool, int]]:
         """Every row's generations and the first row with and without a `completion`, from those two columns."""
-        columns = _columns(self.kind, self.path, self.split, ("n_generations", "completion"))
-        values = np.full(len(self), generations, dtype=np.int32)
-        if "n_generations" in columns:
-            given = columns["n_generations"]
-            values = np.where(pc.is_null(given).to_numpy(zero_copy_only=False), values, given.fill_null(0).to_numpy())
-        if "completion" not in columns:
-            return values.astype(np.int32), {False: 0}
-        has = pc.is_valid(columns["completion"]).to_numpy(zero_copy_only=False)
-        return values.astype(np.int32), {bool(v): int(np.argmax(has == v)) for v in (True, False) if (has == v).any()}
+        values, has = [], []
+        for rows, columns in _column_batches(self.kind, self.path, self.split, ("n_generations", "completion")):
+            given = columns.get("n_generations")
+            batch = np.full(rows, generations, dtype=np.int32)
+            if given is not None:
+                batch = np.where(
+                    pc.is_null(given).to_numpy(zero_copy_only=False), batch, given.fill_null(0).to_numpy()
+                )
+            values.append(batch.astype(np.int32))
+            if "completion" in columns:
+                has.append(pc.is_valid(columns["completion"]).to_numpy(zero_copy_only=False))
+        if not has:
+            return np.concatenate(values), {False: 0}
+        scored = np.concatenate(has)
+        return np.concatenate(values), {
+            bool(v): int(np.argmax(scored == v)) for v in (True, False) if (scored == v).any()
+        }
 
 
 def scan_table(kind: str, path: str, split: str, fields: tuple[str, str]) -> TableIndex:
-    """Each row's prompt bytes from the prompt and messages columns only, and the data files' SHA-256."""
-    columns = _columns(kind, path, split, fields)
-    rows = _num_rows(kind, path, split)
-    sizes = np.ones(rows, dtype=np.int64)
-    for column in columns.values():
-        sizes += _text_bytes(column)
+    """Each row's prompt bytes from the prompt and messages columns only (a Parquet row group at a time), and the
+    data files' SHA-256."""
+    sizes = []
+    for rows, columns in _column_batches(kind, path, split, fields):
+        sizes.append(np.ones(rows, dtype=np.int64))
+        for column in columns.values():
+            sizes[-1] += _text_bytes(column)
     digest = hashlib.sha256(split.encode() if kind == "dataset" else b"")
     for file in _data_files(kind, path, split):
         fs, fs_path = fsspec.core.url_to_fs(file)
         with fs.open(fs_path, "rb") as f:
             while chunk := f.read(SCAN_CHUNK_BYTES):
                 digest.update(chunk)
-    return TableIndex(path, kind, split, sizes, digest.hexdigest())
+    return TableIndex(path, kind, split, np.concatenate([np.zeros(0, np.int64), *sizes]), digest.hexdigest())
 
 
-def _columns(kind: str, path: str, split: str, names: tuple[str, ...]) -> dict[str, "pa.ChunkedArray"]:
-    """The columns of ``names`` the input has, read alone (a saved dataset's are memory-mapped)."""
+def _column_batches(kind: str, path: str, split: str, names: tuple[str, ...]):
+    """(rows, the columns of ``names`` the input has) one Parquet row group at a time, so memory stays flat in the
+    file's rows; a saved dataset's in one piece (memory-mapped)."""
     if kind == ".parquet":
         parquet = open_parquet(path)
         present = [n for n in names if n in parquet.schema_arrow.names]
-        return {n: parquet.read(columns=present).column(n) for n in present} if present else {}
+        for g in range(parquet.metadata.num_row_groups):
+            group = parquet.read_row_group(g, columns=present)
+            yield parquet.metadata.row_group(g).num_rows, {n: group.column(n) for n in present}
+        return
     table = saved_dataset(path, split).data
-    return {n: table.column(n) for n in names if n in table.column_names}
-
-
-def _num_rows(kind: str, path: str, split: str) -> int:
-    return open_parquet(path).metadata.num_rows if kind == ".parquet" else saved_dataset(path, split).num_rows
+    yield table.num_rows, {n: table.column(n) for n in names if n in table.column_names}
 
 
 def _data_files(kind: str, path: str, split: str) -> list[str]:
