@@ -50,6 +50,7 @@ SHARED_RUNS = {"greedy_4x4", "greedy_2x4", "greedy_1x4", "features_3", "features
 """The session's runs below: the tests that assert on them share one xdist worker, so each runs once."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into node-id suffixes
 def pytest_collection_modifyitems(items):
     """Every multi-host test is slow: the fast lane (``-m "not slow"``) leaves them all out.
 
@@ -73,6 +74,14 @@ def pytest_collection_modifyitems(items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
     items.sort(key=weight)  # stable: a module keeps its order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Stop before any test if xdist did not group them (no ``@group`` suffix on the node ids): each worker would run
+    the shared multi-host runs again (pytest 9.2 with xdist 3.8: pytest-dev/pytest-xdist#1386)."""
+    if node.config.getoption("dist") == "loadgroup" and ids and "@" not in ids[0]:
+        pytest.exit("pytest-xdist did not group the tests: keep pytest as pinned in pyproject.toml, or use -n 0.", 4)
 
 
 @pytest.fixture(scope="session", autouse=True)
