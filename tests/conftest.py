@@ -46,30 +46,43 @@ FEATURE_FLAGS = (
 """Sampled, several generations, two stop strings (plus EOS), log-probabilities, tiny store chunks."""
 
 
-SHARED_RUNS = {"greedy_4x4", "greedy_2x4", "greedy_1x4", "features_3", "features_1"}
-"""The session's runs below: the tests that assert on them share one xdist worker, so each runs once."""
+SHARED_RUNS = {"greedy_4x4": "greedy", "greedy_2x4": "greedy", "features_3": "features", "features_1": "features"}
+"""The session's multi-host runs below, by group: the modules whose tests use a group's runs go to one xdist
+worker, so each run happens once. (``greedy_1x4`` runs in the test process in seconds: a worker needing it makes
+its own.)"""
+HEAVIEST_FIRST = ("greedy", "test_faults", "test_replicas", "features", "test_models")
+"""The groups with the longest work (``--durations``), handed out first so the two workers finish close together."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into node-id suffixes
 def pytest_collection_modifyitems(items):
     """Every multi-host test is slow: the fast lane (``-m "not slow"``) leaves them all out.
 
-    Under xdist (``-n 2 --dist loadgroup``, pyproject.toml) a test goes to a worker with its whole group: the tests
-    of a module together (its module-scoped runs happen once), the users of a session run together; the groups
-    with the longest work go first, so the two workers finish close together.
+    Under xdist (``-n 2 --dist loadgroup``, pyproject.toml) a test goes to a worker with its whole group: a module's
+    tests together (its module-scoped runs happen once), the modules sharing session runs together; the longest
+    groups go first.
     """
     for item in items:
         if item.get_closest_marker("multihost") is not None:
             item.add_marker(pytest.mark.slow)
-    slow_modules = {i.module.__name__ for i in items if i.get_closest_marker("slow") is not None}
-    multihost_modules = {i.module.__name__ for i in items if i.get_closest_marker("multihost") is not None}
+    groups: dict[str, str] = {}
+    for item in items:
+        for name in item.fixturenames:
+            if name in SHARED_RUNS:
+                groups.setdefault(item.module.__name__, SHARED_RUNS[name])
+    tiers = {}  # a module's tier: 0 multi-host, 1 slow, 2 the rest
+    for item in items:
+        tier = 0 if item.get_closest_marker("multihost") else 1 if item.get_closest_marker("slow") else 2
+        tiers[item.module.__name__] = min(tier, tiers.get(item.module.__name__, 2))
 
     def group(item) -> str:
-        return "shared_runs" if SHARED_RUNS & set(item.fixturenames) else item.module.__name__
+        return groups.get(item.module.__name__, item.module.__name__)
 
-    def weight(item) -> int:
+    def weight(item) -> tuple[int, int]:
         name = group(item)
-        return 0 if name == "shared_runs" else 1 if name in multihost_modules else 2 if name in slow_modules else 3
+        return (
+            (HEAVIEST_FIRST.index(name), 0) if name in HEAVIEST_FIRST else (len(HEAVIEST_FIRST), tiers.get(name, 0))
+        )
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
@@ -86,8 +99,11 @@ def pytest_xdist_node_collection_finished(node, ids):
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compile_cache(tmp_path_factory):
-    """One persistent compilation cache for every run of the session: each program compiles once."""
-    cache = tmp_path_factory.mktemp("jax_cache")
+    """One persistent compilation cache for every run of the session, on every xdist worker (its base temp is under
+    the session's): each program compiles once, whichever worker needs it first."""
+    root = tmp_path_factory.getbasetemp()
+    cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"
+    cache.mkdir(exist_ok=True)
     os.environ.update(compile_cache_env(cache))
     return cache
 

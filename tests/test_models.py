@@ -19,7 +19,7 @@ from levanter_multihost import model_loading
 
 QWEN3 = REPO / "assets" / "tiny-qwen3"
 NEW_TOKENS = 6
-PROMPTS = ["12+30=", "4821+377=", "9+9="]
+PROMPT = "4821+377="
 
 
 def rms_norm(x, weight, eps):
@@ -96,7 +96,7 @@ def test_the_architecture_comes_from_config_json():
 
 QWEN3_FLAGS = (
     f"--hf_checkpoint={QWEN3}",
-    "--prompts=" + json.dumps(PROMPTS),
+    "--prompts=" + json.dumps([PROMPT]),
     "--task=null",
     f"--max_new_tokens={NEW_TOKENS}",
     "--stop_at_eos=false",
@@ -106,24 +106,22 @@ QWEN3_FLAGS = (
 
 @pytest.mark.slow
 @pytest.mark.multihost
-def test_qwen3_on_4_hosts_matches_hugging_face_greedy_and_a_host_without_prompts_idles(tmp_path):
-    """Host-count independence is the engine's, shown on Llama (test_end_to_end); here each of three hosts samples
-    one prompt, Hugging Face's greedy continuation, and the fourth, given none, loads nothing and still reports."""
+def test_qwen3_on_2_hosts_matches_hugging_face_greedy_and_a_host_without_prompts_idles(tmp_path):
+    """Host-count independence is the engine's, shown on Llama (test_end_to_end); here host 0 samples the one
+    prompt, Hugging Face's greedy continuation, and host 1, given none, loads nothing and still reports."""
     from levanter.compat.hf_checkpoints import load_tokenizer
 
-    run = launch(tmp_path, *QWEN3_FLAGS, hosts=4)
+    run = launch(tmp_path, *QWEN3_FLAGS, hosts=2)
     rows = run.rows()
-    assert [r["prompt"] for r in rows] == PROMPTS
-    assert [r["process_index"] for r in rows] == [0, 1, 2]
+    assert [(r["prompt"], r["process_index"]) for r in rows] == [(PROMPT, 0)]
     tokenizer = load_tokenizer(str(QWEN3))
-    for row in rows:
-        expected, gap = greedy(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"], NEW_TOKENS)
-        assert gap > 1e-3  # no near-tie that float32 could flip
-        assert row["generated_token_ids"] == expected, row["prompt"]
-    assert [len(run.parts(h)) for h in range(4)] == [1, 1, 1, 0]
+    expected, gap = greedy(tokenizer(PROMPT, add_special_tokens=False)["input_ids"], NEW_TOKENS)
+    assert gap > 1e-3  # no near-tie that float32 could flip
+    assert rows[0]["generated_token_ids"] == expected
+    assert [len(run.parts(h)) for h in range(2)] == [1, 0]
     hosts = run.summary()["hosts"]
-    assert [h["host"] for h in hosts] == [0, 1, 2, 3]
-    assert hosts[3]["prompts"] == 0 and hosts[3]["tokens_generated"] == 0 and hosts[3]["model_load_s"] == 0
+    assert [h["host"] for h in hosts] == [0, 1]
+    assert hosts[1]["prompts"] == 0 and hosts[1]["tokens_generated"] == 0 and hosts[1]["model_load_s"] == 0
 
 
 def test_an_architecture_the_engine_cannot_run_is_one_line_before_load(tmp_path, monkeypatch):
